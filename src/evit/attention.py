@@ -1,0 +1,79 @@
+"""Fused attention that also hands out what token-reduction methods need.
+
+timm's ``Attention.forward`` returns only the attention output, and with
+``F.scaled_dot_product_attention`` the N x N probability matrix never exists.
+EViT needs one row of it: the class token's attention to every token. That row
+is cheap to compute on its own (the class query against all keys, O(N)), so
+:func:`attend` runs the fused kernel for the output and computes the row
+beside it. It reuses the attention module's own submodules (qkv, q_norm,
+k_norm, attn_drop, norm, gate, proj, proj_drop); nothing is copied or
+re-initialised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Seen:
+    """What a reduction method may look at after a block's attention.
+
+    cls_attn: (B, N) class token's attention probabilities to each token, mean over
+        heads, before attention dropout. None unless asked for.
+    keys: (B, N, head_dim) keys averaged over heads (ToMe's similarity). None unless asked for.
+    """
+
+    cls_attn: Optional[Tensor] = None
+    keys: Optional[Tensor] = None
+
+
+def attend(
+    attn: nn.Module,
+    x: Tensor,
+    *,
+    cls_attn: bool = False,
+    keys: bool = False,
+    bias: Optional[Tensor] = None,
+) -> tuple[Tensor, Seen]:
+    """Run timm ``Attention`` ``attn`` on ``x`` (B, N, C) and return (output, Seen).
+
+    ``bias`` is an additive attention bias broadcastable to (B, heads, N, N), e.g. ToMe's
+    log token size; it is applied both to the output and to the class-token row.
+    Dropout on the attention probabilities applies to the output only: the scores a
+    method ranks by are the model's, not a random sample of them.
+    """
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+
+    seen = Seen()
+    if cls_attn:
+        row = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+        if bias is not None:
+            row = row + bias[..., :1, :]
+        seen.cls_attn = row.softmax(dim=-1).mean(dim=1).squeeze(1)
+    if keys:
+        seen.keys = k.mean(dim=1)
+
+    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, seen

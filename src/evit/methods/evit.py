@@ -1,0 +1,64 @@
+"""EViT (Liang et al., ICLR 2022): keep the attentive tokens, fuse the rest into one.
+
+Image tokens are ranked by the class token's attention to them (mean over
+heads). The top ``keep_rate`` share is kept; with ``fuse`` the rest become one
+token, their attention-weighted average, appended after the kept ones. At a
+later location that fused token is ranked like any other image token.
+
+Fusion weights are renormalised to sum to one: the paper calls the fused token
+a weighted average, and a plain weighted sum (the original code) shrinks it by
+the small total attention of the dropped tokens, so its residual stream starts
+off-scale relative to every other token. Renormalising keeps it a token of the
+same kind as the ones it replaces.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..attention import Seen
+from .base import KeepRateReduction, kept_count
+
+
+class EViT(KeepRateReduction):
+    needs_cls_attn = True
+
+    def __init__(self, keep_rate: float = 0.7, fuse: bool = True) -> None:
+        super().__init__(keep_rate, fuse)
+
+    def forward(self, x: Tensor, seen: Seen) -> Tensor:
+        p = self.num_prefix_tokens
+        n = x.shape[1] - p
+        k = kept_count(self.keep_rate, n)
+        if k >= n:
+            return x
+        keep = seen.cls_attn[:, p:].topk(k, dim=1, sorted=False).indices + p  # (B, k) rows of x
+        kept = select_tokens(x, keep)
+        if not self.fuse:
+            return torch.cat([x[:, :p], kept], dim=1)
+        # the tokens not kept, fused with their attention renormalised to sum to one
+        rest = seen.cls_attn.scatter(1, keep, 0.0).unsqueeze(1).to(x.dtype)  # (B, 1, N)
+        rest[..., :p] = 0.0
+        total = rest.sum(dim=2, keepdim=True).clamp_min(torch.finfo(rest.dtype).tiny)
+        fused = torch.bmm(rest, x) / total
+        return torch.cat([x[:, :p], kept, fused], dim=1)
+
+
+def select_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b]]`` for each b: (B, N, C), (B, k) -> (B, k, C).
+
+    One ``index_select`` over the flattened batch; it costs a fraction of
+    ``gather`` with an expanded index on CPU, which matters at batch size 1.
+    """
+    B, N, C = x.shape
+    if B == 1:
+        return x.index_select(1, index[0])
+    flat = (index + torch.arange(B, device=index.device).unsqueeze(1) * N).flatten()
+    return x.reshape(B * N, C).index_select(0, flat).view(B, -1, C)
+
+
+class TopK(EViT):
+    """EViT without fusion: the inattentive tokens are dropped."""
+
+    def __init__(self, keep_rate: float = 0.7) -> None:
+        super().__init__(keep_rate, fuse=False)

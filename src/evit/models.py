@@ -1,0 +1,74 @@
+"""Building models: timm names, ``--pretrained`` through timm, and local checkpoints.
+
+Pretrained weights come through timm from the Hugging Face Hub. Offline, the hub
+client retries for most of a minute before failing; evit checks the hub first
+(3 s) and, when it cannot be reached, looks in the local cache only, so the
+answer is quick and says what to do.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+HUB_HOST = "huggingface.co"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with clear errors for unknown names, offline weights and bad checkpoints."""
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown timm model {name!r}" + (f"; similar names: {', '.join(close)}" if close else ""))
+    if pretrained and checkpoint:
+        raise ValueError("give either --pretrained or --checkpoint, not both")
+    if pretrained and not hub_reachable():
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True  # look in the local cache only; fail at once
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised with what to do
+            raise RuntimeError(
+                f"cannot load pretrained weights for {name}: the Hugging Face Hub ({HUB_HOST}) is not reachable "
+                f"and they are not in the local cache ({type(e).__name__}). Run once with network access to cache "
+                "them, or pass a local checkpoint file (--checkpoint)."
+            ) from None
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load weights from a ``.safetensors`` file or a torch checkpoint (``model`` key or bare state dict)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        import torch
+
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,188 @@
+"""The one patch mechanism: timm ViT blocks that reduce tokens between attention and MLP.
+
+Each chosen block keeps its identity and its own submodules (norm1, attn, ls1,
+drop_path1, norm2, mlp, ls2, drop_path2); only its class is swapped for a
+subclass whose ``forward`` calls :func:`evit.attention.attend`, hands the result to
+the block's reduction method (stored as ``block.reduction``), and runs the MLP on
+the shorter sequence. Parameter names are unchanged, so checkpoints load either
+way. When a method leaves a block's tokens untouched (keep rate 1.0), the block
+runs timm's own forward: the machinery costs nothing then.
+
+Everything evit knows about timm's model classes lives here and in
+:mod:`evit.attention`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+from torch import Tensor, nn
+
+from .attention import attend
+from .methods.base import TokenReduction
+from .methods.evit import EViT
+
+
+def _timm_classes():
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+class ReducingBlock(nn.Module):
+    """Mixin placed in front of a timm ``Block`` class by :func:`apply`."""
+
+    reduction: TokenReduction
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        method = self.reduction
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                "evit: attention masks and causal attention are not supported in a token-reducing block "
+                "(the mask would not follow the shortened sequence); call the model without attn_mask"
+            )
+        if method.is_identity(x.shape[1]):
+            return super().forward(x)
+        out, seen = attend(self.attn, self.norm1(x), cls_attn=method.needs_cls_attn, keys=method.needs_keys)
+        x = x + self.drop_path1(self.ls1(out))
+        x = method(x, seen)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+_REDUCING_CLASSES: dict[type, type] = {}
+
+
+def _reducing_class(cls: type) -> type:
+    if cls not in _REDUCING_CLASSES:
+        _REDUCING_CLASSES[cls] = type(f"Reducing{cls.__name__}", (ReducingBlock, cls), {"_evit_base": cls})
+    return _REDUCING_CLASSES[cls]
+
+
+def _name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise TypeError/ValueError naming the reason when evit cannot serve ``model``."""
+    VisionTransformer, Block, Attention = _timm_classes()
+    name = _name(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"evit.patch expects a timm VisionTransformer, got {type(model).__name__}")
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"evit cannot patch {name} ({type(model).__name__}): only timm VisionTransformer models "
+            "(ViT, DeiT, DeiT III, DINOv2, CLIP ViT) are supported, not Swin, EVA, ConvNeXt or other families"
+        )
+    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", None) != "token":
+        raise ValueError(
+            f"evit cannot patch {name}: it classifies from global_pool={model.global_pool!r}"
+            f"{'' if getattr(model, 'cls_token', None) is not None else ' without a class token'}; "
+            "EViT ranks tokens by the class token's attention and needs global_pool='token' with a class token"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError(f"evit cannot patch {name}: it pools with an attention-pooling head ('map')")
+    for i, block in enumerate(model.blocks):
+        base = getattr(type(block), "_evit_base", type(block))
+        if not issubclass(base, Block) or base.forward is not Block.forward:
+            raise TypeError(
+                f"evit cannot patch {name}: block {i} is {base.__name__}, not timm's pre-norm Block "
+                "(parallel and post-norm blocks are not supported)"
+            )
+        attn = block.attn
+        if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
+            raise TypeError(
+                f"evit cannot patch {name}: block {i} uses {type(attn).__name__}, not timm's Attention "
+                "(rotary, differential and other attention variants are not supported)"
+            )
+
+
+def default_locations(depth: int) -> tuple[int, ...]:
+    """The paper's (3, 6, 9) for depth 12; otherwise the blocks at 1/4, 1/2 and 3/4 of the depth."""
+    return tuple(sorted({max(0, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = "model") -> tuple[int, ...]:
+    if locations is None:
+        return default_locations(depth)
+    try:
+        locs = tuple(sorted({int(i) for i in locations}))
+    except (TypeError, ValueError):
+        raise TypeError(f"locations must be block indices (ints), got {locations!r}") from None
+    bad = [i for i in locs if not 0 <= i < depth]
+    if bad or not locs:
+        raise ValueError(
+            f"locations {list(locations)} are not valid for {name} with {depth} blocks: "
+            f"give 0-based block indices in 0..{depth - 1}"
+        )
+    return locs
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore every patched block of ``model`` to its timm class (in place)."""
+    for block in getattr(model, "blocks", []):
+        base = getattr(type(block), "_evit_base", None)
+        if base is not None:
+            block.__class__ = base
+            del block.reduction
+    return model
+
+
+def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
+    """Place ``methods[i]`` in block ``i`` of ``model`` (in place); earlier patches are removed first."""
+    check_model(model)
+    check_locations(methods.keys(), len(model.blocks), _name(model))
+    unpatch(model)
+    for i, method in methods.items():
+        if not isinstance(method, TokenReduction):
+            raise TypeError(f"methods[{i}] must be an evit TokenReduction, got {type(method).__name__}")
+        method.num_prefix_tokens = model.num_prefix_tokens
+        block = model.blocks[i]
+        block.__class__ = _reducing_class(type(block))
+        block.reduction = method
+    return model
+
+
+def patch(
+    model: nn.Module,
+    keep_rate: float = 0.7,
+    locations: Optional[Sequence[int]] = None,
+    fuse: bool = True,
+    method: Callable[..., TokenReduction] = EViT,
+) -> nn.Module:
+    """Make ``model`` (a timm ViT with a class token) an EViT model, in place, and return it.
+
+    In each block of ``locations`` (default: the paper's 3, 6, 9 for depth 12), after attention
+    and before the MLP, the ``ceil(keep_rate * n)`` image tokens the class token attends to most
+    are kept, and with ``fuse`` the rest are fused into one token. Prefix tokens are always kept.
+    Patching again replaces the earlier patch. ``method`` builds the per-block reduction from
+    ``keep_rate`` and ``fuse`` (e.g. :class:`evit.methods.Slice` for the ideal in benchmarks).
+    """
+    check_model(model)
+    locs = check_locations(locations, len(model.blocks), _name(model))
+    return apply(model, {i: method(keep_rate, fuse) for i in locs})
+
+
+def reductions(model: nn.Module) -> dict[int, TokenReduction]:
+    """The reduction method of each patched block, by block index."""
+    return {i: b.reduction for i, b in enumerate(getattr(model, "blocks", [])) if isinstance(b, ReducingBlock)}
+
+
+def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
+    """Change the keep rate of every patched block (for warm-up schedules and sweeps)."""
+    from .methods.base import check_keep_rate
+
+    keep_rate = check_keep_rate(keep_rate)
+    found = [m for m in reductions(model).values() if hasattr(m, "keep_rate")]
+    if not found:
+        raise ValueError("set_keep_rate: the model has no keep-rate reduction; call evit.patch(model, ...) first")
+    for m in found:
+        m.keep_rate = keep_rate
+
+
+def token_counts(model: nn.Module, n_tokens: int) -> list[int]:
+    """Sequence lengths through the model: the input length, then the length after each patched block."""
+    counts = [n_tokens]
+    for i, m in sorted(reductions(model).items()):
+        counts.append(m.output_tokens(counts[-1]))
+    return counts

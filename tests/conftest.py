@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads in tests
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+# The timm ViT variants evit serves, shrunk (depth 4, small inputs) so the suite stays fast.
+VARIANTS = {
+    "deit": ("deit_tiny_patch16_224", dict(img_size=64)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=64)),
+    "deit3_layerscale": ("deit3_small_patch16_224", dict(img_size=64, embed_dim=96, num_heads=3)),
+    "dinov2_registers": ("vit_small_patch14_reg4_dinov2", dict(img_size=56, embed_dim=96, num_heads=3)),
+    "clip_prenorm": ("vit_base_patch16_clip_224", dict(img_size=64, embed_dim=96, num_heads=3)),
+    "qk_norm": ("deit_tiny_patch16_224", dict(img_size=64, qk_norm=True)),
+    "dynamic_img_size": ("deit_tiny_patch16_224", dict(img_size=64, dynamic_img_size=True)),
+}
+
+
+def make_model(variant: str, depth: int = 4, **extra) -> torch.nn.Module:
+    name, kwargs = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, depth=depth, **{**kwargs, **extra})
+    # random init leaves LayerScale at 1e-5 and heads at zero: make every path matter
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".gamma") or n.startswith("head"):
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def input_for(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(batch, *model.pretrained_cfg["input_size"][:1], *model.patch_embed.img_size)
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request):
+    return request.param

@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from evit.bench import bench, format_table, paired_ratio, time_interleaved
+from evit.cli import main
+from conftest import make_model
+
+
+def test_time_interleaved_rotates_order_and_takes_medians():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(fns, reps=3, warmup=1)
+    assert set(times) == {"a", "b", "c"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+    assert calls == list("cab") + list("abc") + list("bca") + list("cab")  # warm-up, then 3 rotations
+
+
+def test_paired_ratio_cancels_common_swings():
+    base = [1.0, 2.0, 1.0, 2.0, 1.0]
+    twice_as_fast = [0.5, 1.0, 0.5, 1.0, 0.5]
+    assert paired_ratio(base, twice_as_fast) == 2.0
+    assert paired_ratio([1, 1, 1], [2, 0.5, 1]) == 1.0  # the median, not the mean
+
+
+def test_bench_rows_are_consistent():
+    model = make_model("deit")
+    rows = bench(model, keep_rates=(1.0, 0.5), batch_size=2, reps=2, latency_reps=2, warmup=0, progress=False)
+    base, full, half = rows
+    assert base["variant"] == "unpatched" and base["keep_rate"] is None
+    assert full["tokens"] == [17, 17, 17, 17] and full["gmacs"] == pytest.approx(base["gmacs"])
+    assert half["tokens"] == [17, 10, 7, 5] and half["gmacs"] < full["gmacs"]
+    for r in (full, half):
+        assert r["speedup"] > 0 and r["ideal_speedup"] > 0 and r["latency_of_ideal"] > 0
+        assert 0 < r["of_ideal"] < 10
+    table = format_table(rows, 2)
+    assert "of ideal" in table and "17->10->7->5" in table
+
+
+def test_cli_bench_json(capsys):
+    rc = main(["bench", "--model", "deit_tiny_patch16_224", "--keep-rates", "0.7", "--batch-size", "1",
+               "--reps", "1", "--latency-reps", "1", "--warmup", "0", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"][1]["tokens"] == [197, 140, 100, 72]
+    assert out["rows"][1]["gmacs"] < 0.7 * out["rows"][0]["gmacs"]
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--keep-rates", "1.5"])
+    assert e.value.code == 2
+    assert "keep rate must be in (0, 1]" in capsys.readouterr().err
+    assert main(["bench", "--model", "not_a_model_xyz"]) == 2
+    assert "unknown timm model 'not_a_model_xyz'" in capsys.readouterr().err
+    assert main(["bench", "--model", "convnext_atto", "--reps", "1"]) == 2
+    assert "only timm VisionTransformer" in capsys.readouterr().err
+
+
+def test_pretrained_offline_fails_fast_and_clearly():
+    proc = subprocess.run(
+        [sys.executable, "-m", "evit.cli", "bench", "--model", "deit_tiny_patch16_224", "--pretrained"],
+        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert "cannot load pretrained weights for deit_tiny_patch16_224" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,256 @@
+import copy
+
+import pytest
+import timm
+import torch
+
+import evit
+from evit.attention import Seen, attend
+from evit.methods import EViT, TokenReduction, TopK
+from evit.patch import ReducingBlock
+from conftest import input_for, make_model
+
+
+class PassThrough(TokenReduction):
+    """Runs the reducing block's own path (attend, method, MLP) while keeping every token."""
+
+    needs_cls_attn = True
+
+    def output_tokens(self, n_tokens):
+        return n_tokens
+
+    def is_identity(self, n_tokens):
+        return False
+
+    def forward(self, x, seen):
+        assert seen.cls_attn.shape == x.shape[:2]
+        return x
+
+
+def test_keep_one_equals_unpatched(variant):
+    model = make_model(variant)
+    x = input_for(model)
+    with torch.no_grad():
+        ref = model(x)
+        evit.patch(model, keep_rate=1.0)
+        assert evit.reductions(model), "patch placed no reduction"
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_reducing_block_path_equals_timm(variant):
+    """Our attention + block forward reproduce timm's exactly, fused and unfused."""
+    model = make_model(variant)
+    x = input_for(model)
+    with torch.no_grad():
+        ref = model(x)
+        evit.apply(model, {i: PassThrough() for i in range(len(model.blocks))})
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        for b in model.blocks:
+            b.attn.fused_attn = False
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attend_class_row_is_the_attention_matrix_row():
+    model = make_model("qk_norm")
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 17, 192)
+    with torch.no_grad():
+        out, seen = attend(attn, x, cls_attn=True, keys=True)
+        B, N, C = x.shape
+        q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        full = ((q @ k.transpose(-2, -1)) * attn.head_dim**-0.5).softmax(-1)  # (B, H, N, N)
+    torch.testing.assert_close(seen.cls_attn, full[:, :, 0].mean(1))
+    torch.testing.assert_close(seen.keys, k.mean(1))
+    torch.testing.assert_close(out, attn(x))
+
+
+def reference_evit(model, x, keep_rate, locations, fuse=True):
+    """A plain, obviously correct EViT forward: explicit attention matrix, sort, weighted average."""
+    import math
+
+    p = model.num_prefix_tokens
+    t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    for i, blk in enumerate(model.blocks):
+        h = blk.norm1(t)
+        a = blk.attn
+        B, N, C = h.shape
+        q, k, v = a.qkv(h).reshape(B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = a.q_norm(q), a.k_norm(k)
+        probs = ((q @ k.transpose(-2, -1)) * a.head_dim**-0.5).softmax(-1)
+        o = (probs @ v).transpose(1, 2).reshape(B, N, C)
+        t = t + blk.ls1(a.proj(a.norm(o)))
+        if i in locations:
+            rows = []
+            for b in range(B):
+                score = probs[b, :, 0, p:].mean(0)
+                n = N - p
+                kk = math.ceil(round(keep_rate * n, 6))
+                order = torch.argsort(score, descending=True)
+                keep, drop = order[:kk], order[kk:]
+                parts = [t[b, :p], t[b, p:][keep]]
+                if fuse and len(drop):
+                    w = score[drop] / score[drop].sum()
+                    parts.append((w[:, None] * t[b, p:][drop]).sum(0, keepdim=True))
+                rows.append(torch.cat(parts))
+            t = torch.stack(rows)
+        t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+    return model.forward_head(model.norm(t))
+
+
+@pytest.mark.parametrize("variant_name", ["deit", "deit_distilled", "dinov2_registers", "deit3_layerscale", "qk_norm"])
+@pytest.mark.parametrize("keep_rate,fuse", [(0.7, True), (0.5, True), (0.6, False)])
+def test_matches_reference(variant_name, keep_rate, fuse):
+    model = make_model(variant_name)
+    x = input_for(model, batch=3)
+    locations = (1, 2)
+    with torch.no_grad():
+        ref = reference_evit(model, x, keep_rate, locations, fuse)
+        evit.patch(model, keep_rate, locations, fuse=fuse)
+        torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+        off = model(x)
+    assert not torch.allclose(off, make_model(variant_name)(x), atol=1e-3), "reduction changed nothing"
+
+
+def _seq_lengths(model, x):
+    lengths = []
+    hooks = [b.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1])) for b in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return lengths
+
+
+def test_token_counts_deit_small_geometry():
+    model = timm.create_model("deit_tiny_patch16_224").eval()  # DeiT-S token geometry, cheaper width
+    evit.patch(model, 0.7)
+    assert evit.token_counts(model, 197) == [197, 140, 100, 72]
+    lengths = _seq_lengths(model, torch.randn(1, 3, 224, 224))
+    assert lengths == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
+    evit.set_keep_rate(model, 0.5)
+    assert evit.token_counts(model, 197) == [197, 100, 52, 28]
+    assert _seq_lengths(model, torch.randn(1, 3, 224, 224))[-1] == 28
+    evit.patch(model, 0.7, fuse=False)
+    assert _seq_lengths(model, torch.randn(1, 3, 224, 224))[-1] == 1 + 68  # 196 -> 138 -> 97 -> 68 image tokens
+
+
+def test_prefix_tokens_kept_and_counted():
+    model = make_model("dinov2_registers")  # 1 class + 4 registers, 16 patches
+    evit.patch(model, 0.5, locations=[1])
+    lengths = _seq_lengths(model, input_for(model, 1))
+    assert lengths == [21, 5 + 8 + 1, 14, 14]
+
+
+def test_default_locations():
+    assert evit.default_locations(12) == (3, 6, 9)
+    assert evit.default_locations(24) == (6, 12, 18)
+    assert evit.default_locations(6) == (2, 3, 4)
+
+
+def test_dynamic_img_size():
+    model = make_model("dynamic_img_size")
+    evit.patch(model, 0.5, locations=[1])
+    assert _seq_lengths(model, torch.randn(1, 3, 96, 64))[1:] == [1 + 12 + 1] * 3  # 24 patches -> 12 + fused
+    assert _seq_lengths(model, torch.randn(1, 3, 64, 64))[1:] == [1 + 8 + 1] * 3
+
+
+def test_training_gradients_reach_every_parameter():
+    model = make_model("deit3_layerscale", drop_path_rate=0.1, attn_drop_rate=0.1)
+    evit.patch(model, 0.5, locations=[1, 2]).train()
+    x = input_for(model, 4)
+    model(x).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no gradient for {missing}"
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("blocks.3.mlp"))
+
+
+def test_patch_twice_replaces_and_unpatch_restores():
+    model = make_model("deit")
+    x = input_for(model)
+    with torch.no_grad():
+        ref = model(x)
+    keys = set(model.state_dict())
+    evit.patch(model, 0.7)
+    evit.patch(model, 0.5, locations=[2])
+    assert list(evit.reductions(model)) == [2]
+    assert evit.reductions(model)[2].keep_rate == 0.5
+    for block in model.blocks:
+        assert sum(c is ReducingBlock for c in type(block).__mro__) <= 1
+    assert set(model.state_dict()) == keys, "patching must not rename parameters"
+    evit.unpatch(model)
+    assert not evit.reductions(model)
+    assert all(type(b) is timm.models.vision_transformer.Block for b in model.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_topk_is_evit_without_fusion():
+    model = make_model("deit")
+    x = input_for(model)
+    a = evit.patch(copy.deepcopy(model), 0.6, fuse=False)
+    b = evit.apply(copy.deepcopy(model), {i: TopK(0.6) for i in evit.default_locations(4)})
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+# ---- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,error,words",
+    [
+        ("vit_medium_patch16_gap_256", dict(img_size=64, depth=2, embed_dim=64, num_heads=2), ValueError, "global_pool='avg'"),
+        ("vit_base_patch16_siglip_224", dict(img_size=64, depth=2, embed_dim=64, num_heads=2), ValueError, "map"),
+        ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=32), TypeError, "Swin"),
+        ("eva02_tiny_patch14_224", dict(depth=2), TypeError, "only timm VisionTransformer"),
+        ("convnext_atto", dict(), TypeError, "only timm VisionTransformer"),
+    ],
+)
+def test_refuses_models_it_cannot_serve(name, kwargs, error, words):
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    with pytest.raises(error, match=words):
+        evit.patch(model)
+    assert not evit.reductions(model)
+
+
+def test_refuses_other_block_types():
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2, block_fn=ParallelScalingBlock)
+    with pytest.raises(TypeError, match="ParallelScalingBlock"):
+        evit.patch(model)
+    assert not evit.reductions(model)
+
+
+@pytest.mark.parametrize("keep_rate", [0, 1.5, -0.2])
+def test_refuses_bad_keep_rate(keep_rate):
+    with pytest.raises(ValueError, match="keep_rate must be in"):
+        evit.patch(make_model("deit"), keep_rate)
+
+
+def test_refuses_non_numeric_keep_rate():
+    with pytest.raises(TypeError, match="keep_rate"):
+        evit.patch(make_model("deit"), "0.7")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        evit.set_keep_rate(evit.patch(make_model("deit")), 2.0)
+
+
+@pytest.mark.parametrize("locations", [[4], [-1], []])
+def test_refuses_locations_outside_depth(locations):
+    model = make_model("deit")
+    with pytest.raises(ValueError, match="4 blocks"):
+        evit.patch(model, 0.7, locations)
+    assert not evit.reductions(model)
+
+
+def test_set_keep_rate_needs_a_patch():
+    with pytest.raises(ValueError, match="evit.patch"):
+        evit.set_keep_rate(make_model("deit"), 0.5)
+
+
+def test_attention_mask_refused_clearly():
+    model = evit.patch(make_model("deit"), 0.5)
+    x = input_for(model)
+    with pytest.raises(ValueError, match="attention masks"):
+        model(x, attn_mask=torch.zeros(1, 1, 17, 17))
