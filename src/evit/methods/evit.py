@@ -32,28 +32,28 @@ class EViT(KeepRateReduction):
         k = kept_count(self.keep_rate, n)
         if k >= n:
             return x
-        keep = seen.cls_attn[:, p:].topk(k, dim=1, sorted=False).indices + p  # (B, k) rows of x
-        kept = select_tokens(x, keep)
         if not self.fuse:
-            return torch.cat([x[:, :p], kept], dim=1)
-        # the tokens not kept, fused with their attention renormalised to sum to one
-        rest = seen.cls_attn.scatter(1, keep, 0.0).unsqueeze(1).to(x.dtype)  # (B, 1, N)
-        rest[..., :p] = 0.0
-        total = rest.sum(dim=2, keepdim=True).clamp_min(torch.finfo(rest.dtype).tiny)
-        fused = torch.bmm(rest, x) / total
-        return torch.cat([x[:, :p], kept, fused], dim=1)
+            keep = seen.cls_attn[:, p:].topk(k, dim=1, sorted=False).indices
+            return torch.cat([x[:, :p], select_tokens(x, keep, p)], dim=1)
+        # One sort gives both the kept tokens (first k) and the rest, with their weights.
+        score, order = seen.cls_attn[:, p:].sort(dim=1, descending=True)
+        ranked = select_tokens(x, order, p)
+        weight = score[:, k:]
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+        fused = torch.bmm(weight.unsqueeze(1).to(x.dtype), ranked[:, k:])  # (B, 1, C)
+        return torch.cat([x[:, :p], ranked[:, :k], fused], dim=1)
 
 
-def select_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, index[b]]`` for each b: (B, N, C), (B, k) -> (B, k, C).
+def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
+    """``x[b, offset + index[b]]`` for each b: (B, N, C), (B, k) -> (B, k, C).
 
-    One ``index_select`` over the flattened batch; it costs a fraction of
-    ``gather`` with an expanded index on CPU, which matters at batch size 1.
+    One ``index_select`` (over the flattened batch when B > 1): on CPU it costs a
+    fraction of ``gather`` with an expanded index, which matters at batch size 1.
     """
     B, N, C = x.shape
     if B == 1:
-        return x.index_select(1, index[0])
-    flat = (index + torch.arange(B, device=index.device).unsqueeze(1) * N).flatten()
+        return x[:, offset:].index_select(1, index.view(-1))
+    flat = (index + (torch.arange(B, device=index.device).unsqueeze(1) * N + offset)).flatten()
     return x.reshape(B * N, C).index_select(0, flat).view(B, -1, C)
 
 

@@ -1,0 +1,191 @@
+"""Training and fine-tuning with EViT: keep rate warmed up per iteration, checkpoints, resume, DDP.
+
+Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA). With
+``torchrun`` it trains data-parallel (NCCL on GPU, gloo on CPU); only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint
+from .models import create_model, load_checkpoint
+from .patch import patch, set_keep_rate
+from .schedule import keep_rate_at
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vit_tiny_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    init: Optional[str] = None  # local weights to start from (fine-tuning)
+    data: str = "fashion-mnist"  # or a folder with train/ and val/ (ImageNet style)
+    data_root: Optional[str] = None
+    download: bool = False
+    train_subset: Optional[int] = None  # first N training images (quick runs, tests)
+    epochs: int = 10
+    max_steps: Optional[int] = None  # stop after this many optimizer steps in all
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    keep_rate: float = 1.0  # target; < 1 patches the model with EViT
+    keep_warmup_start: float = 0.0  # epochs before the keep rate leaves 1
+    keep_warmup_epochs: float = 0.0  # cosine from 1 to keep_rate over this many epochs (0: none)
+    locations: Optional[list] = None
+    fuse: bool = True
+    bf16: bool = False  # autocast to bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
+    ema_decay: float = 0.0  # 0: no EMA
+    seed: int = 0
+    out: str = "runs/train"
+    save_every: int = 200  # steps; also at every epoch end
+
+    @classmethod
+    def from_file(cls, path: str, **overrides) -> "TrainConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read recipe {path}: {e}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"recipe {path} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
+    if cfg.init:
+        load_checkpoint(model, cfg.init)
+    if cfg.keep_rate < 1.0:
+        patch(model, 1.0, cfg.locations, fuse=cfg.fuse)
+    return model
+
+
+def make_loaders(cfg: TrainConfig, rank: int = 0, world: int = 1):
+    """(train loader, validation loader) for ``cfg.data``."""
+    from .data import TensorLoader, load_fashion_mnist
+
+    if cfg.data != "fashion-mnist":
+        from .folders import folder_loaders
+
+        return folder_loaders(cfg, rank, world)
+    x, y = load_fashion_mnist("train", cfg.data_root, cfg.download)
+    if cfg.train_subset:
+        x, y = x[: cfg.train_subset], y[: cfg.train_subset]
+    vx, vy = load_fashion_mnist("test", cfg.data_root, cfg.download)
+    train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world, drop_last=True)
+    return train, TensorLoader(vx, vy, 256)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train per ``cfg``; with ``resume``, continue from the newest checkpoint in ``cfg.out``."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(cfg.out)
+    model = build_model(cfg)
+    loader, _ = make_loaders(cfg, rank, world)
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set; lower --batch-size")
+    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                       min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False,
+                                       updates_per_epoch=per_epoch)
+    num_classes = model.num_classes
+    mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                   num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
+    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+
+    step = 0
+    if resume:
+        state = checkpoint.load(out / "checkpoints", model)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+        checkpoint.set_rng_state(state["rng"])
+        step = state["step"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    warm_start, warm_span = int(cfg.keep_warmup_start * per_epoch), int(cfg.keep_warmup_epochs * per_epoch)
+    model.train()
+    seen, t0, loss_avg, keep = 0, time.perf_counter(), None, 1.0
+
+    def save() -> None:
+        if rank == 0:
+            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep}
+            if ema is not None:
+                extra["ema"] = ema.module.state_dict()
+            checkpoint.save(out / "checkpoints", step, model, extra)
+
+    while step < total:
+        epoch, start = divmod(step, per_epoch)
+        for x, y in loader.batches(epoch, start):
+            if cfg.keep_rate < 1.0:
+                keep = keep_rate_at(step, cfg.keep_rate, warm_start, warm_span)
+                set_keep_rate(model, keep)
+            if mixup:
+                x, y = mixup(x, y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cpu"):
+                loss = criterion(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            if ema is not None:
+                ema.update(model, step=step)
+            seen += len(x)
+            loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+            if progress and rank == 0 and (step % 10 == 0 or step == total):
+                rate = seen * world / (time.perf_counter() - t0)
+                print(f"\rep {epoch + 1}/{cfg.epochs} step {step}/{total} loss {loss_avg:.4f} keep {keep:.3f} "
+                      f"lr {optimizer.param_groups[0]['lr']:.2e} {rate:.0f} img/s", end="", file=sys.stderr, flush=True)
+            if step % cfg.save_every == 0 or step % per_epoch == 0 or step == total:
+                save()
+            if step >= total:
+                break
+    if progress and rank == 0:
+        print(file=sys.stderr)
+    final = ema.module if ema is not None else model
+    if rank == 0:
+        checkpoint.save_weights(final, out / "model.safetensors")
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "keep_rate": keep, "loss": loss_avg, "weights": str(out / "model.safetensors")}
