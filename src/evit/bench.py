@@ -76,7 +76,7 @@ def _stderr_progress(label: str) -> Callable[[int, int], None]:
     return show
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bench(
     model: nn.Module,
     keep_rates: Sequence[float] = (1.0, 0.7, 0.5),

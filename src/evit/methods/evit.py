@@ -35,13 +35,20 @@ class EViT(KeepRateReduction):
         if not self.fuse:
             keep = seen.cls_attn[:, p:].topk(k, dim=1, sorted=False).indices
             return torch.cat([x[:, :p], select_tokens(x, keep, p)], dim=1)
-        # One sort gives both the kept tokens (first k) and the rest, with their weights.
-        score, order = seen.cls_attn[:, p:].sort(dim=1, descending=True)
-        ranked = select_tokens(x, order, p)
-        weight = score[:, k:]
+        # One sort of all tokens, prefix forced first, gives the output order (prefix, kept)
+        # and the rest with their weights. cls_attn is this block's own tensor: safe to edit.
+        score = seen.cls_attn
+        score[:, :p] = float("inf")
+        score, order = score.sort(dim=1, descending=True, stable=True)  # stable: prefix order kept
+        ranked = select_tokens(x, order)
+        m = p + k
+        weight = score[:, m:]
         weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-        fused = torch.bmm(weight.unsqueeze(1).to(x.dtype), ranked[:, k:])  # (B, 1, C)
-        return torch.cat([x[:, :p], ranked[:, :k], fused], dim=1)
+        fused = torch.bmm(weight.unsqueeze(1).to(x.dtype), ranked[:, m:])  # (B, 1, C)
+        if torch.is_grad_enabled():
+            return torch.cat([ranked[:, :m], fused], dim=1)
+        ranked[:, m:m + 1] = fused  # inference: reuse the first rest slot, no concatenation
+        return ranked[:, :m + 1]
 
 
 def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
