@@ -147,7 +147,8 @@ def test_prefix_tokens_kept_and_counted():
 def test_default_locations():
     assert evit.default_locations(12) == (3, 6, 9)
     assert evit.default_locations(24) == (6, 12, 18)
-    assert evit.default_locations(6) == (2, 3, 4)
+    assert evit.default_locations(6) == (1, 3, 4)
+    assert evit.default_locations(2) == (0, 1)
 
 
 def test_dynamic_img_size():

@@ -99,7 +99,7 @@ def check_model(model: nn.Module) -> None:
 
 def default_locations(depth: int) -> tuple[int, ...]:
     """The paper's (3, 6, 9) for depth 12; otherwise the blocks at 1/4, 1/2 and 3/4 of the depth."""
-    return tuple(sorted({max(0, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+    return tuple(sorted({int(depth * f) for f in (0.25, 0.5, 0.75)}))
 
 
 def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = "model") -> tuple[int, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -177,6 +178,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 rate = seen * world / (time.perf_counter() - t0)
                 print(f"\rep {epoch + 1}/{cfg.epochs} step {step}/{total} loss {loss_avg:.4f} keep {keep:.3f} "
                       f"lr {optimizer.param_groups[0]['lr']:.2e} {rate:.0f} img/s", end="", file=sys.stderr, flush=True)
+            if os.environ.get("EVIT_KILL_AT_STEP") == str(step):  # tests: a real kill, mid-run
+                os.kill(os.getpid(), signal.SIGKILL)
             if step % cfg.save_every == 0 or step % per_epoch == 0 or step == total:
                 save()
             if step >= total:

@@ -1,0 +1,78 @@
+"""The embedded default: a small ViT trained by this project on Fashion-MNIST, and test images.
+
+Bundled in ``evit/assets``: the baseline weights, the EViT fine-tuned weights (keep 0.7),
+a subset of the Fashion-MNIST test set (MIT licence, notice in ``assets/FASHION_MNIST_LICENSE``)
+and the recipes that made the weights (``assets/recipes``), so ``evit eval`` and
+``evit bench`` show real accuracy beside speed with no network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ASSETS = Path(__file__).parent / "assets"
+RECIPES = ASSETS / "recipes"
+WEIGHTS = {"baseline": "fashion_mnist_vit.safetensors", "evit": "fashion_mnist_vit_evit07.safetensors"}
+TEST_SUBSET = "fashion_mnist_test_subset.npz"
+
+
+def recipe_path(name: str) -> Path:
+    """A bundled recipe by name (``fashion_mnist_baseline``) or a path to a JSON file."""
+    p = Path(name)
+    if p.suffix == ".json" and p.is_file():
+        return p
+    bundled = RECIPES / f"{name}.json"
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(sorted(f.stem for f in RECIPES.glob("*.json")))
+    raise FileNotFoundError(f"recipe {name!r} is neither a JSON file nor a bundled recipe ({known})")
+
+
+def architecture() -> tuple[str, dict]:
+    recipe = json.loads(recipe_path("fashion_mnist_baseline").read_text())
+    return recipe["model"], recipe["model_kwargs"]
+
+
+def _missing(what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"the embedded {what} is not in this installation ({ASSETS}); build it with "
+        "`evit train --recipe fashion_mnist_baseline` then `--recipe fashion_mnist_evit07`, or pass --model"
+    )
+
+
+def load_model(kind: str = "baseline") -> nn.Module:
+    """The embedded model: ``'baseline'`` (trained at keep 1.0) or ``'evit'`` (fine-tuned at keep 0.7), unpatched."""
+    from safetensors.torch import load_file
+
+    from .models import create_model
+
+    path = ASSETS / WEIGHTS[kind]
+    if not path.is_file():
+        raise _missing(f"{kind} model")
+    name, kwargs = architecture()
+    model = create_model(name, **kwargs)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return model.eval()
+
+
+def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 (N, 1, 28, 28), labels int64 (N,)) of the bundled Fashion-MNIST test subset."""
+    path = ASSETS / TEST_SUBSET
+    if not path.is_file():
+        raise _missing("test subset")
+    with np.load(path) as z:
+        return torch.from_numpy(z["images"]).unsqueeze(1), torch.from_numpy(z["labels"].astype(np.int64))
+
+
+def export(weights: Path, kind: str) -> Path:
+    """Write trained ``weights`` into the package as the embedded ``kind`` model (fp16, to stay small)."""
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    out = ASSETS / WEIGHTS[kind]
+    save_file(state, str(out))
+    return out

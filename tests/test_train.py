@@ -1,0 +1,154 @@
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evit.data import TensorLoader, load_fashion_mnist
+from evit.evaluate import accuracy
+from evit.schedule import keep_rate_at
+
+TINY = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def toy_fashion(tmp_path_factory):
+    """Fashion-MNIST-format files cut from the bundled real test subset: 512 to train on, 256 to test."""
+    from evit.embedded import test_subset
+
+    root = tmp_path_factory.mktemp("fmnist")
+    images, labels = test_subset()
+    images, labels = images[:, 0].numpy(), labels.numpy()
+    for stem, sl in (("train", slice(0, 512)), ("t10k", slice(512, 768))):
+        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", images[sl])
+        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels[sl])
+    return root
+
+
+def _train_cmd(root, out, *extra):
+    return [sys.executable, "-m", "evit.cli", "train", "--model", "vit_tiny_patch16_224", "--data", "fashion-mnist",
+            "--data-root", str(root), "--out", str(out), "--batch-size", "32", "--no-progress", *extra]
+
+
+def _env(**extra):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _run_train(cmd, **env):
+    # model kwargs for the tiny ViT come through a recipe file next to the run
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(**env))
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "tiny.json"
+    path.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": TINY, "lr": 0.004,
+                                "warmup_epochs": 0, "epochs": 12, "label_smoothing": 0.0}))
+    return path
+
+
+def test_keep_rate_schedule():
+    assert keep_rate_at(0, 0.7, 0, 100) == 1.0
+    assert keep_rate_at(50, 0.7, 0, 100) == pytest.approx(0.85)
+    assert keep_rate_at(100, 0.7, 0, 100) == pytest.approx(0.7)
+    assert keep_rate_at(500, 0.7, 0, 100) == pytest.approx(0.7)
+    assert keep_rate_at(10, 0.7, 20, 100) == 1.0  # before the warm-up starts
+    assert keep_rate_at(25, 0.5, 0, 100) == pytest.approx(0.5 + 0.5 * 0.5 * (1 + np.cos(np.pi / 4)))
+    assert keep_rate_at(0, 0.6, 0, 0) == 0.6  # no warm-up
+    rates = [keep_rate_at(s, 0.5, 0, 40) for s in range(41)]
+    assert all(a >= b for a, b in zip(rates, rates[1:])), "warm-up must fall monotonically"
+
+
+def test_reads_fashion_mnist_files(toy_fashion):
+    x, y = load_fashion_mnist("train", str(toy_fashion))
+    assert x.shape == (512, 1, 28, 28) and x.dtype == torch.uint8 and y.shape == (512,)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", str(toy_fashion / "nowhere"))
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        load_fashion_mnist("val", str(toy_fashion))
+
+
+def test_truncated_data_file_is_named(tmp_path):
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(10))
+    raw = gzip.compress(bytes([0, 0, 8, 3]) + (100).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\x00" * 50)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(raw)
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is truncated"):
+        load_fashion_mnist("test", str(tmp_path))
+
+
+def test_training_learns_with_evit(toy_fashion, tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    proc = _run_train(_train_cmd(toy_fashion, out, "--recipe", str(tiny_recipe), "--keep-rate", "0.5",
+                                 "--keep-warmup-epochs", "1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 12 * 16 and result["keep_rate"] == pytest.approx(0.5)
+
+    import timm
+
+    import evit
+    from evit.data import normalize
+
+    model = evit.patch(timm.create_model("vit_tiny_patch16_224", **TINY), 0.5).eval()  # as trained
+    x, y = load_fashion_mnist("test", str(toy_fashion))
+
+    def held_out_loss():
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(normalize(x)), y).item()
+
+    loss_before, (acc_before, _, _) = held_out_loss(), accuracy(model, TensorLoader(x, y, 64).batches(0))
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    loss_after, (acc_after, _, n) = held_out_loss(), accuracy(model, TensorLoader(x, y, 64).batches(0))
+    assert n == 256
+    assert loss_after < loss_before - 0.3, (loss_before, loss_after)
+    assert acc_after > acc_before + 15, (acc_before, acc_after)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(toy_fashion, tiny_recipe, tmp_path):
+    common = ("--recipe", str(tiny_recipe), "--keep-rate", "0.5", "--keep-warmup-epochs", "2", "--save-every", "5",
+              "--max-steps", "30")
+    full = _run_train(_train_cmd(toy_fashion, tmp_path / "full", *common))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    killed = _run_train(_train_cmd(toy_fashion, tmp_path / "cut", *common), EVIT_KILL_AT_STEP="23")
+    assert killed.returncode != 0, "the run was meant to be killed"
+    latest = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 20  # the last checkpoint before the kill
+    assert not list((tmp_path / "cut" / "checkpoints").glob("*.tmp"))
+
+    resumed = _run_train(_train_cmd(toy_fashion, tmp_path / "cut", *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = json.loads(full.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
+    assert a["step"] == b["step"] == 30 and a["keep_rate"] == b["keep_rate"] < 1.0
+    wa, wb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(toy_fashion, tiny_recipe, tmp_path):
+    proc = _run_train(_train_cmd(toy_fashion, tmp_path / "none", "--recipe", str(tiny_recipe), "--resume"))
+    assert proc.returncode == 2 and "no checkpoint in" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ddp_two_processes_gloo(toy_fashion, tiny_recipe, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "evit.cli", *_train_cmd(toy_fashion, tmp_path / "ddp", "--recipe", str(tiny_recipe),
+                                          "--epochs", "1", "--keep-rate", "0.7")[3:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
+    assert result["step"] == 512 // 2 // 32  # each process sees half the data
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()
