@@ -1,0 +1,64 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evit.evaluate import accuracy, format_rows
+
+
+class Fixed(torch.nn.Module):
+    """Ranks classes by distance from the first pixel's value: a model whose accuracy is known."""
+
+    def forward(self, x):
+        return -(torch.arange(10.0)[None] - x[:, 0, 0, 0, None]).abs()
+
+
+def test_accuracy_counts_top1_and_top5():
+    x = torch.zeros(4, 1, 2, 2)
+    x[:, 0, 0, 0] = torch.tensor([1, 2, 3, 4])
+    y = torch.tensor([1, 2, 1, 0])  # right, right, 2 away (in the top 5), 4 away (not)
+    top1, top5, n = accuracy(Fixed(), [(x, y)])
+    assert (top1, top5, n) == (50.0, 75.0, 4)
+
+
+def test_format_rows():
+    row = dict(model="m", keep_rate=0.7, top1=91.234, top5=99.5, images=10, gmacs=0.01, images_per_s=100, speedup=1.5)
+    table = format_rows([row])
+    assert "91.23" in table and "1.50x" in table and "top-1 %" in table
+
+
+def test_folder_data_reports_corrupt_image_by_path(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "val" / "dog" / "broken.png").write_bytes(b"not an image at all")
+    proc = subprocess.run(
+        [sys.executable, "-m", "evit.cli", "eval", "--model", "deit_tiny_patch16_224", "--data", str(tmp_path),
+         "--keep-rates", "1.0", "0.5", "--speed-reps", "1", "--batch-size", "4", "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "broken.png" in proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert [r["keep_rate"] for r in rows] == [1.0, 0.5]
+    # timm names the unreadable file in a warning and serves the next sample in its place
+    assert rows[0]["images"] == 5 and rows[1]["gmacs"] < rows[0]["gmacs"]
+
+
+def test_missing_folder_split_is_a_clear_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "evit.cli", "eval", "--model", "deit_tiny_patch16_224", "--data", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert "val is not a folder" in proc.stderr and "Traceback" not in proc.stderr
