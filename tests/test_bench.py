@@ -52,7 +52,7 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--keep-rates", "1.5"])
     assert e.value.code == 2
-    assert "keep rate must be in (0, 1]" in capsys.readouterr().err
+    assert "keep_rate must be in (0, 1]" in capsys.readouterr().err
     assert main(["bench", "--model", "not_a_model_xyz"]) == 2
     assert "unknown timm model 'not_a_model_xyz'" in capsys.readouterr().err
     assert main(["bench", "--model", "convnext_atto", "--reps", "1"]) == 2

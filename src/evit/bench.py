@@ -26,7 +26,7 @@ def time_interleaved(
     fns: dict[str, Callable[[], object]],
     reps: int,
     warmup: int = 1,
-    progress: Optional[Callable[[str], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
     setup: Optional[Callable[[str], None]] = None,
 ) -> dict[str, list[float]]:
     """Seconds of every timed call of each function, by repetition; calls interleaved, order
@@ -135,17 +135,26 @@ def bench(
     return rows
 
 
+def text_table(head: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """Right-aligned columns under a header and a rule."""
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+
+    def line(cs: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cs, widths))
+
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
 def format_table(rows: list[dict], batch_size: int) -> str:
     head = ["variant", "keep", "tokens", "GMACs", f"img/s@{batch_size}", "speed-up", "ideal", "of ideal",
             "lat@1 ms", "speed-up@1", "ideal@1", "of ideal@1"]
-    lines = []
-    for r in rows:
-        def f(key, fmt):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
-        lines.append([r["variant"], f("keep_rate", ".2f"), "->".join(map(str, r.get("tokens", []))) or "-",
-                      f("gmacs", ".2f"), f("images_per_s", ".1f"), f("speedup", ".2f") + ("x" if "speedup" in r else ""),
-                      f("ideal_speedup", ".2f"), f("of_ideal", ".1%"), f("latency_ms", ".1f"),
-                      f("latency_speedup", ".2f"), f("latency_ideal_speedup", ".2f"), f("latency_of_ideal", ".1%")])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    fmt_row = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(l) for l in lines])
+
+    def f(r: dict, key: str, fmt: str, suffix: str = "") -> str:
+        return format(r[key], fmt) + suffix if r.get(key) is not None else "-"
+
+    cells = [[r["variant"], f(r, "keep_rate", ".2f"), "->".join(map(str, r.get("tokens", []))) or "-",
+              f(r, "gmacs", ".2f"), f(r, "images_per_s", ".1f"), f(r, "speedup", ".2f", "x"),
+              f(r, "ideal_speedup", ".2f"), f(r, "of_ideal", ".1%"), f(r, "latency_ms", ".1f"),
+              f(r, "latency_speedup", ".2f"), f(r, "latency_ideal_speedup", ".2f"), f(r, "latency_of_ideal", ".1%")]
+             for r in rows]
+    return text_table(head, cells)

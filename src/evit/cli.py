@@ -8,13 +8,12 @@ from typing import Optional, Sequence
 
 
 def _keep_rate(text: str) -> float:
+    from .methods.base import check_keep_rate
+
     try:
-        r = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"keep rate must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < r <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep rate must be in (0, 1], got {r}")
-    return r
+        return check_keep_rate(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "keep_rate" in str(e) else f"keep rate must be a number, got {text!r}")
 
 
 def _positive(text: str) -> int:

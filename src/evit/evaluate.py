@@ -6,7 +6,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .bench import paired_ratio, steady_allocator, time_interleaved
+from .bench import paired_ratio, steady_allocator, text_table, time_interleaved
 from .cost import count_macs, native_input_size
 from .patch import patch, unpatch
 
@@ -77,8 +77,6 @@ def evaluate(
 
 def format_rows(rows: list[dict]) -> str:
     head = ["model", "keep", "top-1 %", "top-5 %", "images", "GMACs", "img/s", "speed-up"]
-    cells = [[r["model"], f"{r['keep_rate']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}", str(r["images"]),
-              f"{r['gmacs']:.4f}", f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x"] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    line = lambda cs: "  ".join(c.rjust(w) for c, w in zip(cs, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
+    return text_table(head, [[r["model"], f"{r['keep_rate']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                              str(r["images"]), f"{r['gmacs']:.4f}", f"{r['images_per_s']:.0f}",
+                              f"{r['speedup']:.2f}x"] for r in rows])
