@@ -27,7 +27,7 @@ def _positive(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
+    p.add_argument("--model", help="timm model name (default: the embedded Fashion-MNIST ViT)")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the network or a cache)")
     p.add_argument("--checkpoint", help="load weights from a local .safetensors or torch checkpoint")
     p.add_argument("--locations", type=int, nargs="+", help="0-based blocks that reduce (default: 1/4, 1/2, 3/4 of depth)")
@@ -159,7 +159,12 @@ def _bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    if args.model:
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    else:
+        from . import embedded
+
+        model, args.model = embedded.load_model("baseline"), "embedded Fashion-MNIST ViT"
     rows = bench(model, args.keep_rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations)
     if args.json:
         print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
