@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/evit bench --model deit_small_patch16_224
+	$(VENV)/bin/evit eval
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
