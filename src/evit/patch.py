@@ -13,13 +13,15 @@ Everything evit knows about timm's model classes lives here and in
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from .attention import attend
-from .methods.base import TokenReduction
+from .methods import METHODS
+from .methods.base import TokenReduction, TokenState
 from .methods.evit import EViT
+from .methods.slice import Keep
 
 
 def _timm_classes():
@@ -41,9 +43,14 @@ class ReducingBlock(nn.Module):
                 "evit: attention masks and causal attention are not supported in a token-reducing block "
                 "(the mask would not follow the shortened sequence); call the model without attn_mask"
             )
-        if method.is_identity(x.shape[1]):
+        state = method.state
+        if method.first:  # a new forward begins
+            state.reset()
+        bias = state.attention_bias()  # log token sizes, once a merging method ran
+        if bias is None and not state.track and method.is_identity(x.shape[1]):
             return super().forward(x)
-        out, seen = attend(self.attn, self.norm1(x), cls_attn=method.needs_cls_attn, keys=method.needs_keys)
+        out, seen = attend(self.attn, self.norm1(x), cls_attn=method.needs_cls_attn, keys=method.needs_keys,
+                           bias=bias)
         x = x + self.drop_path1(self.ls1(out))
         x = method(x, seen)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -132,11 +139,19 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     """Place ``methods[i]`` in block ``i`` of ``model`` (in place); earlier patches are removed first."""
     check_model(model)
     check_locations(methods.keys(), len(model.blocks), _name(model))
-    unpatch(model)
     for i, method in methods.items():
         if not isinstance(method, TokenReduction):
             raise TypeError(f"methods[{i}] must be an evit TokenReduction, got {type(method).__name__}")
+    unpatch(model)
+    methods = dict(sorted(methods.items()))
+    merging = [i for i, m in methods.items() if m.tracks_size]
+    if merging:  # blocks after a merge must see token sizes (proportional attention)
+        methods = {i: methods[i] if i in methods else Keep() for i in range(min(methods), len(model.blocks))
+                   if i in methods or i > merging[0]}
+    state = TokenState()  # shared by this model's methods, reset by the first at each forward
+    for j, (i, method) in enumerate(methods.items()):
         method.num_prefix_tokens = model.num_prefix_tokens
+        method.state, method.first = state, j == 0
         block = model.blocks[i]
         block.__class__ = _reducing_class(type(block))
         block.reduction = method
@@ -148,19 +163,38 @@ def patch(
     keep_rate: float = 0.7,
     locations: Optional[Sequence[int]] = None,
     fuse: bool = True,
-    method: Callable[..., TokenReduction] = EViT,
+    method: Union[str, type] = EViT,
+    **settings,
 ) -> nn.Module:
     """Make ``model`` (a timm ViT with a class token) an EViT model, in place, and return it.
 
     In each block of ``locations`` (default: the paper's 3, 6, 9 for depth 12), after attention
     and before the MLP, the ``ceil(keep_rate * n)`` image tokens the class token attends to most
     are kept, and with ``fuse`` the rest are fused into one token. Prefix tokens are always kept.
-    Patching again replaces the earlier patch. ``method`` builds the per-block reduction from
-    ``keep_rate`` and ``fuse`` (e.g. :class:`evit.methods.Slice` for the ideal in benchmarks).
+    Patching again replaces the earlier patch.
+
+    ``method`` picks another token-reduction method, by class or name (``evit.methods.METHODS``:
+    'evit', 'topk', 'random', 'tome', 'slice'); ``settings`` go to it (ToMe: ``r``; Random: ``seed``),
+    and ``locations`` default to the method's own (ToMe: every block).
     """
+    cls = _method_class(method)
     check_model(model)
-    locs = check_locations(locations, len(model.blocks), _name(model))
-    return apply(model, {i: method(keep_rate, fuse) for i in locs})
+    depth = len(model.blocks)
+    locs = check_locations(locations, depth, _name(model)) if locations is not None else cls.default_locations(depth)
+    try:
+        return apply(model, {i: cls.create(i, keep_rate=keep_rate, fuse=fuse, **settings) for i in locs})
+    except TypeError as e:
+        raise TypeError(f"{cls.__name__} settings {sorted(settings)} not understood: {e}") from None
+
+
+def _method_class(method: Union[str, type]) -> type:
+    if isinstance(method, str):
+        if method.lower() not in METHODS:
+            raise ValueError(f"unknown token-reduction method {method!r}; choose one of {sorted(METHODS)}")
+        return METHODS[method.lower()]
+    if not (isinstance(method, type) and issubclass(method, TokenReduction)):
+        raise TypeError(f"method must be a TokenReduction class or one of {sorted(METHODS)}, got {method!r}")
+    return method
 
 
 def reductions(model: nn.Module) -> dict[int, TokenReduction]:

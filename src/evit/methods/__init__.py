@@ -1,6 +1,12 @@
 """Token-reduction methods, one per file, all :class:`TokenReduction` subclasses."""
-from .base import KeepRateReduction, TokenReduction, kept_count
+from .base import KeepRateReduction, TokenReduction, TokenState, kept_count
 from .evit import EViT, TopK
-from .slice import Slice
+from .random_drop import RandomDrop
+from .slice import Ideal, Keep, Slice
+from .tome import ToMe
 
-__all__ = ["TokenReduction", "KeepRateReduction", "kept_count", "EViT", "TopK", "Slice"]
+#: the methods :func:`evit.patch` knows by name
+METHODS = {"evit": EViT, "topk": TopK, "random": RandomDrop, "tome": ToMe, "slice": Slice}
+
+__all__ = ["TokenReduction", "TokenState", "KeepRateReduction", "kept_count", "EViT", "TopK", "RandomDrop",
+           "ToMe", "Slice", "Ideal", "Keep", "METHODS"]

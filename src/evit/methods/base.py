@@ -6,11 +6,18 @@ block's attention residual and before its MLP, the block calls
 (:class:`evit.attention.Seen`); the method returns the (usually shorter)
 sequence. Prefix tokens (class, distillation, registers) sit at the front of
 ``x``; ``num_prefix_tokens`` is set by the patch and methods keep them.
+
+All methods of one model share a :class:`TokenState` (``method.state``), reset at
+the start of every forward by the first reducing block: token sizes for methods
+that merge (ToMe's proportional attention), and, when asked for by
+:func:`evit.masks.token_sources`, which input patches each token now stands for.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..attention import Seen
@@ -29,6 +36,49 @@ def check_keep_rate(keep_rate: float) -> float:
     return float(keep_rate)
 
 
+class TokenState:
+    """What the reducing blocks of one model carry from block to block within a forward.
+
+    size: (B, N) how many input patches each token stands for; None until a merging
+        method sets it (then later blocks add ``log(size)`` to the attention logits).
+    sources: when ``track`` is on, (B, N, N0) 0/1 matrix of the input tokens each token
+        holds, and ``stages`` collects it after every reduction (for pictures and masks).
+    """
+
+    def __init__(self) -> None:
+        self.track = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.size: Optional[Tensor] = None
+        self.sources: Optional[Tensor] = None
+        self.stages: list[Tensor] = []
+
+    def attention_bias(self) -> Optional[Tensor]:
+        """``log(size)`` shaped to add to attention logits (B, 1, 1, N), or None."""
+        return None if self.size is None else self.size.log()[:, None, None, :]
+
+    def follow(self, x: Tensor, index: Tensor, fused_from: Optional[int] = None) -> None:
+        """Record that tokens ``index`` (B, k) were kept, in that order, and, with ``fused_from``,
+        that ``index[:, fused_from:]`` were pooled into one token appended after ``index[:, :fused_from]``."""
+        if not self.track:
+            return
+        src = self._sources(x).gather(1, index.unsqueeze(-1).expand(-1, -1, self.sources.shape[-1]))
+        if fused_from is not None:
+            src = torch.cat([src[:, :fused_from], src[:, fused_from:].amax(dim=1, keepdim=True)], dim=1)
+        self.record(src)
+
+    def _sources(self, x: Tensor) -> Tensor:
+        if self.sources is None:
+            B, N, _ = x.shape
+            self.sources = torch.eye(N, dtype=torch.uint8, device=x.device).expand(B, N, N)
+        return self.sources
+
+    def record(self, sources: Tensor) -> None:
+        self.sources = sources
+        self.stages.append(sources)
+
+
 class TokenReduction(nn.Module):
     """Base class: subclasses set what they need from attention and implement ``forward``."""
 
@@ -36,10 +86,25 @@ class TokenReduction(nn.Module):
     needs_cls_attn: bool = False
     #: ask for the keys (mean over heads)
     needs_keys: bool = False
+    #: this method merges tokens and tracks their sizes: every later block uses proportional attention
+    tracks_size: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.num_prefix_tokens = 1
+        self.state = TokenState()  # replaced by the model's shared state when patched
+        self.first = True  # the model's first reducing block resets the state
+
+    @classmethod
+    def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = True, **settings) -> "TokenReduction":
+        """The method for block ``block`` of a patch (see :func:`evit.patch`)."""
+        return cls(keep_rate, fuse, **settings)
+
+    @classmethod
+    def default_locations(cls, depth: int) -> tuple[int, ...]:
+        from ..patch import default_locations
+
+        return default_locations(depth)
 
     def output_tokens(self, n_tokens: int) -> int:
         """Sequence length after this reduction for an input of ``n_tokens`` (prefix included)."""

@@ -34,6 +34,8 @@ class EViT(KeepRateReduction):
             return x
         if not self.fuse:
             keep = seen.cls_attn[:, p:].topk(k, dim=1, sorted=False).indices
+            if self.state.track:
+                self.state.follow(x, torch.cat([prefix_index(keep, p), keep + p], dim=1))
             return torch.cat([x[:, :p], select_tokens(x, keep, p)], dim=1)
         # One sort of all tokens, prefix forced first, gives the output order (prefix, kept)
         # and the rest with their weights. cls_attn is this block's own tensor: safe to edit.
@@ -42,6 +44,8 @@ class EViT(KeepRateReduction):
         score, order = score.sort(dim=1, descending=True, stable=True)  # stable: prefix order kept
         ranked = select_tokens(x, order)
         m = p + k
+        if self.state.track:
+            self.state.follow(x, order, fused_from=m)
         weight = score[:, m:]
         weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
         fused = torch.bmm(weight.unsqueeze(1).to(x.dtype), ranked[:, m:])  # (B, 1, C)
@@ -64,8 +68,19 @@ def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
     return x.reshape(B * N, C).index_select(0, flat).view(B, -1, C)
 
 
+def prefix_index(index: Tensor, p: int) -> Tensor:
+    """Positions 0..p-1 for each row of ``index`` (B, k): (B, p)."""
+    return torch.arange(p, device=index.device).expand(index.shape[0], p)
+
+
 class TopK(EViT):
     """EViT without fusion: the inattentive tokens are dropped."""
 
-    def __init__(self, keep_rate: float = 0.7) -> None:
+    def __init__(self, keep_rate: float = 0.7, fuse: bool = False) -> None:
+        if fuse:
+            raise ValueError("TopK drops the inattentive tokens; for fusion use EViT")
         super().__init__(keep_rate, fuse=False)
+
+    @classmethod
+    def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = False, **settings) -> "TopK":
+        return cls(keep_rate, **settings)

@@ -1,17 +1,45 @@
-"""The ideal: the same token counts as a keep-rate method, cut by plain slicing.
+"""The ideal, and a pass-through: token counts without the work of choosing them.
 
-No scoring, no gather, no fusion: the limit of what any implementation of those
-counts can reach. :mod:`evit.bench` measures it beside each method so a reported
-speed-up can be read against what was possible.
+:class:`Slice` cuts a keep-rate method's token counts by plain slicing (no scoring,
+no gather, no fusion); :class:`Ideal` does the same for any method's counts (ToMe's
+included). That is the limit of what any implementation of those counts can reach:
+:mod:`evit.bench` measures it beside each method so a reported speed-up can be read
+against what was possible. :class:`Keep` changes nothing; the patch places it in
+blocks that must still see merged tokens' sizes (proportional attention).
 """
 from __future__ import annotations
 
 from torch import Tensor
 
 from ..attention import Seen
-from .base import KeepRateReduction
+from .base import KeepRateReduction, TokenReduction
 
 
 class Slice(KeepRateReduction):
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         return x[:, : self.output_tokens(x.shape[1])]
+
+
+class Ideal(TokenReduction):
+    """The token counts of ``method``, cut by slicing."""
+
+    def __init__(self, method: TokenReduction) -> None:
+        super().__init__()
+        object.__setattr__(self, "counts", method)  # not a submodule: only its counts are used
+
+    def output_tokens(self, n_tokens: int) -> int:
+        self.counts.num_prefix_tokens = self.num_prefix_tokens
+        return self.counts.output_tokens(n_tokens)
+
+    def forward(self, x: Tensor, seen: Seen) -> Tensor:
+        return x[:, : self.output_tokens(x.shape[1])]
+
+
+class Keep(TokenReduction):
+    """Keeps every token (for blocks after a merging method, which need its token sizes)."""
+
+    def output_tokens(self, n_tokens: int) -> int:
+        return n_tokens
+
+    def forward(self, x: Tensor, seen: Seen) -> Tensor:
+        return x

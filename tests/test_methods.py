@@ -1,0 +1,137 @@
+"""Peer methods under the one interface: ToMe, Random drop, Top-K, the ideal."""
+import pytest
+import torch
+
+import evit
+from evit.attention import Seen, attend
+from evit.methods import Ideal, RandomDrop, ToMe, TopK
+from conftest import input_for, make_model
+
+
+@pytest.mark.parametrize("method,settings", [("tome", dict(r=0)), ("random", dict(keep_rate=1.0)),
+                                             ("topk", dict(keep_rate=1.0))])
+def test_zero_reduction_equals_unpatched(variant, method, settings):
+    model = make_model(variant)
+    x = input_for(model)
+    with torch.no_grad():
+        ref = model(x)
+        evit.patch(model, method=method, **settings)
+        assert evit.reductions(model)
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_tome_runs_on_every_variant_with_its_counts(variant):
+    model = make_model(variant)
+    x = input_for(model)
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    evit.patch(model, method="tome", r=3)
+    assert len(evit.reductions(model)) == len(model.blocks)  # every block merges by default
+    counts = evit.token_counts(model, n)
+    assert counts == [n - 3 * i for i in range(len(model.blocks) + 1)]
+    with torch.no_grad():
+        out = model.forward_features(x)
+    assert out.shape[1] == counts[-1]
+    assert torch.isfinite(out).all()
+
+
+def test_tome_counts_deit_small_schedule():
+    model = make_model("deit", depth=12, img_size=224)
+    evit.patch(model, method="tome", r=16)
+    counts = evit.token_counts(model, 197)
+    # 16 per block until fewer than 32 image tokens are left, then half of them
+    assert counts == [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+    evit.patch(model, method="tome", r=[8] * 6 + [0] * 6)
+    assert evit.token_counts(model, 197)[-1] == 197 - 48
+    # at most half the image tokens merge in one block
+    evit.patch(model, method="tome", r=500, locations=[0])
+    assert set(evit.token_counts(model, 197)[1:]) == {197 - 98}  # later blocks only carry sizes
+
+
+def _seen_keys(keys):
+    return Seen(keys=torch.tensor(keys, dtype=torch.float32).unsqueeze(0))
+
+
+def test_tome_matching_and_merging_by_hand():
+    """1 class token + 4 image tokens; A = image tokens 1, 3, B = 2, 4 (positions in the sequence).
+    Token 1's key points like token 4's, token 3's is far from both B tokens: r=1 merges 1 into 4."""
+    method = ToMe(r=1)
+    keys = [[9, 9], [1, 0], [0, 1], [-1, -0.1], [2, 0.1]]
+    x = torch.arange(5 * 3, dtype=torch.float32).view(1, 5, 3)
+    out = method(x, _seen_keys(keys))
+    expected = torch.stack([x[0, 0], x[0, 3], x[0, 2], (x[0, 1] + x[0, 4]) / 2]).unsqueeze(0)
+    torch.testing.assert_close(out, expected)
+    assert method.state.size.tolist() == [[1, 1, 1, 2]]
+    # next merge is weighted by size: the size-2 token counts twice
+    method.state.size = torch.tensor([[1.0, 1, 1, 2]])
+    out2 = method(out, _seen_keys([[9, 9], [0, 1], [1, 0], [1, 0.1]]))  # A = {3, 1+4}, B = {2}: 3 into 2?
+    sizes = method.state.size.tolist()[0]
+    assert sorted(sizes) == [1, 1, 3] and out2.shape == (1, 3, 3)
+    merged = out2[0, [i for i, s in enumerate(sizes) if s == 3][0]]
+    torch.testing.assert_close(merged, (x[0, 2] + x[0, 1] + x[0, 4]) / 3)
+
+
+def test_proportional_attention_is_duplicated_tokens():
+    """A token of size 2 attends and is attended to exactly like two copies of it."""
+    model = make_model("qk_norm")
+    attn = model.blocks[0].attn
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 192)
+    dup = torch.cat([x, x[:, 4:5]], dim=1)  # token 4 twice
+    size = torch.tensor([[1.0, 1, 1, 1, 2, 1]])
+    with torch.no_grad():
+        ref, ref_seen = attend(attn, dup, cls_attn=True)
+        out, seen = attend(attn, x, cls_attn=True, bias=size.log()[:, None, None, :])
+    torch.testing.assert_close(out, ref[:, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen.cls_attn[:, 4], ref_seen.cls_attn[:, 4] + ref_seen.cls_attn[:, 6])
+
+
+def test_tome_gradients_reach_every_parameter():
+    model = make_model("deit3_layerscale").train()
+    evit.patch(model, method="tome", r=4)
+    model(input_for(model)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, missing
+
+
+def test_random_drop_same_counts_as_topk_and_repeatable():
+    model = make_model("deit")
+    x = input_for(model)
+    evit.patch(model, method="topk", keep_rate=0.5)
+    topk_counts = evit.token_counts(model, 17)
+    evit.patch(model, method="random", keep_rate=0.5, seed=3)
+    assert evit.token_counts(model, 17) == topk_counts
+    with torch.no_grad():
+        a = model(x)
+        evit.patch(model, method="random", keep_rate=0.5, seed=3)
+        b = model(x)
+        evit.patch(model, method="random", keep_rate=0.5, seed=4)
+        c = model(x)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_ideal_has_the_methods_counts():
+    model = make_model("deit", depth=12, img_size=224)
+    evit.patch(model, method="tome", r=[10, 12] * 6)
+    counts = evit.token_counts(model, 197)
+    evit.apply(model, {i: Ideal(m) for i, m in evit.reductions(model).items()})
+    assert evit.token_counts(model, 197) == counts
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 224, 224)).shape[1] == counts[-1]
+
+
+def test_refusals():
+    model = make_model("deit")
+    with pytest.raises(ValueError, match="unknown token-reduction method"):
+        evit.patch(model, method="nope")
+    with pytest.raises(ValueError, match="r must be"):
+        evit.patch(model, method="tome", r=-1)
+    with pytest.raises(ValueError, match="schedule has 2 entries"):
+        evit.patch(model, method="tome", r=[1, 2])
+    with pytest.raises(ValueError, match="TopK drops"):
+        TopK(0.5, fuse=True)
+    with pytest.raises(TypeError, match="settings"):
+        evit.patch(model, method="evit", r=3)
+    with pytest.raises(TypeError, match="method must be"):
+        evit.patch(model, method=int)
+    assert not evit.reductions(model), "a refused patch left blocks patched"
