@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from evit.bench import bench, format_table, paired_ratio, time_interleaved
 from evit.cli import main

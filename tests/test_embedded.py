@@ -2,7 +2,6 @@
 import re
 from pathlib import Path
 
-import pytest
 
 from evit import embedded
 from evit.cli import main

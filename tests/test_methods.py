@@ -4,11 +4,12 @@ import torch
 
 import evit
 from evit.attention import Seen, attend
-from evit.methods import Ideal, RandomDrop, ToMe, TopK
+from evit.methods import Ideal, ToMe, TopK
 from conftest import input_for, make_model
 
 
 @pytest.mark.parametrize("method,settings", [("tome", dict(r=0)), ("random", dict(keep_rate=1.0)),
+                                             ("dynamicvit", dict(keep_rate=1.0)),
                                              ("topk", dict(keep_rate=1.0))])
 def test_zero_reduction_equals_unpatched(variant, method, settings):
     model = make_model(variant)
@@ -135,3 +136,60 @@ def test_refusals():
     with pytest.raises(TypeError, match="method must be"):
         evit.patch(model, method=int)
     assert not evit.reductions(model), "a refused patch left blocks patched"
+
+
+def test_attend_keep_mask_is_attention_on_the_kept_tokens():
+    """A hard 0/1 keep mask gives, for kept queries, exactly attention over the kept tokens only."""
+    model = make_model("qk_norm")
+    attn = model.blocks[0].attn
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 192)
+    keep = torch.tensor([[1.0, 1, 0, 1, 0, 1, 1], [1.0, 0, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        full, _ = attend(attn, x)
+        masked_ones, _ = attend(attn, x, keep=torch.ones(2, 7))
+        torch.testing.assert_close(masked_ones, full, atol=1e-5, rtol=1e-5)
+        masked, _ = attend(attn, x, keep=keep)
+        for b in range(2):
+            idx = keep[b].nonzero().squeeze(1)
+            sub, _ = attend(attn, x[b:b + 1, idx])
+            torch.testing.assert_close(masked[b:b + 1, idx], sub, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamicvit_trains_through_masks_and_infers_by_topk():
+    model = make_model("deit").train()
+    evit.patch(model, method="dynamicvit", keep_rate=0.5, locations=[1, 2])
+    methods = evit.reductions(model)
+    assert set(methods) == {1, 2, 3}, "blocks after the first decision must see the mask"
+    x = input_for(model)
+    out = model(x)
+    state = methods[1].state
+    assert state.keep.shape == (2, 17) and set(state.keep.unique().tolist()) <= {0.0, 1.0}
+    assert (state.keep[:, 0] == 1).all(), "the class token is always kept"
+    aux = [m.aux_loss() for m in methods.values() if m.aux_loss() is not None]
+    assert len(aux) == 2
+    (out.sum() + sum(aux)).backward()
+    predictor_grads = [p.grad for n, p in model.named_parameters() if "predictor" in n]
+    assert predictor_grads and all(g is not None and g.abs().sum() > 0 for g in predictor_grads[-2:])
+    model.eval()
+    with torch.no_grad():
+        assert model.forward_features(x).shape[1] == evit.token_counts(model, 17)[-1] == 1 + 4
+
+
+def test_dynamicvit_weights_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    from evit.models import load_checkpoint
+
+    model = make_model("deit")
+    evit.patch(model, method="dynamicvit", keep_rate=0.5)
+    path = tmp_path / "dvit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    fresh = make_model("deit")
+    with pytest.raises(ValueError, match="patch the model with that method first"):
+        load_checkpoint(fresh, str(path))
+    evit.patch(fresh, method="dynamicvit", keep_rate=0.5)
+    load_checkpoint(fresh, str(path))
+    x = input_for(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))

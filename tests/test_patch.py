@@ -5,8 +5,8 @@ import timm
 import torch
 
 import evit
-from evit.attention import Seen, attend
-from evit.methods import EViT, TokenReduction, TopK
+from evit.attention import attend
+from evit.methods import TokenReduction, TopK
 from evit.patch import ReducingBlock
 from conftest import input_for, make_model
 

@@ -39,6 +39,7 @@ def attend(
     cls_attn: bool = False,
     keys: bool = False,
     bias: Optional[Tensor] = None,
+    keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Seen]:
     """Run timm ``Attention`` ``attn`` on ``x`` (B, N, C) and return (output, Seen).
 
@@ -46,6 +47,11 @@ def attend(
     log token size; it is applied both to the output and to the class-token row.
     Dropout on the attention probabilities applies to the output only: the scores a
     method ranks by are the model's, not a random sample of them.
+
+    ``keep`` (B, N), soft or hard 0..1 weights of tokens still in play (DynamicViT in training):
+    each query attends to token j in proportion to ``keep[j]`` (and always to itself), as
+    ``exp(a_ij) G_ij / sum_k exp(a_ik) G_ik``; the product form lets gradients reach ``keep``
+    where a log-mask would divide by zero. It needs the explicit attention matrix (training only).
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -54,7 +60,14 @@ def attend(
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
 
-    if attn.fused_attn:
+    if keep is not None:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        g = torch.maximum(keep[:, None, None, :].to(logits.dtype), torch.eye(N, dtype=logits.dtype, device=x.device))
+        e = (logits - logits.amax(dim=-1, keepdim=True).detach()).exp() * g
+        out = attn.attn_drop(e / e.sum(dim=-1, keepdim=True)) @ v
+    elif attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -157,4 +157,111 @@ def format_table(rows: list[dict], batch_size: int) -> str:
               f(r, "ideal_speedup", ".2f"), f(r, "of_ideal", ".1%"), f(r, "latency_ms", ".1f"),
               f(r, "latency_speedup", ".2f"), f(r, "latency_ideal_speedup", ".2f"), f(r, "latency_of_ideal", ".1%")]
              for r in rows]
+    return text_table(head, cells)
+
+
+#: what :func:`latency_backends` can run a model on
+BACKENDS = ("eager", "compiled", "onnx")
+
+
+def latency_backends(
+    model: nn.Module,
+    keep_rates: Union[float, Sequence[float]] = 0.7,
+    reps: int = 30,
+    warmup: int = 3,
+    backends: Sequence[str] = BACKENDS,
+    locations: Optional[Sequence[int]] = None,
+    input_size: Optional[Sequence[int]] = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Batch-1 latency of the unpatched model and of EViT at each keep rate, on each backend:
+    eager PyTorch, ``torch.compile`` (:func:`evit.export.compile_model`) and onnxruntime
+    (:func:`evit.export.onnx_runner`). One row per (backend, variant).
+
+    Same methodology as :func:`bench`: every variant is timed once per repetition, order
+    rotated, medians and paired ratios reported. Eager variants share ``model``, switched
+    by patching before each call; compiled and ONNX variants need their own copy each (a
+    compiled graph or an onnxruntime session holds its own weights), built and warmed up
+    before timing, so compile and export time is not counted; onnxruntime sessions run without
+    spinning threads, which would slow the variant after them. ``speedup`` is over eager
+    unpatched (or the first backend's unpatched), ``backend_speedup`` over the unpatched model
+    on the same backend; ``max_abs_diff`` compares each output with eager PyTorch's.
+    ``model`` must be unpatched; it is returned unpatched.
+    """
+    import copy
+
+    from .export import compile_model, onnx_runner
+
+    rates = [keep_rates] if isinstance(keep_rates, (int, float)) else list(keep_rates)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ValueError(f"backends must be some of {', '.join(BACKENDS)}, got {list(backends)}")
+    if reps < 1 or warmup < 0:
+        raise ValueError("reps must be at least 1 and warmup at least 0")
+    check_model(model)
+    model = unpatch(model).eval()
+    steady_allocator()
+    input_size = tuple(input_size or native_input_size(model))
+    x = torch.randn(1, *input_size)
+    kinds: dict[str, Optional[float]] = {"unpatched": None, **{f"evit@{r}": r for r in rates}}
+
+    def switch(m: nn.Module, r: Optional[float]) -> nn.Module:
+        return unpatch(m) if r is None else patch(m, r, locations, method=EViT)
+
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    fns: dict[str, Callable[[], object]] = {}
+    setups: dict[str, Callable[[], object]] = {}
+    counts, reference, outputs = {}, {}, {}
+    n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    for kind, r in kinds.items():
+        with torch.inference_mode():
+            reference[kind] = switch(model, r)(x)
+        counts[kind] = token_counts(model, n_tokens)
+    for backend in backends:
+        for kind, r in kinds.items():
+            name = f"{backend}/{kind}"
+            if backend == "eager":
+                fns[name], setups[name] = (lambda: model(x)), (lambda r=r: switch(model, r))
+                continue
+            own = switch(copy.deepcopy(unpatch(model)), r)
+            if backend == "compiled":
+                say(f"compiling {kind} ...")
+                fns[name] = (lambda f=compile_model(own): f(x))
+            else:
+                say(f"exporting {kind} to ONNX ...")
+                # no spinning: idle onnxruntime workers busy-wait after a run and would take the
+                # cores of whichever variant runs next (measured on DeiT-S, 2 cores: eager 137 ms
+                # instead of 87, and each session slowing the other)
+                runner = onnx_runner(own, spinning=False, input_size=input_size, dynamic_batch=False)
+                fns[name] = (lambda f=runner: f(x))
+            with torch.inference_mode():
+                outputs[name] = fns[name]()  # compiles / warms the session, untimed
+    with torch.inference_mode():
+        times = time_interleaved(fns, reps, warmup, _stderr_progress("latency (batch 1)") if progress else None,
+                                 setup=lambda name: setups.get(name, lambda: None)())
+    unpatch(model)
+
+    base = "eager/unpatched" if "eager" in backends else f"{backends[0]}/unpatched"
+    rows = []
+    for name, t in times.items():
+        backend, kind = name.split("/")
+        out = outputs.get(name)
+        rows.append(dict(
+            backend=backend, variant="unpatched" if kinds[kind] is None else "evit", keep_rate=kinds[kind],
+            tokens=counts[kind], latency_ms=statistics.median(t) * 1e3, speedup=paired_ratio(times[base], t),
+            backend_speedup=paired_ratio(times[f"{backend}/unpatched"], t),
+            max_abs_diff=None if out is None else (out.float() - reference[kind].float()).abs().max().item(),
+        ))
+    return rows
+
+
+def format_backends_table(rows: list[dict]) -> str:
+    head = ["backend", "variant", "keep", "tokens", "lat@1 ms", "speed-up", "vs own unpatched", "max |diff|"]
+
+    def f(r: dict, key: str, fmt: str, suffix: str = "") -> str:
+        return format(r[key], fmt) + suffix if r.get(key) is not None else "-"
+
+    cells = [[r["backend"], r["variant"], f(r, "keep_rate", ".2f"), "->".join(map(str, r["tokens"])),
+              f(r, "latency_ms", ".2f"), f(r, "speedup", ".2f", "x"), f(r, "backend_speedup", ".2f", "x"),
+              f(r, "max_abs_diff", ".1e")] for r in rows]
     return text_table(head, cells)

@@ -26,6 +26,36 @@ def _positive(text: str) -> int:
     return n
 
 
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return x
+
+
+def _add_budget_args(p: argparse.ArgumentParser, **keep_rates) -> None:
+    """--img-size, and --keep-rates beside the budgets that replace it (the solver picks the rate)."""
+    p.add_argument("--img-size", type=_positive, help="run at N x N px (position embeddings resampled; "
+                                                       "Fashion-MNIST images resized bilinearly)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep-rates", type=_keep_rate, nargs="+", **keep_rates)
+    g.add_argument("--match-macs", action="store_true",
+                   help="keep rate: the largest at which the model costs no more MACs than unpatched at its native size")
+    g.add_argument("--macs", type=_positive_float, metavar="G", help="keep rate: the largest within G GMACs")
+    g.add_argument("--speedup", type=_positive_float, metavar="S",
+                   help="keep rate: the largest within the native MACs / S (a MAC-ratio proxy for speed)")
+
+
+def _fit_budget(args, models):
+    """Resize ``models`` to --img-size and solve the keep rate for a budget (None when neither is asked)."""
+    from .budget import fit
+
+    return fit(models, args.img_size, args.locations, args.match_macs, args.macs, args.speedup)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="timm model name (default: the embedded Fashion-MNIST ViT)")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the network or a cache)")
@@ -39,13 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s, batch-1 latency, GMACs and speed-up (with the ideal) per keep rate")
     _add_model_args(p)
-    p.add_argument("--keep-rates", type=_keep_rate, nargs="+", default=[1.0, 0.7, 0.5])
+    _add_budget_args(p, default=[1.0, 0.7, 0.5])
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--reps", type=_positive, default=10, help="timed repetitions at --batch-size (default: %(default)s)")
     p.add_argument("--latency-reps", type=_positive, default=30, help="timed repetitions at batch 1 (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--backends", nargs="+", choices=["eager", "compiled", "onnx"],
+                   help="instead: batch-1 latency of the unpatched model and EViT at each keep rate below 1 on these "
+                        "backends (compiled: torch.compile; onnx: onnxruntime), with --latency-reps and --warmup")
+
+    p = sub.add_parser("show", help="pictures of the tokens each reduction stage kept (PNG)")
+    p.add_argument("images", nargs="*", help="image files (default: bundled Fashion-MNIST test images)")
+    _add_model_args(p)
+    p.add_argument("--method", default="evit", help="evit, topk, random or tome (default: %(default)s)")
+    p.add_argument("--keep-rate", type=_keep_rate, default=0.7)
+    p.add_argument("--r", type=int, default=4, help="ToMe: tokens merged per block (default: %(default)s)")
+    p.add_argument("--count", type=_positive, default=4, help="bundled images to show (default: %(default)s)")
+    p.add_argument("--out", default="evit_show.png", help="PNG to write (default: %(default)s)")
 
     p = sub.add_parser("train", help="train or fine-tune a timm ViT with EViT (keep rate warmed up from 1)")
     p.add_argument("--recipe", help="bundled recipe name (fashion_mnist_baseline, fashion_mnist_evit07) or JSON file")
@@ -76,11 +118,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights to evaluate (.safetensors or torch file)")
     p.add_argument("--data", help="'fashion-mnist' (full test set), 'bundled' (the embedded subset) or a folder with val/")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files")
-    p.add_argument("--keep-rates", type=_keep_rate, nargs="+", help="default: 1.0 0.7 0.5")
+    _add_budget_args(p, help="default: 1.0 0.7 0.5")
     p.add_argument("--locations", type=int, nargs="+")
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--speed-reps", type=_positive, default=10)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("compare", help="token-reduction methods side by side: top-1, GMACs, speed-up; table and plot")
+    p.add_argument("--model", help="timm model name; default: the embedded Fashion-MNIST models")
+    p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--checkpoint", help="baseline weights (.safetensors or torch file)")
+    p.add_argument("--data", help="'bundled' (default with the embedded model), 'fashion-mnist' or a folder with val/")
+    p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--methods", nargs="+", default=["evit", "topk", "random", "tome", "dynamicvit"])
+    p.add_argument("--keep-rates", type=_keep_rate, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    p.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ToMe: tokens merged per block")
+    p.add_argument("--trained", nargs="+", default=[], metavar="METHOD=WEIGHTS",
+                   help="weights trained with a method (default with the embedded model: the bundled ones)")
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--speed-reps", type=_positive, default=10)
+    p.add_argument("--plot", default="evit_compare.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write the (EViT-patched) model as ONNX and check it with onnxruntime")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
+    _add_model_args(p)
+    p.add_argument("--keep-rate", type=_keep_rate, default=0.7, help="1 exports the unpatched model (default: %(default)s)")
+    p.add_argument("--method", choices=["evit", "topk"], default="evit", help="topk: drop instead of fuse")
+    p.add_argument("--batch-size", type=_positive, default=1, help="batch of the trace and the check (default: %(default)s)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch axis at --batch-size (default: dynamic)")
+    p.add_argument("--opset", type=_positive, help="ONNX opset (default: the exporter's)")
     return parser
 
 
@@ -102,17 +170,23 @@ def _train(args) -> int:
     return 0
 
 
+def _architecture(args) -> tuple[str, dict]:
+    """(timm model name, its keyword arguments) from --model and/or --recipe."""
+    from . import embedded
+
+    if not args.recipe:
+        return args.model, {}
+    recipe = json.loads(embedded.recipe_path(args.recipe).read_text())
+    return args.model or recipe["model"], recipe.get("model_kwargs", {})
+
+
 def _eval(args) -> int:
     from . import embedded
-    from .data import TensorLoader, load_fashion_mnist
     from .evaluate import evaluate, format_rows
     from .models import create_model
 
     if args.model or args.recipe:
-        name, kwargs = args.model, {}
-        if args.recipe:
-            recipe = json.loads(embedded.recipe_path(args.recipe).read_text())
-            name, kwargs = args.model or recipe["model"], recipe.get("model_kwargs", {})
+        name, kwargs = _architecture(args)
         label = name.split("/")[-1]
         models = {label: create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
         settings = [(label, r) for r in (args.keep_rates or [1.0, 0.7, 0.5])]
@@ -121,31 +195,26 @@ def _eval(args) -> int:
         rates = args.keep_rates or [0.7, 0.5]
         settings = [("baseline", 1.0)] + [("baseline", r) for r in rates if r < 1] + \
                    [("evit-finetuned", r) for r in rates if r < 1]
-    data = args.data or ("bundled" if not (args.model or args.recipe) else "fashion-mnist")
-    if data == "bundled":
-        images, labels = embedded.test_subset()
-    elif data == "fashion-mnist":
-        images, labels = load_fashion_mnist("test", args.data_root)
-    else:
-        from types import SimpleNamespace
-
-        from .folders import folder_loaders
-
-        cfg = SimpleNamespace(data=data, model=args.model, model_kwargs={}, batch_size=args.batch_size)
-        val = folder_loaders(cfg)[1]
-        rows = evaluate(models, settings, lambda: val.batches(0), args.locations, speed_reps=args.speed_reps)
-        return _print_eval(args, rows, data, format_rows)
-    loader = TensorLoader(images, labels, args.batch_size)
-    rows = evaluate(models, settings, lambda: loader.batches(0), args.locations, speed_reps=args.speed_reps)
-    return _print_eval(args, rows, data, format_rows)
+    choice = _fit_budget(args, models.values())
+    if choice is not None and choice.keep_rate is not None:  # the solver's rate replaces --keep-rates
+        names = list(models)
+        settings = [(names[0], 1.0)] + [(n, choice.keep_rate) for n in names if choice.keep_rate < 1]
+    data, batches = _eval_data(args, embedded_default=not (args.model or args.recipe))
+    rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps)
+    return _print_eval(args, rows, data, format_rows, choice)
 
 
-def _print_eval(args, rows, data, format_rows) -> int:
+def _print_eval(args, rows, data, format_rows, choice=None) -> int:
+    import dataclasses
+
     import torch
 
     if args.json:
-        print(json.dumps({"data": data, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        budget = {"budget": dataclasses.asdict(choice)} if choice is not None else {}
+        print(json.dumps({"data": data, "threads": torch.get_num_threads(), **budget, "rows": rows}, indent=2))
     else:
+        if choice is not None:
+            print(choice.describe())
         print(f"data: {data}; speed-ups: ratios of medians over the unpatched model, measured in this run")
         print(format_rows(rows))
     return 0
@@ -165,21 +234,212 @@ def _bench(args) -> int:
         from . import embedded
 
         model, args.model = embedded.load_model("baseline"), "embedded Fashion-MNIST ViT"
-    rows = bench(model, args.keep_rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations)
+    choice = _fit_budget(args, [model])
+    rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else args.keep_rates
+    if args.backends:
+        return _bench_backends(args, model, [r for r in rates if r < 1])
+    rows = bench(model, rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations)
     if args.json:
+        import dataclasses
+
+        budget = {"budget": dataclasses.asdict(choice)} if choice is not None else {}
         print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                          "rows": rows}, indent=2))
+                          **budget, "rows": rows}, indent=2))
     else:
+        if choice is not None:
+            print(choice.describe())
         print(f"{args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads; speed-ups are ratios of "
               f"medians over the unpatched model measured in this run")
         print(format_table(rows, args.batch_size))
     return 0
 
 
+def _bench_backends(args, model, rates) -> int:
+    import torch
+
+    from .bench import format_backends_table, latency_backends
+
+    if not rates:
+        raise ValueError("--backends compares the unpatched model with EViT: give a keep rate below 1")
+    rows = latency_backends(model, rates, args.latency_reps, args.warmup, args.backends, args.locations)
+    if args.json:
+        print(json.dumps({"model": args.model, "batch_size": 1, "threads": torch.get_num_threads(), "rows": rows},
+                         indent=2))
+    else:
+        print(f"{args.model}, batch 1, {torch.get_num_threads()} threads; speed-ups are ratios of medians, "
+              "paired per repetition, measured in this run")
+        print(format_backends_table(rows))
+    return 0
+
+
+def _export(args) -> int:
+    """Export, then run the file with onnxruntime beside PyTorch on a random batch: a file that
+    disagrees is reported as a failure (exit 1), not silently written."""
+    import torch
+
+    from . import embedded
+    from .cost import native_input_size
+    from .export import export_onnx, onnx_runner
+    from .models import create_model
+    from .patch import patch, token_counts
+
+    if args.model:
+        model, label = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint), args.model
+    elif args.pretrained:
+        raise ValueError("--pretrained needs --model (the embedded model has its own weights)")
+    elif args.checkpoint:  # weights trained from a bundled recipe: the embedded architecture
+        name, kwargs = embedded.architecture()
+        model, label = create_model(name, checkpoint=args.checkpoint, **kwargs), f"{name} from {args.checkpoint}"
+    else:
+        kind = "evit" if args.keep_rate < 1 else "baseline"
+        model, label = embedded.load_model(kind), f"embedded Fashion-MNIST ViT ({kind} weights)"
+    model.eval()
+    if args.keep_rate < 1:
+        patch(model, args.keep_rate, args.locations, method=args.method)
+    path = export_onnx(model, args.onnx, batch_size=args.batch_size, opset=args.opset,
+                       dynamic_batch=not args.static_batch)
+    x = torch.randn(args.batch_size, *native_input_size(model))
+    with torch.inference_mode():
+        diff = (onnx_runner(path)(x) - model(x)).abs().max().item()
+    tokens = token_counts(model, model.patch_embed.num_patches + model.num_prefix_tokens)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {label}, keep rate {args.keep_rate} "
+          f"({args.method if args.keep_rate < 1 else 'unpatched'}), "
+          f"tokens {'->'.join(map(str, tokens))}, input (batch, {', '.join(map(str, x.shape[1:]))}), "
+          f"batch {args.batch_size if args.static_batch else 'dynamic'}")
+    print(f"onnxruntime vs PyTorch on a random batch of {args.batch_size}: max abs diff {diff:.2e}")
+    if not diff <= 1e-3:
+        print(f"evit export: error: the ONNX model disagrees with PyTorch (max abs diff {diff:.2e} > 1e-3)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _show(args) -> int:
+    import torch
+
+    from . import embedded
+    from .data import FASHION_MNIST_CLASSES, normalize
+    from .models import create_model
+    from .patch import patch
+    from .show import load_images, show
+
+    class_names = None
+    if args.model:
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint).eval()
+        if not args.images:
+            raise ValueError("give image files to show with --model (the bundled images are Fashion-MNIST)")
+        images, display = load_images(args.images, model)
+    else:
+        model, class_names = embedded.load_model("evit" if args.method == "evit" else "baseline"), FASHION_MNIST_CLASSES
+        if args.images:
+            from PIL import Image
+
+            raw = torch.stack([torch.from_numpy(__import__("numpy").asarray(
+                _open(path, Image).convert("L").resize((28, 28)))) for path in args.images]).unsqueeze(1)
+        else:
+            raw, labels = embedded.test_subset()
+            pick = [int((labels == c).nonzero()[0]) for c in range(args.count)]  # one image per class
+            raw = raw[pick]
+        images = normalize(raw)
+        display = [(r[0].float() / 255).unsqueeze(-1).expand(-1, -1, 3).numpy() for r in raw]
+    settings = {"r": args.r} if args.method == "tome" else {"keep_rate": args.keep_rate}
+    patch(model, locations=args.locations, method=args.method, **settings)
+    path = show(model, images, display, args.out, class_names)
+    print(f"wrote {path}")
+    return 0
+
+
+def _open(path: str, Image):
+    try:
+        return Image.open(path)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def _eval_data(args, embedded_default: bool):
+    """(data label, function giving fresh (images, labels) batches) for eval and compare."""
+    from . import embedded
+    from .data import TensorLoader, load_fashion_mnist
+
+    data = args.data or ("bundled" if embedded_default else "fashion-mnist")
+    if data in ("bundled", "fashion-mnist"):
+        images, labels = embedded.test_subset() if data == "bundled" else load_fashion_mnist("test", args.data_root)
+        loader = TensorLoader(images, labels, args.batch_size)
+        img_size = getattr(args, "img_size", None)
+        if img_size:
+            from .budget import resize_batches
+
+            return data, lambda: resize_batches(loader.batches(0), img_size)
+        return data, lambda: loader.batches(0)
+    from types import SimpleNamespace
+
+    from .folders import folder_loaders
+
+    cfg = SimpleNamespace(data=data, model=args.model, model_kwargs={}, batch_size=args.batch_size)
+    img_size = getattr(args, "img_size", None)
+    val = folder_loaders(cfg, input_size=(3, img_size, img_size) if img_size else None)[1]
+    return data, lambda: val.batches(0)
+
+
+def _compare(args) -> int:
+    import torch
+
+    from . import embedded
+    from .compare import compare, grid, plot
+    from .evaluate import format_rows
+    from .models import create_model, load_checkpoint
+    from .patch import patch
+
+    default = not (args.model or args.recipe)
+    if default:
+        name, kwargs = embedded.architecture()
+        models = {"baseline": embedded.load_model("baseline")}
+        trained = dict(evit=embedded.ASSETS / embedded.WEIGHTS["evit"])
+        if (embedded.ASSETS / embedded.WEIGHTS.get("dynamicvit", "-")).is_file():
+            trained["dynamicvit"] = embedded.ASSETS / embedded.WEIGHTS["dynamicvit"]
+    else:
+        name, kwargs = _architecture(args)
+        models = {"baseline": create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
+        trained = {}
+    for item in args.trained:
+        method, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--trained takes METHOD=WEIGHTS, got {item!r}")
+        trained[method] = path
+    names = {}
+    for method, path in trained.items():
+        model = create_model(name, **kwargs)
+        if method != "evit":  # a learned method's modules must exist before its weights load
+            patch(model, 1.0, method=method)
+        load_checkpoint(model, str(path))
+        names[method] = f"{method}-trained"
+        models[names[method]] = model.eval()
+    methods = list(args.methods)
+    for method in [m for m in methods if m == "dynamicvit" and m not in trained]:
+        print(f"evit compare: {method} needs training; skipped. Train it with `evit train --recipe "
+              f"fashion_mnist_dynamicvit07` (or your own recipe) and pass --trained {method}=WEIGHTS", file=sys.stderr)
+        methods.remove(method)
+    off_the_shelf = [m for m in methods if m != "dynamicvit"]
+    settings = grid(off_the_shelf, args.keep_rates, args.r, {m: n for m, n in names.items() if m in methods})
+    if "dynamicvit" in methods:
+        settings += [(names["dynamicvit"], {"method": "dynamicvit", "keep_rate": r}) for r in args.keep_rates if r < 1]
+    data, batches = _eval_data(args, default)
+    rows = compare(models, settings, batches, speed_reps=args.speed_reps)
+    path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
+    if args.json:
+        print(json.dumps({"data": data, "threads": torch.get_num_threads(), "plot": str(path), "rows": rows}, indent=2))
+    else:
+        print(f"data: {data}; speed-ups: ratios of medians over the unpatched model, measured in this run")
+        print(format_rows(rows))
+        print(f"plot: {path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"bench": _bench, "train": _train, "eval": _eval}[args.command](args)
+        return {"bench": _bench, "train": _train, "eval": _eval, "show": _show, "export": _export,
+                "compare": _compare}[args.command](args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         print(f"evit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,15 @@
-"""Top-1 and top-5 beside cost and speed, per keep rate."""
+"""Top-1 and top-5 beside cost and speed, per keep rate or method setting."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import json
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .bench import paired_ratio, steady_allocator, text_table, time_interleaved
 from .cost import count_macs, native_input_size
-from .patch import patch, unpatch
+from .patch import patch, reductions, set_keep_rate, unpatch
 
 
 @torch.inference_mode()
@@ -28,55 +29,103 @@ def accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float, int]:
     return 100.0 * top1 / total, 100.0 * top5 / total, total
 
 
+Setting = Union[float, dict]  # a keep rate for EViT, or evit.patch keyword arguments (method=..., ...)
+
+
+def patch_spec(setting: Setting) -> Optional[dict]:
+    """``evit.patch`` arguments for a setting; None for the unpatched model (keep rate 1.0)."""
+    if isinstance(setting, dict):
+        return dict(setting)
+    return None if setting >= 1.0 else {"keep_rate": setting}
+
+
+def _key(spec: Optional[dict]) -> str:
+    return "unpatched" if spec is None else json.dumps(spec, sort_keys=True)
+
+
+def learned(model: nn.Module) -> bool:
+    """True when the model's token reductions have trained parameters (DynamicViT): they stay in place."""
+    return any(True for m in reductions(model).values() for _ in m.parameters())
+
+
+def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequence[int]] = None) -> None:
+    """Patch ``model`` for ``setting``; a model with a learned reduction only has its keep rate changed."""
+    spec = patch_spec(setting)
+    if learned(model):
+        have = type(next(iter(reductions(model).values()))).__name__.lower()
+        if spec is not None and spec.get("method", "evit") != have:
+            raise ValueError(f"this model was trained with {have}; it cannot be evaluated with {spec.get('method')}")
+        set_keep_rate(model, 1.0 if spec is None else spec.get("keep_rate", 1.0))
+    else:
+        unpatch(model) if spec is None else patch(model, **{"locations": locations, **spec})
+
+
+def release(model: nn.Module) -> None:
+    """Undo :func:`apply_setting` (a learned reduction stays, at keep rate 1)."""
+    set_keep_rate(model, 1.0) if learned(model) else unpatch(model)
+
+
 @torch.inference_mode()
-def speedups(model: nn.Module, keep_rates: Sequence[float], batch_size: int = 64, reps: int = 10,
-             locations: Optional[Sequence[int]] = None) -> dict[float, tuple[float, float]]:
-    """{keep rate: (images/s, speed-up over the unpatched model)}, measured side by side in one run.
+def speedups(model: nn.Module, settings: Sequence[Setting], batch_size: int = 64, reps: int = 10,
+             locations: Optional[Sequence[int]] = None) -> dict[str, tuple[float, float]]:
+    """{setting key: (images/s, speed-up over the unpatched model)}, measured side by side in one run.
     ``model`` is patched in turn and left unpatched."""
     steady_allocator()
     model.eval()
     x = torch.randn(batch_size, *native_input_size(model))
-    names = {"unpatched": None, **{f"keep@{r}": r for r in keep_rates}}
-
-    def switch(name: str) -> None:
-        r = names[name]
-        unpatch(model) if r is None else patch(model, r, locations)
-
-    times = time_interleaved({n: (lambda: model(x)) for n in names}, reps, 1, setup=switch)
-    unpatch(model)
-    return {r: (batch_size / sorted(times[n])[len(times[n]) // 2], paired_ratio(times["unpatched"], times[n]))
-            for n, r in names.items() if r is not None}
+    variants = {"unpatched": None, **{_key(patch_spec(s)): s for s in settings}}
+    times = time_interleaved({n: (lambda: model(x)) for n in variants}, reps, 1,
+                             setup=lambda n: apply_setting(model, variants[n] or 1.0, locations))
+    release(model)
+    return {n: (batch_size / sorted(times[n])[len(times[n]) // 2], paired_ratio(times["unpatched"], times[n]))
+            for n in variants}
 
 
 def evaluate(
     models: dict[str, nn.Module],
-    settings: Sequence[tuple[str, float]],
+    settings: Sequence[tuple[str, Setting]],
     batches_fn,
     locations: Optional[Sequence[int]] = None,
     speed_batch: int = 64,
     speed_reps: int = 10,
 ) -> list[dict]:
-    """One row per (model name, keep rate) in ``settings``: top-1, top-5, GMACs, images/s, speed-up.
+    """One row per (model name, setting) in ``settings``: top-1, top-5, GMACs, images/s, speed-up.
 
-    ``batches_fn()`` yields fresh evaluation batches. Speed depends on the architecture and keep
-    rate, not the weights, so it is measured once per keep rate on the first model.
+    A setting is a keep rate (EViT; 1.0 is the unpatched model) or ``evit.patch`` arguments such as
+    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches. Speed depends
+    on the architecture and setting, not the weights, so it is measured once per setting on the
+    first model.
     """
     first = next(iter(models.values()))
-    speed = speedups(first, sorted({r for _, r in settings}), speed_batch, speed_reps, locations)
+    speed = speedups(first, [s for _, s in settings], speed_batch, speed_reps, locations)
     rows = []
-    for name, r in settings:
+    for name, setting in settings:
         model = models[name]
-        patch(model, r, locations) if r < 1.0 else unpatch(model)
+        apply_setting(model, setting, locations)
         top1, top5, n = accuracy(model, batches_fn())
         macs = count_macs(model) / 1e9
-        unpatch(model)
-        rows.append(dict(model=name, keep_rate=r, top1=top1, top5=top5, images=n,
-                         gmacs=macs, images_per_s=speed[r][0], speedup=speed[r][1]))
+        release(model)
+        spec = patch_spec(setting) or {}
+        ips, up = speed[_key(patch_spec(setting))]
+        rows.append(dict(model=name, method=str(spec.get("method", "evit" if spec else "none")),
+                         keep_rate=spec.get("keep_rate", 1.0 if not spec else None),
+                         settings={k: v for k, v in spec.items() if k != "method"},
+                         top1=top1, top5=top5, images=n, gmacs=macs, images_per_s=ips, speedup=up))
     return rows
 
 
+def setting_text(row: dict) -> str:
+    """'0.70' for a keep rate, 'r=4' and the like for other settings."""
+    if row.get("keep_rate") is not None:
+        return f"{row['keep_rate']:.2f}"
+    return " ".join(f"{k}={v}" for k, v in row.get("settings", {}).items() if k != "locations") or "-"
+
+
 def format_rows(rows: list[dict]) -> str:
-    head = ["model", "keep", "top-1 %", "top-5 %", "images", "GMACs", "img/s", "speed-up"]
-    return text_table(head, [[r["model"], f"{r['keep_rate']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                              str(r["images"]), f"{r['gmacs']:.4f}", f"{r['images_per_s']:.0f}",
-                              f"{r['speedup']:.2f}x"] for r in rows])
+    """A text table; with a method column when the rows are not all EViT keep rates."""
+    methods = any(r.get("method", "evit") not in ("evit", "none") for r in rows)
+    head = ["model"] + (["method", "setting"] if methods else ["keep"]) + \
+        ["top-1 %", "top-5 %", "images", "GMACs", "img/s", "speed-up"]
+    return text_table(head, [[r["model"]] + ([r["method"]] if methods else []) + [setting_text(r)] +
+                             [f"{r['top1']:.2f}", f"{r['top5']:.2f}", str(r["images"]), f"{r['gmacs']:.4f}",
+                              f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x"] for r in rows])

@@ -55,7 +55,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights from a ``.safetensors`` file or a torch checkpoint (``model`` key or bare state dict)."""
+    """Load weights from a ``.safetensors`` file or a torch checkpoint (``model`` key or bare state dict).
+
+    A ViT trained at another input size loads with its position embeddings resampled (timm's filter),
+    for fine-tuning at a higher resolution."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -68,7 +71,17 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
         state = torch.load(str(p), map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if isinstance(model, VisionTransformer):  # the timm way: position embeddings resampled to this input size
+        state = checkpoint_filter_fn(state, model)
     try:
-        model.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    missing = [k for k in missing if ".reduction." not in k]  # a learned method's fresh modules may start untrained
+    if missing or unexpected:
+        hint = " (it holds a token-reduction method's weights: patch the model with that method first)" \
+            if any(".reduction." in k for k in unexpected) else ""
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}{hint}")

@@ -47,11 +47,12 @@ class ReducingBlock(nn.Module):
         if method.first:  # a new forward begins
             state.reset()
         bias = state.attention_bias()  # log token sizes, once a merging method ran
-        if bias is None and not state.track and method.is_identity(x.shape[1]):
+        if bias is None and state.keep is None and not state.track and method.is_identity(x.shape[1]):
             return super().forward(x)
         out, seen = attend(self.attn, self.norm1(x), cls_attn=method.needs_cls_attn, keys=method.needs_keys,
-                           bias=bias)
+                           bias=bias, keep=state.keep)
         x = x + self.drop_path1(self.ls1(out))
+        state.block = method.block
         x = method(x, seen)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -144,14 +145,15 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
             raise TypeError(f"methods[{i}] must be an evit TokenReduction, got {type(method).__name__}")
     unpatch(model)
     methods = dict(sorted(methods.items()))
-    merging = [i for i, m in methods.items() if m.tracks_size]
-    if merging:  # blocks after a merge must see token sizes (proportional attention)
+    carrying = [i for i, m in methods.items() if m.tracks_size or m.masks_in_training]
+    if carrying:  # blocks after a merge or a training mask must see token sizes / the mask
         methods = {i: methods[i] if i in methods else Keep() for i in range(min(methods), len(model.blocks))
-                   if i in methods or i > merging[0]}
+                   if i in methods or i > carrying[0]}
     state = TokenState()  # shared by this model's methods, reset by the first at each forward
     for j, (i, method) in enumerate(methods.items()):
         method.num_prefix_tokens = model.num_prefix_tokens
-        method.state, method.first = state, j == 0
+        method.state, method.first, method.block = state, j == 0, i
+        method.bind(model)
         block = model.blocks[i]
         block.__class__ = _reducing_class(type(block))
         block.reduction = method

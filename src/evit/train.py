@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint
+from .budget import resize_batches
 from .models import create_model, load_checkpoint
-from .patch import patch, set_keep_rate
+from .patch import patch, reductions, set_keep_rate
 from .schedule import keep_rate_at
 
 
@@ -34,6 +35,7 @@ class TrainConfig:
     data_root: Optional[str] = None
     download: bool = False
     train_subset: Optional[int] = None  # first N training images (quick runs, tests)
+    img_size: Optional[int] = None  # resize batches to N x N px (higher-resolution fine-tuning)
     epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimizer steps in all
     batch_size: int = 128
@@ -44,7 +46,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0
-    keep_rate: float = 1.0  # target; < 1 patches the model with EViT
+    keep_rate: float = 1.0  # target; < 1 patches the model with ``method``
+    method: str = "evit"  # token-reduction method trained with (evit, topk, dynamicvit, tome, ...)
+    method_settings: dict = field(default_factory=dict)  # its other settings (e.g. ToMe's r)
     keep_warmup_start: float = 0.0  # epochs before the keep rate leaves 1
     keep_warmup_epochs: float = 0.0  # cosine from 1 to keep_rate over this many epochs (0: none)
     locations: Optional[list] = None
@@ -71,10 +75,11 @@ class TrainConfig:
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
+    if cfg.keep_rate < 1.0 or cfg.method != "evit":  # patched first: a learned method's weights load with it
+        settings = {"fuse": cfg.fuse} if cfg.method == "evit" else {}
+        patch(model, 1.0, cfg.locations, method=cfg.method, **settings, **cfg.method_settings)
     if cfg.init:
         load_checkpoint(model, cfg.init)
-    if cfg.keep_rate < 1.0:
-        patch(model, 1.0, cfg.locations, fuse=cfg.fuse)
     return model
 
 
@@ -157,7 +162,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     while step < total:
         epoch, start = divmod(step, per_epoch)
-        for x, y in loader.batches(epoch, start):
+        for x, y in resize_batches(loader.batches(epoch, start), cfg.img_size):
             if cfg.keep_rate < 1.0:
                 keep = keep_rate_at(step, cfg.keep_rate, warm_start, warm_span)
                 set_keep_rate(model, keep)
@@ -165,6 +170,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 x, y = mixup(x, y)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cpu"):
                 loss = criterion(net(x), y)
+                for aux in filter(None, (m.aux_loss() for m in reductions(model).values())):
+                    loss = loss + aux  # e.g. DynamicViT's keep-ratio loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,12 +1,14 @@
 """Token-reduction methods, one per file, all :class:`TokenReduction` subclasses."""
 from .base import KeepRateReduction, TokenReduction, TokenState, kept_count
+from .dynamicvit import DynamicViT
 from .evit import EViT, TopK
 from .random_drop import RandomDrop
 from .slice import Ideal, Keep, Slice
 from .tome import ToMe
 
 #: the methods :func:`evit.patch` knows by name
-METHODS = {"evit": EViT, "topk": TopK, "random": RandomDrop, "tome": ToMe, "slice": Slice}
+METHODS = {"evit": EViT, "topk": TopK, "random": RandomDrop, "tome": ToMe, "dynamicvit": DynamicViT,
+           "slice": Slice}
 
 __all__ = ["TokenReduction", "TokenState", "KeepRateReduction", "kept_count", "EViT", "TopK", "RandomDrop",
-           "ToMe", "Slice", "Ideal", "Keep", "METHODS"]
+           "ToMe", "DynamicViT", "Slice", "Ideal", "Keep", "METHODS"]

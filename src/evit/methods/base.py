@@ -41,6 +41,8 @@ class TokenState:
 
     size: (B, N) how many input patches each token stands for; None until a merging
         method sets it (then later blocks add ``log(size)`` to the attention logits).
+    keep: (B, N) which tokens are still in play when a method masks them instead of removing
+        them (DynamicViT in training); later blocks attend only to those.
     sources: when ``track`` is on, (B, N, N0) 0/1 matrix of the input tokens each token
         holds, and ``stages`` collects it after every reduction (for pictures and masks).
     """
@@ -52,7 +54,9 @@ class TokenState:
     def reset(self) -> None:
         self.size: Optional[Tensor] = None
         self.sources: Optional[Tensor] = None
-        self.stages: list[Tensor] = []
+        self.stages: list[tuple[int, Tensor]] = []  # (block index, sources) after each reduction
+        self.keep: Optional[Tensor] = None  # (B, N) tokens still in play, when masked instead of removed
+        self.block = -1  # the block running now (set while tracking)
 
     def attention_bias(self) -> Optional[Tensor]:
         """``log(size)`` shaped to add to attention logits (B, 1, 1, N), or None."""
@@ -76,7 +80,7 @@ class TokenState:
 
     def record(self, sources: Tensor) -> None:
         self.sources = sources
-        self.stages.append(sources)
+        self.stages.append((self.block, sources))
 
 
 class TokenReduction(nn.Module):
@@ -88,17 +92,27 @@ class TokenReduction(nn.Module):
     needs_keys: bool = False
     #: this method merges tokens and tracks their sizes: every later block uses proportional attention
     tracks_size: bool = False
+    #: in training this method may mask tokens instead of removing them: every later block must see the mask
+    masks_in_training: bool = False
 
     def __init__(self) -> None:
         super().__init__()
         self.num_prefix_tokens = 1
         self.state = TokenState()  # replaced by the model's shared state when patched
         self.first = True  # the model's first reducing block resets the state
+        self.block = -1  # its block index, set by the patch
 
     @classmethod
     def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = True, **settings) -> "TokenReduction":
         """The method for block ``block`` of a patch (see :func:`evit.patch`)."""
         return cls(keep_rate, fuse, **settings)
+
+    def bind(self, model: nn.Module) -> None:
+        """Called by the patch with the model, before the first forward: build what depends on it."""
+
+    def aux_loss(self) -> Optional[Tensor]:
+        """A loss term of the last forward that training adds to the task loss (None: nothing)."""
+        return None
 
     @classmethod
     def default_locations(cls, depth: int) -> tuple[int, ...]:

@@ -27,32 +27,42 @@ class EViT(KeepRateReduction):
         super().__init__(keep_rate, fuse)
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
-        p = self.num_prefix_tokens
-        n = x.shape[1] - p
-        k = kept_count(self.keep_rate, n)
-        if k >= n:
+        p, (B, N, _) = self.num_prefix_tokens, x.shape
+        k = kept_count(self.keep_rate, N - p)
+        if k >= N - p:
             return x
-        if not self.fuse:
-            keep = seen.cls_attn[:, p:].topk(k, dim=1, sorted=False).indices
-            if self.state.track:
-                self.state.follow(x, torch.cat([prefix_index(keep, p), keep + p], dim=1))
-            return torch.cat([x[:, :p], select_tokens(x, keep, p)], dim=1)
-        # One sort of all tokens, prefix forced first, gives the output order (prefix, kept)
-        # and the rest with their weights. cls_attn is this block's own tensor: safe to edit.
-        score = seen.cls_attn
-        score[:, :p] = float("inf")
-        score, order = score.sort(dim=1, descending=True, stable=True)  # stable: prefix order kept
-        ranked = select_tokens(x, order)
-        m = p + k
+        score = seen.cls_attn[:, p:]  # this block's own tensor: safe to edit in place
+        keep = score.topk(k, dim=1, sorted=False).indices
         if self.state.track:
-            self.state.follow(x, order, fused_from=m)
-        weight = score[:, m:]
-        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-        fused = torch.bmm(weight.unsqueeze(1).to(x.dtype), ranked[:, m:])  # (B, 1, C)
-        if torch.is_grad_enabled():
-            return torch.cat([ranked[:, :m], fused], dim=1)
-        ranked[:, m:m + 1] = fused  # inference: reuse the first rest slot, no concatenation
-        return ranked[:, :m + 1]
+            self._follow(x, keep)
+        if not self.fuse:
+            return torch.cat([x[:, :p], select_tokens(x, keep, p)], dim=1)
+        # The rest's weights are the scores with the kept ones zeroed; one product with all image
+        # tokens fuses them, so the rest is never gathered (no sort, no second copy).
+        if torch.is_grad_enabled():  # training: out of place, for autograd
+            weight = score.scatter(1, keep, 0.0).unsqueeze(1)
+            fused = torch.bmm(weight.to(x.dtype), x[:, p:]) / _total(weight).to(x.dtype)
+            return torch.cat([x[:, :p], select_tokens(x, keep, p), fused], dim=1)
+        # inference: one gather fills (prefix, kept, a spare slot); the fused token overwrites the slot
+        weight = score.scatter_(1, keep, 0.0).unsqueeze(1)
+        keep = keep + p
+        out = select_tokens(x, torch.cat([prefix_index(keep, p), keep, keep[:, :1]], dim=1))
+        out[:, -1:] = torch.bmm(weight.to(x.dtype), x[:, p:]).div_(_total(weight).to(x.dtype))
+        return out
+
+    def _follow(self, x: Tensor, keep: Tensor) -> None:
+        """Tell the shared state which tokens were kept and, with ``fuse``, which were fused."""
+        p, (B, N, _) = self.num_prefix_tokens, x.shape
+        rest = torch.ones(B, N - p, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
+        rest = torch.arange(N - p, device=x.device).expand(B, -1)[rest].view(B, -1)
+        order = torch.cat([prefix_index(keep, p), keep + p, rest + p], dim=1)
+        self.state.follow(x, order if self.fuse else order[:, :p + keep.shape[1]],
+                          fused_from=p + keep.shape[1] if self.fuse else None)
+
+
+def _total(weight: Tensor) -> Tensor:
+    """Sum of fusion weights, kept away from zero: the fused token is their weighted average."""
+    return weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
 
 
 def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:

@@ -56,7 +56,7 @@ class ToMe(TokenReduction):
         return n_tokens - self.merged_count(n_tokens)
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
-        p, (B, N, C) = self.num_prefix_tokens, x.shape
+        p, (B, N, _) = self.num_prefix_tokens, x.shape
         r = self.merged_count(N)
         if r == 0:
             return x

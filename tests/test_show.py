@@ -1,0 +1,84 @@
+"""Masks of which patches each stage kept, and the pictures of them."""
+import pytest
+import torch
+
+import evit
+from evit.cli import main
+from evit.masks import token_groups, token_sources
+from evit.methods import kept_count
+from conftest import input_for, make_model
+
+
+def test_evit_groups_follow_the_counts():
+    model = make_model("deit_distilled")  # two prefix tokens
+    x = input_for(model, batch=3)
+    evit.patch(model, keep_rate=0.5, locations=[1, 2])
+    stages = token_groups(model, x)
+    counts = evit.token_counts(model, 18)
+    assert [s.block for s in stages] == [1, 2]
+    assert [s.tokens for s in stages] == counts[1:]
+    for stage in stages:
+        assert stage.token.shape == (3, 4, 4)
+        assert (stage.token >= 0).all(), "EViT fuses, it drops nothing"
+        assert stage.size.sum(dim=(1, 2)).ge(16).all()
+    # first stage: 8 of 16 patches kept alone, the other 8 in the fused token
+    assert ((stages[0].size == 1).sum(dim=(1, 2)) == kept_count(0.5, 16)).all()
+    assert ((stages[0].size == 8).sum(dim=(1, 2)) == 8).all()
+    # a later stage keeps only patches kept earlier, or the earlier fused group whole
+    alone_then = stages[0].size == 1
+    assert ((stages[1].size == 1) <= alone_then).all()
+
+
+def test_topk_drops_and_tome_partitions():
+    model = make_model("deit")
+    x = input_for(model, batch=2)
+    evit.patch(model, method="topk", keep_rate=0.25, locations=[0])
+    (stage,) = token_groups(model, x)
+    assert ((stage.token < 0).sum(dim=(1, 2)) == 16 - 4).all()
+    evit.patch(model, method="tome", r=3)
+    stages = token_groups(model, x)
+    assert len(stages) == 4
+    for s in stages:
+        assert (s.token >= 0).all()
+        for b in range(2):  # every patch in exactly one token; tokens = distinct groups
+            assert len(set(s.token[b].flatten().tolist())) == s.tokens - 1
+            sizes = {int(t): int(z) for t, z in zip(s.token[b].flatten(), s.size[b].flatten())}
+            assert sum(sizes.values()) == 16
+
+
+def test_tracking_leaves_outputs_and_state_alone():
+    model = make_model("deit")
+    x = input_for(model)
+    evit.patch(model, keep_rate=0.5)
+    with torch.no_grad():
+        ref = model(x)
+    sources = token_sources(model, x)
+    assert all(s.dtype == torch.bool for _, s in sources)
+    state = next(iter(evit.reductions(model).values())).state
+    assert not state.track and not state.stages
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_unpatched_model_refused():
+    with pytest.raises(ValueError, match="patch it first"):
+        token_sources(make_model("deit"), torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("method", ["evit", "tome"])
+def test_evit_show_writes_a_png(tmp_path, method, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "tokens.png"
+    assert main(["show", "--method", method, "--r", "2", "--count", "2", "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_evit_show_bad_inputs(tmp_path, capsys):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    assert main(["show", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["show", "--out", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
