@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import evit
 from evit.bench import bench, format_table, paired_ratio, time_interleaved
 from evit.cli import main
 from conftest import make_model
@@ -66,3 +67,13 @@ def test_pretrained_offline_fails_fast_and_clearly():
     assert proc.returncode == 2
     assert "cannot load pretrained weights for deit_tiny_patch16_224" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_tome_against_its_ideal():
+    model = make_model("deit")
+    rows = bench(model, batch_size=2, reps=1, latency_reps=1, warmup=0, progress=False, method="tome", r_values=[2])
+    (row,) = rows[1:]
+    assert row["variant"] == "tome" and row["r"] == 2 and row["keep_rate"] is None
+    assert row["tokens"] == [17, 15, 13, 11, 9] and row["gmacs"] < rows[0]["gmacs"]
+    assert row["of_ideal"] > 0 and row["latency_of_ideal"] > 0
+    assert not evit.reductions(model), "bench left the model patched"

@@ -80,7 +80,7 @@ def attend(
         row = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
         if bias is not None:
             row = row + bias[..., :1, :]
-        seen.cls_attn = row.softmax(dim=-1).mean(dim=1).squeeze(1)
+        seen.cls_attn = row.softmax(dim=-1).mean(dim=(1, 2))  # (B, N)
     if keys:
         seen.keys = k.mean(dim=1)
 

@@ -5,7 +5,7 @@ each variant once (order rotated), each ratio pairs calls made moments apart, an
 the median over repetitions is reported, so load and clock swings of a shared
 machine hit every variant alike. Each keep rate is measured twice:
 as EViT, and as the *ideal*, the same token counts cut by plain slicing
-(:class:`evit.methods.Slice`), the limit of any implementation.
+(:class:`evit.methods.Ideal`), the limit of any implementation.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .cost import count_macs, native_input_size
-from .methods import EViT, Slice
-from .patch import check_model, patch, token_counts, unpatch
+from .methods import EViT, Ideal
+from .patch import apply, check_model, patch, reductions, token_counts, unpatch
 
 
 def time_interleaved(
@@ -76,6 +76,19 @@ def _stderr_progress(label: str) -> Callable[[int, int], None]:
     return show
 
 
+def _settings(method: str, keep_rates: Sequence[float], r_values: Optional[Sequence[int]]) -> list[dict]:
+    """``evit.patch`` arguments per measured setting: keep rates, or ToMe's merge counts."""
+    if method == "tome":
+        return [{"method": "tome", "r": r} for r in (r_values or (8, 13))]
+    return [{"method": method, "keep_rate": r} for r in keep_rates]
+
+
+def patch_ideal(model: nn.Module, spec: dict, locations: Optional[Sequence[int]] = None) -> None:
+    """Patch ``model`` with the ideal of ``spec``: that method's token counts, cut by slicing."""
+    patch(model, **{"locations": locations, **spec})
+    apply(model, {i: Ideal(m) for i, m in reductions(model).items()})
+
+
 @torch.inference_mode()
 def bench(
     model: nn.Module,
@@ -87,10 +100,13 @@ def bench(
     locations: Optional[Sequence[int]] = None,
     input_size: Optional[Sequence[int]] = None,
     progress: bool = True,
+    method: str = "evit",
+    r_values: Optional[Sequence[int]] = None,
 ) -> list[dict]:
-    """Measure the unpatched model and, per keep rate, EViT and its ideal. One row per keep rate.
+    """Measure the unpatched model and, per setting, ``method`` and its ideal. One row per setting.
 
-    ``model`` must be unpatched; it is patched and unpatched in turn and returned unpatched.
+    Settings are ``keep_rates``, or for ToMe the merge counts ``r_values``. ``model`` must be
+    unpatched; it is patched and unpatched in turn and returned unpatched.
     """
     if batch_size < 1 or reps < 1 or latency_reps < 1:
         raise ValueError("batch_size, reps and latency_reps must be at least 1")
@@ -98,12 +114,13 @@ def bench(
     model = model.eval()
     steady_allocator()
     input_size = tuple(input_size or native_input_size(model))
+    settings = _settings(method, keep_rates, r_values)
     # Every variant is the same model object with its patch switched in before each call: the
     # weights sit at the same addresses for all, so copies' memory layout cannot bias the ratios.
     variants: dict[str, Callable[[], object]] = {"unpatched": lambda: unpatch(model)}
-    for r in keep_rates:
-        variants[f"evit@{r}"] = lambda r=r: patch(model, r, locations, method=EViT)
-        variants[f"ideal@{r}"] = lambda r=r: patch(model, r, locations, method=Slice)
+    for j, spec in enumerate(settings):
+        variants[f"method@{j}"] = lambda spec=spec: patch(model, **{"locations": locations, **spec})
+        variants[f"ideal@{j}"] = lambda spec=spec: patch_ideal(model, spec, locations)
 
     results, macs, counts = {}, {}, {}
     n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
@@ -123,10 +140,11 @@ def bench(
     T, L = results["throughput"], results["latency"]
     rows = [dict(variant="unpatched", keep_rate=None, gmacs=macs["unpatched"] / 1e9,
                  images_per_s=batch_size / med(T["unpatched"]), latency_ms=med(L["unpatched"]) * 1e3)]
-    for r in keep_rates:
-        e, i = f"evit@{r}", f"ideal@{r}"
+    for j, spec in enumerate(settings):
+        e, i = f"method@{j}", f"ideal@{j}"
         rows.append(dict(
-            variant="evit", keep_rate=r, tokens=counts[e], gmacs=macs[e] / 1e9,
+            variant=method, keep_rate=spec.get("keep_rate"), r=spec.get("r"), tokens=counts[e],
+            gmacs=macs[e] / 1e9,
             images_per_s=batch_size / med(T[e]), speedup=paired_ratio(T["unpatched"], T[e]),
             ideal_speedup=paired_ratio(T["unpatched"], T[i]), of_ideal=paired_ratio(T[i], T[e]),
             latency_ms=med(L[e]) * 1e3, latency_speedup=paired_ratio(L["unpatched"], L[e]),
@@ -146,13 +164,13 @@ def text_table(head: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
 
 
 def format_table(rows: list[dict], batch_size: int) -> str:
-    head = ["variant", "keep", "tokens", "GMACs", f"img/s@{batch_size}", "speed-up", "ideal", "of ideal",
+    head = ["variant", "setting", "tokens", "GMACs", f"img/s@{batch_size}", "speed-up", "ideal", "of ideal",
             "lat@1 ms", "speed-up@1", "ideal@1", "of ideal@1"]
 
     def f(r: dict, key: str, fmt: str, suffix: str = "") -> str:
         return format(r[key], fmt) + suffix if r.get(key) is not None else "-"
 
-    cells = [[r["variant"], f(r, "keep_rate", ".2f"), "->".join(map(str, r.get("tokens", []))) or "-",
+    cells = [[r["variant"], f(r, "keep_rate", ".2f") if r.get("r") is None else f"r={r['r']}", "->".join(map(str, r.get("tokens", []))) or "-",
               f(r, "gmacs", ".2f"), f(r, "images_per_s", ".1f"), f(r, "speedup", ".2f", "x"),
               f(r, "ideal_speedup", ".2f"), f(r, "of_ideal", ".1%"), f(r, "latency_ms", ".1f"),
               f(r, "latency_speedup", ".2f"), f(r, "latency_ideal_speedup", ".2f"), f(r, "latency_of_ideal", ".1%")]

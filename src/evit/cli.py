@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-reps", type=_positive, default=30, help="timed repetitions at batch 1 (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    p.add_argument("--method", default="evit", help="evit, topk, random or tome (default: %(default)s)")
+    p.add_argument("--r", type=int, nargs="+", help="ToMe: tokens merged per block, one row each (default: 8 13)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--backends", nargs="+", choices=["eager", "compiled", "onnx"],
                    help="instead: batch-1 latency of the unpatched model and EViT at each keep rate below 1 on these "
@@ -238,7 +240,8 @@ def _bench(args) -> int:
     rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else args.keep_rates
     if args.backends:
         return _bench_backends(args, model, [r for r in rates if r < 1])
-    rows = bench(model, rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations)
+    rows = bench(model, rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations,
+                 method=args.method, r_values=args.r)
     if args.json:
         import dataclasses
 

@@ -27,7 +27,7 @@ class EViT(KeepRateReduction):
         super().__init__(keep_rate, fuse)
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
-        p, (B, N, _) = self.num_prefix_tokens, x.shape
+        p, N = self.num_prefix_tokens, x.shape[1]
         k = kept_count(self.keep_rate, N - p)
         if k >= N - p:
             return x
@@ -41,13 +41,15 @@ class EViT(KeepRateReduction):
         # tokens fuses them, so the rest is never gathered (no sort, no second copy).
         if torch.is_grad_enabled():  # training: out of place, for autograd
             weight = score.scatter(1, keep, 0.0).unsqueeze(1)
-            fused = torch.bmm(weight.to(x.dtype), x[:, p:]) / _total(weight).to(x.dtype)
+            weight = weight.to(x.dtype)
+            fused = torch.bmm(weight, x[:, p:]) / _total(weight)
             return torch.cat([x[:, :p], select_tokens(x, keep, p), fused], dim=1)
         # inference: one gather fills (prefix, kept, a spare slot); the fused token overwrites the slot
         weight = score.scatter_(1, keep, 0.0).unsqueeze(1)
+        weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         keep = keep + p
         out = select_tokens(x, torch.cat([prefix_index(keep, p), keep, keep[:, :1]], dim=1))
-        out[:, -1:] = torch.bmm(weight.to(x.dtype), x[:, p:]).div_(_total(weight).to(x.dtype))
+        out[:, -1:] = torch.bmm(weight, x[:, p:]).div_(_total(weight))
         return out
 
     def _follow(self, x: Tensor, keep: Tensor) -> None:
