@@ -255,15 +255,7 @@ def solve(
         apply(model, saved) if saved else unpatch(model)
 
 
-def solve_keep_rate(
-    model: nn.Module,
-    budget_macs: float,
-    input_size: Optional[Size] = None,
-    locations: Optional[Sequence[int]] = None,
-    tol: float = 0.0,
-    fuse: bool = True,
-    method: Union[str, Callable[..., TokenReduction]] = EViT,
-) -> float:
+def solve_keep_rate(model: nn.Module, budget_macs: float, *args, **kwargs) -> float:
     """The largest keep rate, one for all ``locations``, at which ``model`` patched with ``method``
     costs at most ``budget_macs`` MACs per image of ``input_size`` (default: the size the model
     takes now; resize it with :func:`set_input_size` first).
@@ -275,8 +267,9 @@ def solve_keep_rate(
     narrow (fewer counts, a rate at most ``tol`` below the largest). Returns 1.0 when the model
     fits unreduced. Raises ValueError, naming the least reachable cost, when even one kept token
     per reducing block is over budget. Any patch ``model`` carried is restored afterwards.
+    Takes the arguments of :func:`solve` (input_size, locations, tol, fuse, method).
     """
-    return solve(model, budget_macs, input_size, locations, tol, fuse, method).keep_rate
+    return solve(model, budget_macs, *args, **kwargs).keep_rate
 
 
 @dataclass

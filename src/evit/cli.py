@@ -63,6 +63,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--locations", type=int, nargs="+", help="0-based blocks that reduce (default: 1/4, 1/2, 3/4 of depth)")
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="timm model name; default: the embedded Fashion-MNIST models")
+    p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--checkpoint", help="weights (.safetensors or torch file); with compare: the baseline's")
+    p.add_argument("--data", help="'bundled' (the embedded subset; default with the embedded models), "
+                                  "'fashion-mnist' (full test set) or a folder with val/")
+    p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evit", description="Faster Vision Transformers by token reorganisation (EViT).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,12 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("eval", help="top-1/top-5 with GMACs and speed-up per keep rate (default: the embedded model)")
-    p.add_argument("--model", help="timm model name; default: the embedded Fashion-MNIST models")
-    p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
-    p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--checkpoint", help="weights to evaluate (.safetensors or torch file)")
-    p.add_argument("--data", help="'fashion-mnist' (full test set), 'bundled' (the embedded subset) or a folder with val/")
-    p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files")
+    _add_eval_args(p)
     _add_budget_args(p, help="default: 1.0 0.7 0.5")
     p.add_argument("--locations", type=int, nargs="+")
     p.add_argument("--batch-size", type=_positive, default=256)
@@ -127,12 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("compare", help="token-reduction methods side by side: top-1, GMACs, speed-up; table and plot")
-    p.add_argument("--model", help="timm model name; default: the embedded Fashion-MNIST models")
-    p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
-    p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--checkpoint", help="baseline weights (.safetensors or torch file)")
-    p.add_argument("--data", help="'bundled' (default with the embedded model), 'fashion-mnist' or a folder with val/")
-    p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files")
+    _add_eval_args(p)
     p.add_argument("--methods", nargs="+", default=["evit", "topk", "random", "tome", "dynamicvit"])
     p.add_argument("--keep-rates", type=_keep_rate, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     p.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ToMe: tokens merged per block")
@@ -318,13 +318,11 @@ def _export(args) -> int:
 
 
 def _show(args) -> int:
-    import torch
-
     from . import embedded
-    from .data import FASHION_MNIST_CLASSES, normalize
+    from .data import FASHION_MNIST_CLASSES
+    from .evaluate import apply_setting
     from .models import create_model
-    from .patch import patch
-    from .show import load_images, show
+    from .show import fashion_images, load_images, show
 
     class_names = None
     if args.model:
@@ -333,30 +331,14 @@ def _show(args) -> int:
             raise ValueError("give image files to show with --model (the bundled images are Fashion-MNIST)")
         images, display = load_images(args.images, model)
     else:
-        model, class_names = embedded.load_model("evit" if args.method == "evit" else "baseline"), FASHION_MNIST_CLASSES
-        if args.images:
-            from PIL import Image
-
-            raw = torch.stack([torch.from_numpy(__import__("numpy").asarray(
-                _open(path, Image).convert("L").resize((28, 28)))) for path in args.images]).unsqueeze(1)
-        else:
-            raw, labels = embedded.test_subset()
-            pick = [int((labels == c).nonzero()[0]) for c in range(args.count)]  # one image per class
-            raw = raw[pick]
-        images = normalize(raw)
-        display = [(r[0].float() / 255).unsqueeze(-1).expand(-1, -1, 3).numpy() for r in raw]
+        kind = args.method if args.method in ("evit", "dynamicvit") else "baseline"
+        model, class_names = embedded.load_model(kind), FASHION_MNIST_CLASSES
+        images, display = fashion_images(args.images, args.count)
     settings = {"r": args.r} if args.method == "tome" else {"keep_rate": args.keep_rate}
-    patch(model, locations=args.locations, method=args.method, **settings)
+    apply_setting(model, {"method": args.method, **settings}, args.locations)  # a learned method keeps its weights
     path = show(model, images, display, args.out, class_names)
     print(f"wrote {path}")
     return 0
-
-
-def _open(path: str, Image):
-    try:
-        return Image.open(path)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def _eval_data(args, embedded_default: bool):
@@ -388,18 +370,16 @@ def _compare(args) -> int:
     import torch
 
     from . import embedded
-    from .compare import compare, grid, plot
+    from .compare import compare, grid, load_trained, plot
     from .evaluate import format_rows
-    from .models import create_model, load_checkpoint
-    from .patch import patch
+    from .models import create_model
 
     default = not (args.model or args.recipe)
     if default:
         name, kwargs = embedded.architecture()
         models = {"baseline": embedded.load_model("baseline")}
-        trained = dict(evit=embedded.ASSETS / embedded.WEIGHTS["evit"])
-        if (embedded.ASSETS / embedded.WEIGHTS.get("dynamicvit", "-")).is_file():
-            trained["dynamicvit"] = embedded.ASSETS / embedded.WEIGHTS["dynamicvit"]
+        trained = {m: embedded.ASSETS / embedded.WEIGHTS[m] for m in ("evit", "dynamicvit")
+                   if (embedded.ASSETS / embedded.WEIGHTS[m]).is_file()}
     else:
         name, kwargs = _architecture(args)
         models = {"baseline": create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
@@ -409,23 +389,11 @@ def _compare(args) -> int:
         if not path:
             raise ValueError(f"--trained takes METHOD=WEIGHTS, got {item!r}")
         trained[method] = path
-    names = {}
-    for method, path in trained.items():
-        model = create_model(name, **kwargs)
-        if method != "evit":  # a learned method's modules must exist before its weights load
-            patch(model, 1.0, method=method)
-        load_checkpoint(model, str(path))
-        names[method] = f"{method}-trained"
-        models[names[method]] = model.eval()
-    methods = list(args.methods)
-    for method in [m for m in methods if m == "dynamicvit" and m not in trained]:
-        print(f"evit compare: {method} needs training; skipped. Train it with `evit train --recipe "
-              f"fashion_mnist_dynamicvit07` (or your own recipe) and pass --trained {method}=WEIGHTS", file=sys.stderr)
-        methods.remove(method)
-    off_the_shelf = [m for m in methods if m != "dynamicvit"]
-    settings = grid(off_the_shelf, args.keep_rates, args.r, {m: n for m, n in names.items() if m in methods})
-    if "dynamicvit" in methods:
-        settings += [(names["dynamicvit"], {"method": "dynamicvit", "keep_rate": r}) for r in args.keep_rates if r < 1]
+    models.update(load_trained(name, kwargs, trained))
+    settings, skipped = grid(args.methods, args.keep_rates, args.r, {m: f"{m}-trained" for m in trained})
+    for method in skipped:
+        print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
+              f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
     data, batches = _eval_data(args, default)
     rows = compare(models, settings, batches, speed_reps=args.speed_reps)
     path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")

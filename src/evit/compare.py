@@ -19,23 +19,49 @@ from .evaluate import evaluate, setting_text
 KEEP_RATE_METHODS = ("evit", "topk", "random")
 
 
+#: methods with trained parameters: they run only on weights trained with them
+LEARNED = ("dynamicvit",)
+
+
 def grid(methods: Sequence[str], keep_rates: Sequence[float], tome_r: Sequence[int],
-         trained: Optional[dict[str, str]] = None, baseline: str = "baseline") -> list[tuple[str, object]]:
-    """(model name, setting) pairs: the unpatched baseline, each method at each setting on the
-    baseline weights, and each trained method (``trained``: method -> model name) on its own weights."""
+         trained: Optional[dict[str, str]] = None, baseline: str = "baseline") -> tuple[list, list[str]]:
+    """((model name, setting) pairs, methods skipped for want of trained weights): the unpatched
+    baseline, each method at each setting on the baseline weights (learned methods excepted), and
+    each trained method (``trained``: method -> model name) on its own weights."""
+    trained = trained or {}
     settings: list[tuple[str, object]] = [(baseline, 1.0)]
+    skipped = []
     for method in methods:
         if method == "tome":
             specs = [{"method": "tome", "r": r} for r in tome_r]
-        elif method in KEEP_RATE_METHODS:
+        elif method in KEEP_RATE_METHODS + LEARNED:
             specs = [{"method": method, "keep_rate": r} for r in keep_rates if r < 1.0]
         else:
             raise ValueError(f"evit compare does not know method {method!r}; choose from "
-                             f"{', '.join(KEEP_RATE_METHODS + ('tome',))}")
-        settings += [(baseline, s) for s in specs]
-        if trained and method in trained:
+                             f"{', '.join(KEEP_RATE_METHODS + ('tome',) + LEARNED)}")
+        if method not in LEARNED:
+            settings += [(baseline, s) for s in specs]
+        elif method not in trained:
+            skipped.append(method)
+        if method in trained:
             settings += [(trained[method], s) for s in specs]
-    return settings
+    return settings, skipped
+
+
+def load_trained(name: str, kwargs: dict, trained: dict[str, str]) -> dict[str, nn.Module]:
+    """{"<method>-trained": model} for weights trained with each method (a learned method's modules
+    are created by patching before its weights load)."""
+    from .models import create_model, load_checkpoint
+    from .patch import patch
+
+    models = {}
+    for method, path in trained.items():
+        model = create_model(name, **kwargs)
+        if method in LEARNED:
+            patch(model, 1.0, method=method)
+        load_checkpoint(model, str(path))
+        models[f"{method}-trained"] = model.eval()
+    return models
 
 
 def compare(models: dict[str, nn.Module], settings, batches_fn, speed_reps: int = 10,

@@ -16,7 +16,8 @@ from torch import nn
 
 ASSETS = Path(__file__).parent / "assets"
 RECIPES = ASSETS / "recipes"
-WEIGHTS = {"baseline": "fashion_mnist_vit.safetensors", "evit": "fashion_mnist_vit_evit07.safetensors"}
+WEIGHTS = {"baseline": "fashion_mnist_vit.safetensors", "evit": "fashion_mnist_vit_evit07.safetensors",
+           "dynamicvit": "fashion_mnist_vit_dynamicvit07.safetensors"}
 TEST_SUBSET = "fashion_mnist_test_subset.npz"
 
 
@@ -45,7 +46,8 @@ def _missing(what: str) -> FileNotFoundError:
 
 
 def load_model(kind: str = "baseline") -> nn.Module:
-    """The embedded model: ``'baseline'`` (trained at keep 1.0) or ``'evit'`` (fine-tuned at keep 0.7), unpatched."""
+    """The embedded model: ``'baseline'`` (trained at keep 1.0) or ``'evit'`` (fine-tuned at keep 0.7),
+    unpatched; or ``'dynamicvit'`` (trained with DynamicViT at keep 0.7), patched with its predictors at keep 1.0."""
     from safetensors.torch import load_file
 
     from .models import create_model
@@ -55,6 +57,10 @@ def load_model(kind: str = "baseline") -> nn.Module:
         raise _missing(f"{kind} model")
     name, kwargs = architecture()
     model = create_model(name, **kwargs)
+    if kind == "dynamicvit":
+        from .patch import patch
+
+        patch(model, 1.0, method="dynamicvit")
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()
 

@@ -111,3 +111,28 @@ def load_images(paths: Sequence[str], model: nn.Module, grayscale: bool = False)
         shown = (x * std + mean).clamp(0, 1)
         display.append(shown.expand(3, -1, -1).permute(1, 2, 0).numpy())
     return torch.stack(batch), display
+
+
+def fashion_images(paths: Sequence[str] = (), count: int = 4) -> tuple[Tensor, list[np.ndarray]]:
+    """(input batch, display arrays) for the embedded Fashion-MNIST model: image files made 28 x 28
+    grey, or, with no paths, the first bundled test image of each of ``count`` classes."""
+    from PIL import Image, UnidentifiedImageError
+
+    from . import embedded
+    from .data import normalize
+
+    if paths:
+        grey = []
+        for p in paths:
+            try:
+                grey.append(torch.from_numpy(np.asarray(Image.open(p).convert("L").resize((28, 28)))))
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"cannot read image {p}: {e}") from None
+        raw = torch.stack(grey).unsqueeze(1)
+    else:
+        if not 1 <= count <= 10:
+            raise ValueError(f"--count must be 1..10 (one bundled image per class), got {count}")
+        raw, labels = embedded.test_subset()
+        raw = raw[[int((labels == c).nonzero()[0]) for c in range(count)]]
+    display = [(r[0].float() / 255).unsqueeze(-1).expand(-1, -1, 3).numpy() for r in raw]
+    return normalize(raw), display
