@@ -61,3 +61,19 @@ def test_missing_folder_split_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "val is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_resizes_fashion_mnist_to_the_models_input(tmp_path, capsys):
+    """A model made for 32 px gets the 28 px images resized, not a deep assertion from timm."""
+    import json as _json
+
+    from evit.cli import main
+
+    recipe = tmp_path / "r32.json"
+    recipe.write_text(_json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": {
+        "img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 1, "embed_dim": 32,
+        "num_heads": 2}}))
+    assert main(["eval", "--recipe", str(recipe), "--data", "bundled", "--keep-rates", "1.0", "--speed-reps", "1",
+                 "--batch-size", "1000", "--json"]) == 0
+    rows = _json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["images"] == 3000 and rows[0]["gmacs"] > 0

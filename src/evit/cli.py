@@ -201,7 +201,7 @@ def _eval(args) -> int:
     if choice is not None and choice.keep_rate is not None:  # the solver's rate replaces --keep-rates
         names = list(models)
         settings = [(names[0], 1.0)] + [(n, choice.keep_rate) for n in names if choice.keep_rate < 1]
-    data, batches = _eval_data(args, embedded_default=not (args.model or args.recipe))
+    data, batches = _eval_data(args, not (args.model or args.recipe), next(iter(models.values())))
     rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps)
     return _print_eval(args, rows, data, format_rows, choice)
 
@@ -341,8 +341,9 @@ def _show(args) -> int:
     return 0
 
 
-def _eval_data(args, embedded_default: bool):
-    """(data label, function giving fresh (images, labels) batches) for eval and compare."""
+def _eval_data(args, embedded_default: bool, model=None):
+    """(data label, function giving fresh (images, labels) batches) for eval and compare. Fashion-MNIST
+    images are resized to --img-size, else to ``model``'s input size when it is not 28 px."""
     from . import embedded
     from .data import TensorLoader, load_fashion_mnist
 
@@ -351,6 +352,8 @@ def _eval_data(args, embedded_default: bool):
         images, labels = embedded.test_subset() if data == "bundled" else load_fashion_mnist("test", args.data_root)
         loader = TensorLoader(images, labels, args.batch_size)
         img_size = getattr(args, "img_size", None)
+        if img_size is None and model is not None and tuple(model.patch_embed.img_size) != tuple(images.shape[-2:]):
+            img_size = tuple(model.patch_embed.img_size)
         if img_size:
             from .budget import resize_batches
 
@@ -394,7 +397,7 @@ def _compare(args) -> int:
     for method in skipped:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
-    data, batches = _eval_data(args, default)
+    data, batches = _eval_data(args, default, models["baseline"])
     rows = compare(models, settings, batches, speed_reps=args.speed_reps)
     path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
     if args.json:
