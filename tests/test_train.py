@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from evit.data import TensorLoader, load_fashion_mnist
 from evit.evaluate import accuracy
-from evit.schedule import keep_rate_at
+from evit.schedule import drawn_keep_rate, keep_rate_at
+from evit.train import TrainConfig, train
 
 TINY = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
@@ -69,6 +70,16 @@ def test_keep_rate_schedule():
     assert keep_rate_at(0, 0.6, 0, 0) == 0.6  # no warm-up
     rates = [keep_rate_at(s, 0.5, 0, 40) for s in range(41)]
     assert all(a >= b for a, b in zip(rates, rates[1:])), "warm-up must fall monotonically"
+
+
+def test_keep_rate_drawn_from_a_range_is_repeatable_and_covers_it():
+    draws = [drawn_keep_rate(step, 0.5, 0.7, seed=4) for step in range(2000)]
+    assert all(0.5 <= d <= 0.7 for d in draws)
+    assert min(draws) < 0.52 and max(draws) > 0.68 and 0.59 < np.mean(draws) < 0.61
+    assert draws[123] == drawn_keep_rate(123, 0.5, 0.7, seed=4), "a resumed run must draw the same rate"
+    assert draws[:50] != [drawn_keep_rate(s, 0.5, 0.7, seed=5) for s in range(50)]
+    with pytest.raises(ValueError, match="keep_rate_min"):
+        train(TrainConfig(keep_rate=0.5, keep_rate_min=0.7))
 
 
 def test_reads_fashion_mnist_files(toy_fashion):

@@ -90,3 +90,30 @@ def attend(
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     return out, seen
+
+
+def _heads(attn: nn.Module, x: Tensor, part: slice) -> Tensor:
+    """Rows ``part`` of ``attn.qkv`` (q: 0, k: 1, v: 2) applied to ``x`` (B, N, C), split into heads."""
+    rows = slice(part.start * attn.qkv.out_features // 3, part.stop * attn.qkv.out_features // 3)
+    weight, bias = attn.qkv.weight[rows], None if attn.qkv.bias is None else attn.qkv.bias[rows]
+    B, N, _ = x.shape
+    return F.linear(x, weight, bias).reshape(B, N, -1, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+
+
+def cross_attend(attn: nn.Module, queries: Tensor, context: Tensor) -> Tensor:
+    """timm ``Attention`` ``attn`` with queries from ``queries`` (B, M, C) and keys and values from
+    ``context`` (B, N, C): (B, M, C). The module's own weights (qkv, q/k norms, norm, gate, proj);
+    only the rows of the fused qkv projection each side needs are computed."""
+    q = attn.q_norm(_heads(attn, queries, slice(0, 1))[0])
+    k, v = _heads(attn, context, slice(1, 3)).unbind(0)
+    out = F.scaled_dot_product_attention(q, attn.k_norm(k), v, scale=attn.scale)
+    out = attn.norm(out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(queries).sigmoid()
+    return attn.proj(out)
+
+
+def attention_probs(attn: nn.Module, x: Tensor) -> Tensor:
+    """The attention probabilities (B, heads, N, N) timm ``Attention`` ``attn`` computes on ``x``."""
+    q, k, _ = _heads(attn, x, slice(0, 3)).unbind(0)
+    return ((attn.q_norm(q) * attn.scale) @ attn.k_norm(k).transpose(-2, -1)).softmax(dim=-1)

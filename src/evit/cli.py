@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive)
     p.add_argument("--lr", type=float)
     p.add_argument("--keep-rate", type=_keep_rate, help="target keep rate (< 1 patches the model with EViT)")
+    p.add_argument("--keep-rate-min", type=_keep_rate,
+                   help="train on keep rates drawn per step from [this, --keep-rate] (one model for the range)")
     p.add_argument("--keep-warmup-epochs", type=float, help="cosine warm-up of the keep rate from 1 (0: none)")
     p.add_argument("--keep-warmup-start", type=float, help="epochs before the keep rate leaves 1")
     p.add_argument("--train-subset", type=_positive, help="use only the first N training images")
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="token-reduction methods side by side: top-1, GMACs, speed-up; table and plot")
     _add_eval_args(p)
-    p.add_argument("--methods", nargs="+", default=["evit", "topk", "random", "tome", "dynamicvit"])
+    p.add_argument("--methods", nargs="+",
+                   default=["evit", "topk", "random", "tome", "dynamicvit", "stvit", "patchslimming"])
     p.add_argument("--keep-rates", type=_keep_rate, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     p.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ToMe: tokens merged per block")
     p.add_argument("--trained", nargs="+", default=[], metavar="METHOD=WEIGHTS",
@@ -159,7 +162,7 @@ def _train(args) -> int:
     from .train import TrainConfig, train
 
     overrides = {k: getattr(args, k) for k in ("model", "pretrained", "init", "data", "data_root", "download", "epochs",
-                                              "max_steps", "batch_size", "lr", "keep_rate", "keep_warmup_epochs",
+                                              "max_steps", "batch_size", "lr", "keep_rate", "keep_rate_min", "keep_warmup_epochs",
                                               "keep_warmup_start", "train_subset", "ema_decay", "out", "save_every")}
     if args.recipe:
         cfg = TrainConfig.from_file(str(recipe_path(args.recipe)), **overrides)
@@ -335,7 +338,8 @@ def _show(args) -> int:
         model, class_names = embedded.load_model(kind), FASHION_MNIST_CLASSES
         images, display = fashion_images(args.images, args.count)
     settings = {"r": args.r} if args.method == "tome" else {"keep_rate": args.keep_rate}
-    apply_setting(model, {"method": args.method, **settings}, args.locations)  # a learned method keeps its weights
+    # a learned method keeps its weights; Patch Slimming chooses its (static) tokens from the images shown
+    apply_setting(model, {"method": args.method, **settings}, args.locations, images=images)
     path = show(model, images, display, args.out, class_names)
     print(f"wrote {path}")
     return 0
@@ -369,6 +373,27 @@ def _eval_data(args, embedded_default: bool, model=None):
     return data, lambda: val.batches(0)
 
 
+def _calibration_images(data: str, batches, count: int = 512):
+    """Sample images for methods that choose tokens from data (Patch Slimming): Fashion-MNIST training
+    images when the evaluation is on Fashion-MNIST and they are installed, else the first evaluation batch."""
+    first = next(iter(batches()))[0]
+    if data in ("bundled", "fashion-mnist"):
+        import torch.nn.functional as F
+
+        from .data import load_fashion_mnist, normalize
+
+        try:
+            images = normalize(load_fashion_mnist("train")[0][:count])
+        except (FileNotFoundError, ValueError, OSError):
+            pass
+        else:
+            same = images.shape[-2:] == first.shape[-2:]
+            return images if same else F.interpolate(images, size=first.shape[-2:], mode="bilinear")
+    print("evit compare: Patch Slimming chooses its tokens from the first evaluation batch "
+          "(no separate training images here)", file=sys.stderr)
+    return first
+
+
 def _compare(args) -> int:
     import torch
 
@@ -398,7 +423,7 @@ def _compare(args) -> int:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
     data, batches = _eval_data(args, default, models["baseline"])
-    rows = compare(models, settings, batches, speed_reps=args.speed_reps)
+    rows = compare(models, settings, batches, speed_reps=args.speed_reps, images=_calibration_images(data, batches))
     path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
     if args.json:
         print(json.dumps({"data": data, "threads": torch.get_num_threads(), "plot": str(path), "rows": rows}, indent=2))

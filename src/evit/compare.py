@@ -16,7 +16,7 @@ from torch import nn
 from .evaluate import evaluate, setting_text
 
 #: keep-rate methods and their off-the-shelf settings; ToMe's are per-block merge counts
-KEEP_RATE_METHODS = ("evit", "topk", "random")
+KEEP_RATE_METHODS = ("evit", "topk", "random", "stvit", "patchslimming")
 
 
 #: methods with trained parameters: they run only on weights trained with them
@@ -65,9 +65,10 @@ def load_trained(name: str, kwargs: dict, trained: dict[str, str]) -> dict[str, 
 
 
 def compare(models: dict[str, nn.Module], settings, batches_fn, speed_reps: int = 10,
-            speed_batch: int = 64) -> list[dict]:
-    """Rows of :func:`evit.evaluate.evaluate` for every setting, each labelled with its series."""
-    rows = evaluate(models, settings, batches_fn, speed_reps=speed_reps, speed_batch=speed_batch)
+            speed_batch: int = 64, images=None) -> list[dict]:
+    """Rows of :func:`evit.evaluate.evaluate` for every setting, each labelled with its series
+    (``images``: calibration images for methods that choose from data)."""
+    rows = evaluate(models, settings, batches_fn, speed_reps=speed_reps, speed_batch=speed_batch, images=images)
     for row in rows:
         row["series"] = f"{row['method']} ({row['model']})" if row["method"] != "none" else "unpatched"
         row["setting_text"] = setting_text(row)

@@ -49,16 +49,26 @@ def learned(model: nn.Module) -> bool:
     return any(True for m in reductions(model).values() for _ in m.parameters())
 
 
-def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequence[int]] = None) -> None:
-    """Patch ``model`` for ``setting``; a model with a learned reduction only has its keep rate changed."""
+def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequence[int]] = None,
+                  images: Optional[torch.Tensor] = None) -> None:
+    """Patch ``model`` for ``setting``; a model with a learned reduction only has its keep rate changed.
+    ``images``: sample (training) images for methods that choose their tokens from data (Patch Slimming)."""
     spec = patch_spec(setting)
     if learned(model):
         have = type(next(iter(reductions(model).values()))).__name__.lower()
         if spec is not None and spec.get("method", "evit") != have:
             raise ValueError(f"this model was trained with {have}; it cannot be evaluated with {spec.get('method')}")
         set_keep_rate(model, 1.0 if spec is None else spec.get("keep_rate", 1.0))
+    elif spec is None:
+        unpatch(model)
     else:
-        unpatch(model) if spec is None else patch(model, **{"locations": locations, **spec})
+        patch(model, **{"locations": locations, **spec})
+        method = next(iter(reductions(model).values()))
+        if method.needs_images:
+            if images is None:
+                raise ValueError(f"{spec['method']} chooses its tokens from sample images: give calibration images "
+                                 "(evit compare uses training images)")
+            method.prepare(model, images)
 
 
 def release(model: nn.Module) -> None:
@@ -78,8 +88,7 @@ def speedups(model: nn.Module, settings: Sequence[Setting], batch_size: int = 64
     model = unpatch(copy.deepcopy(model))  # speed does not depend on weights: a copy, patched freely
 
     def switch(name: str) -> None:
-        spec = variants[name]
-        unpatch(model) if spec is None else patch(model, **{"locations": locations, **spec})
+        apply_setting(model, variants[name] or 1.0, locations, images=x)  # sample images: speed only
 
     times = time_interleaved({n: (lambda: model(x)) for n in variants}, reps, 1, setup=switch)
     return {n: (batch_size / sorted(times[n])[len(times[n]) // 2], paired_ratio(times["unpatched"], times[n]))
@@ -93,20 +102,21 @@ def evaluate(
     locations: Optional[Sequence[int]] = None,
     speed_batch: int = 64,
     speed_reps: int = 10,
+    images: Optional[torch.Tensor] = None,
 ) -> list[dict]:
     """One row per (model name, setting) in ``settings``: top-1, top-5, GMACs, images/s, speed-up.
 
     A setting is a keep rate (EViT; 1.0 is the unpatched model) or ``evit.patch`` arguments such as
     ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches. Speed depends
     on the architecture and setting, not the weights, so it is measured once per setting on the
-    first model.
+    first model. ``images``: calibration images for methods that need them (Patch Slimming).
     """
     first = next(iter(models.values()))
     speed = speedups(first, [s for _, s in settings], speed_batch, speed_reps, locations)
     rows = []
     for name, setting in settings:
         model = models[name]
-        apply_setting(model, setting, locations)
+        apply_setting(model, setting, locations, images)
         top1, top5, n = accuracy(model, batches_fn())
         macs = count_macs(model) / 1e9
         release(model)

@@ -66,7 +66,7 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
         label = class_names[predicted[b]] if class_names else f"class {predicted[b]}"
         axes[b, 0].set_title(f"predicted: {label}" + (f"\n{titles[b]}" if titles else ""), fontsize=8)
         for s, stage in enumerate(stages):
-            merges = methods[stage.block].tracks_size
+            merges = methods[stage.block].groups_patches
             axes[b, s + 1].imshow(stage_picture(display[b], stage.token[b], stage.size[b], merges))
             if b == 0:
                 axes[b, s + 1].set_title(f"after block {stage.block}\n{stage.tokens} tokens", fontsize=8)
@@ -79,8 +79,8 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
         ax.set_xticks([])
         ax.set_yticks([])
     name = type(next(iter(methods.values()))).__name__
-    fig.suptitle(f"{name}: patches greyed out were {'dropped' if name != 'EViT' else 'fused or dropped'}"
-                 f"{'; merged patches share a colour' if any(m.tracks_size for m in methods.values()) else ''}",
+    groups = ";\nmerged patches share a colour" if any(m.groups_patches for m in methods.values()) else ""
+    fig.suptitle(f"{name}: patches greyed out were {'dropped' if name != 'EViT' else 'fused or dropped'}{groups}",
                  fontsize=9)
     fig.tight_layout()
     path = Path(out)

@@ -22,7 +22,7 @@ from . import checkpoint
 from .budget import resize_batches
 from .models import create_model, load_checkpoint
 from .patch import patch, reductions, set_keep_rate
-from .schedule import keep_rate_at
+from .schedule import drawn_keep_rate, keep_rate_at
 
 
 @dataclass
@@ -47,6 +47,7 @@ class TrainConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     keep_rate: float = 1.0  # target; < 1 patches the model with ``method``
+    keep_rate_min: Optional[float] = None  # draw each step's target from [keep_rate_min, keep_rate]: one model, many rates
     method: str = "evit"  # token-reduction method trained with (evit, topk, dynamicvit, tome, ...)
     method_settings: dict = field(default_factory=dict)  # its other settings (e.g. ToMe's r)
     keep_warmup_start: float = 0.0  # epochs before the keep rate leaves 1
@@ -114,6 +115,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
+    if cfg.keep_rate_min is not None and not 0 < cfg.keep_rate_min <= cfg.keep_rate:
+        raise ValueError(f"keep_rate_min {cfg.keep_rate_min} must lie in (0, keep_rate={cfg.keep_rate}]")
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
@@ -164,7 +167,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         epoch, start = divmod(step, per_epoch)
         for x, y in resize_batches(loader.batches(epoch, start), cfg.img_size):
             if cfg.keep_rate < 1.0:
-                keep = keep_rate_at(step, cfg.keep_rate, warm_start, warm_span)
+                target = cfg.keep_rate if cfg.keep_rate_min is None else drawn_keep_rate(
+                    step, cfg.keep_rate_min, cfg.keep_rate, cfg.seed)
+                keep = keep_rate_at(step, target, warm_start, warm_span)
                 set_keep_rate(model, keep)
             if mixup:
                 x, y = mixup(x, y)

@@ -94,6 +94,10 @@ class TokenReduction(nn.Module):
     tracks_size: bool = False
     #: in training this method may mask tokens instead of removing them: every later block must see the mask
     masks_in_training: bool = False
+    #: its tokens stand for groups of patches (ToMe's merges, STViT's windows): pictures colour the groups
+    groups_patches: bool = False
+    #: chooses its tokens from sample images (Patch Slimming): :meth:`prepare` must run after patching
+    needs_images: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,6 +113,10 @@ class TokenReduction(nn.Module):
 
     def bind(self, model: nn.Module) -> None:
         """Called by the patch with the model, before the first forward: build what depends on it."""
+
+    @classmethod
+    def prepare(cls, model: nn.Module, images: torch.Tensor) -> None:
+        """After patching, for methods with ``needs_images``: choose what depends on sample images."""
 
     def aux_loss(self) -> Optional[Tensor]:
         """A loss term of the last forward that training adds to the task loss (None: nothing)."""

@@ -27,6 +27,7 @@ from .base import TokenReduction
 class ToMe(TokenReduction):
     needs_keys = True
     tracks_size = True
+    groups_patches = True
 
     def __init__(self, r: int = 8) -> None:
         super().__init__()

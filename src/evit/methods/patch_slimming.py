@@ -1,0 +1,151 @@
+"""Patch Slimming (Tang et al., CVPR 2022): choose the patches top-down, from the last layer back.
+
+Only the class token's output matters at the end of a classifier. Going down from the
+last block, the impact of each token on that output is carried back through every
+block's attention (the residual passes a token's impact to itself, attention passes
+the impact of each output token j to the input tokens i it attends to, by A[j, i]).
+At each chosen block the tokens with the least impact on the final output are removed,
+top-down: a patch kept at a deeper block is kept at every shallower one, which gives
+the pyramid the paper builds.
+
+The choice is static, as in the paper's Patch Slimming (not its dynamic variant
+DPS-ViT): positions are chosen once from the attention of sample images
+(:func:`select`, mean over images and heads) and are the same for every input, so at
+inference a block only takes fixed rows (no scoring at all). The paper refines the
+choice layer by layer with fine-tuning in between; here it is made in one pass from
+the unreduced model, and fine-tuning (``evit train``) follows. The chosen positions
+are a buffer: they travel with the weights.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import Seen, attention_probs
+from .base import KeepRateReduction, kept_count
+from .evit import prefix_index
+
+
+class PatchSlimming(KeepRateReduction):
+    needs_images = True
+
+    def __init__(self, keep_rate: float = 0.7, fuse: bool = False) -> None:
+        if fuse:
+            raise ValueError("Patch Slimming removes the patches it does not keep; it has no fused token")
+        super().__init__(keep_rate, fuse=False)
+        self.register_buffer("index", torch.empty(0, dtype=torch.long))  # kept positions among this block's image tokens
+
+    @classmethod
+    def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = False, **settings) -> "PatchSlimming":
+        return cls(keep_rate, **settings)
+
+    @classmethod
+    def prepare(cls, model: nn.Module, images: Tensor) -> None:
+        select(model, images)
+
+    def forward(self, x: Tensor, seen: Seen) -> Tensor:
+        p, N = self.num_prefix_tokens, x.shape[1]
+        k = kept_count(self.keep_rate, N - p)
+        if k >= N - p:
+            return x
+        if self.index.numel() != k or int(self.index.max()) >= N - p:
+            raise RuntimeError(
+                f"Patch Slimming at block {self.block} has no choice of {k} of {N - p} image tokens: call "
+                "evit.methods.patch_slimming.select(model, images) with sample images after patching")
+        index = torch.cat([prefix_index(self.index[None], p)[0], self.index + p])
+        if self.state.track:
+            self.state.follow(x, index.expand(x.shape[0], -1))
+        return x.index_select(1, index)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "index" in state_dict:  # a choice of another length than the empty default
+            self.index = torch.empty_like(state_dict[prefix + "index"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@torch.no_grad()
+def impact(model: nn.Module, images: Tensor, batch_size: int = 64) -> list[Tensor]:
+    """Per block l, the impact (N,) of each token at the output of block l's attention on the
+    prefix tokens' final output, from the unreduced model's attention on ``images``."""
+    return carry_back(_mean_attention(model, images, batch_size), model.num_prefix_tokens)
+
+
+def carry_back(maps: list[Tensor], prefix: int) -> list[Tensor]:
+    """Impacts from attention ``maps`` (per block, (N, N), rows the queries), last block first.
+
+    The head reads the ``prefix`` tokens' outputs; the MLP is per token, so a token's impact after
+    block l's attention is its impact at block l's output. Back through block l, half goes along the
+    residual (to the token itself) and half through attention (from output j to input i by A[j, i]).
+    """
+    weight = torch.zeros(maps[0].shape[0])
+    weight[:prefix] = 1.0 / prefix
+    impacts = [weight] * len(maps)
+    for layer in reversed(range(len(maps))):
+        impacts[layer] = weight
+        weight = 0.5 * weight + 0.5 * maps[layer].T @ weight
+        weight = weight / weight.sum()
+    return impacts
+
+
+def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
+    """Choose, top-down, the positions every Patch Slimming block of ``model`` keeps; returns them
+    (original image-token positions, by block)."""
+    from ..patch import reductions
+
+    blocks = {i: m for i, m in reductions(model).items() if isinstance(m, PatchSlimming)}
+    if not blocks:
+        raise ValueError("select: the model has no Patch Slimming blocks; patch it with method='patchslimming' first")
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"select needs a batch of sample images (B, C, H, W), got shape {tuple(images.shape)}")
+    impacts = impact(model, images, batch_size)
+    p = model.num_prefix_tokens
+    counts = [impacts[0].shape[0] - p]  # image tokens entering each chosen block
+    for m in blocks.values():
+        counts.append(min(counts[-1], kept_count(m.keep_rate, counts[-1])))
+    chosen: dict[int, Tensor] = {}
+    deeper = torch.empty(0, dtype=torch.long)
+    for (i, m), k in reversed(list(zip(blocks.items(), counts[1:]))):  # deepest first
+        score = impacts[i][p:].clone()
+        score[deeper] = float("inf")  # kept deeper: kept here
+        chosen[i] = deeper = score.topk(k).indices.sort().values
+    before = torch.arange(counts[0])
+    for i, m in blocks.items():  # as indices into each block's own (already reduced) input
+        m.index = torch.searchsorted(before, chosen[i]).to(m.index.device)
+        before = chosen[i]
+    return dict(sorted(chosen.items()))
+
+
+def _mean_attention(model: nn.Module, images: Tensor, batch_size: int) -> list[Tensor]:
+    """Each block's attention probabilities, mean over images and heads, with no token removed."""
+    from ..patch import reductions, set_keep_rate
+
+    rates = {i: m.keep_rate for i, m in reductions(model).items() if hasattr(m, "keep_rate")}
+    sums: dict[int, Tensor] = {}
+
+    def record(i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            probs = attention_probs(module, args[0]).mean(dim=1).sum(dim=0)
+            sums[i] = probs if i not in sums else sums[i] + probs
+        return hook
+
+    handles = [b.attn.register_forward_pre_hook(record(i)) for i, b in enumerate(model.blocks)]
+    was_training = model.training
+    try:
+        set_keep_rate(model, 1.0)
+        model.eval()
+        for batch in _batches(images, batch_size):
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for i, r in rates.items():
+            reductions(model)[i].keep_rate = r
+        model.train(was_training)
+    return [sums[i].float().cpu() / len(images) for i in range(len(model.blocks))]
+
+
+def _batches(images: Tensor, size: int) -> Iterable[Tensor]:
+    for start in range(0, len(images), size):
+        yield images[start:start + size]

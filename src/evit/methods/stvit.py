@@ -1,0 +1,100 @@
+"""STViT, semantic tokens (Chang et al., CVPR 2023): a few tokens that summarise the image replace it.
+
+At one chosen block, after attention, the image tokens are replaced by a small grid of
+semantic tokens: each starts as the spatial average of a window of image tokens (a
+cluster centre initialised by pooling), then is refined by attention, as a query over
+all the image tokens (keys and values), so it can gather what its window missed. Every
+later block runs on the prefix tokens and the semantic tokens only.
+
+The refinement reuses the chosen block's own attention weights (its norm1, attention
+and LayerScale) through :func:`evit.attention.cross_attend`, so the method has no new
+parameters and runs off the shelf; fine-tuning (``evit train --method stvit``) lets the
+model adapt, as the paper trains its semantic-token module. The paper's recovery module
+(for dense prediction) is not part of classification and is left out.
+
+``keep_rate`` sets how many semantic tokens replace the ``n`` image tokens: a grid of
+``round(sqrt(keep_rate * n))`` squared.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import Seen, cross_attend
+from .base import KeepRateReduction, check_keep_rate
+
+
+class STViT(KeepRateReduction):
+    groups_patches = True
+
+    def __init__(self, keep_rate: float = 0.5, fuse: bool = False, refine: bool = True) -> None:
+        if fuse:
+            raise ValueError("STViT replaces the image tokens by semantic tokens; it has no fused token")
+        super().__init__(check_keep_rate(keep_rate), fuse=False)
+        self.refine = bool(refine)
+
+    @classmethod
+    def create(cls, block: int, keep_rate: float = 0.5, fuse: bool = False, **settings) -> "STViT":
+        return cls(keep_rate, **settings)
+
+    @classmethod
+    def default_locations(cls, depth: int) -> tuple[int, ...]:
+        return (depth // 4,)  # one block: semantic tokens replace the image tokens once
+
+    def bind(self, model: nn.Module) -> None:
+        from ..patch import reductions
+
+        others = [i for i, m in reductions(model).items() if isinstance(m, STViT)]
+        if others:
+            raise ValueError(f"STViT replaces the image tokens once: give one location, not blocks {others + [self.block]}")
+        object.__setattr__(self, "_block", model.blocks[self.block])  # its attention refines; not a submodule
+        object.__setattr__(self, "_grid", tuple(model.patch_embed.grid_size))
+
+    def grid_side(self, n: int) -> int:
+        """Side of the semantic-token grid for ``n`` image tokens."""
+        return max(1, round(math.sqrt(self.keep_rate * n)))
+
+    def output_tokens(self, n_tokens: int) -> int:
+        n = n_tokens - self.num_prefix_tokens
+        g = self.grid_side(n)
+        return n_tokens if g * g >= n else self.num_prefix_tokens + g * g
+
+    def _image_grid(self, n: int) -> tuple[int, int]:
+        grid = getattr(self, "_grid", None)
+        if grid is not None and grid[0] * grid[1] == n:
+            return grid
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"STViT pools image tokens on their grid, but {n} tokens are not the model's "
+                             f"{grid} grid nor a square (was an earlier block already reducing?)")
+        return side, side
+
+    def forward(self, x: Tensor, seen: Seen) -> Tensor:
+        p, (B, N, C) = self.num_prefix_tokens, x.shape
+        if self.output_tokens(N) == N:
+            return x
+        h, w = self._image_grid(N - p)
+        g = self.grid_side(N - p)
+        semantic = _pool(x[:, p:], (h, w), g)
+        if self.refine:
+            block = self._block
+            semantic = semantic + block.ls1(cross_attend(block.attn, block.norm1(semantic), block.norm1(x[:, p:])))
+        if self.state.track:
+            sources = self.state._sources(x)
+            pooled = _pool(sources[:, p:].float(), (h, w), g, max_pool=True).to(sources.dtype)
+            self.state.record(torch.cat([sources[:, :p], pooled], dim=1))
+        return torch.cat([x[:, :p], semantic], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rate}, refine={self.refine}"
+
+
+def _pool(tokens: Tensor, grid: tuple[int, int], side: int, max_pool: bool = False) -> Tensor:
+    """(B, h*w, D) tokens on an h x w grid, pooled to (B, side*side, D) by windows."""
+    B, _, D = tokens.shape
+    image = tokens.transpose(1, 2).reshape(B, D, *grid)
+    pooled = (F.adaptive_max_pool2d if max_pool else F.adaptive_avg_pool2d)(image, side)
+    return pooled.flatten(2).transpose(1, 2)

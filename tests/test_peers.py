@@ -1,0 +1,108 @@
+"""STViT and Patch Slimming under the one interface."""
+import pytest
+import torch
+
+import evit
+from evit.attention import cross_attend
+from evit.evaluate import apply_setting
+from evit.masks import token_sources
+from evit.methods import PatchSlimming, STViT
+from evit.methods.patch_slimming import carry_back, select
+from conftest import input_for, make_model
+
+
+def _image_count(model):
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+@pytest.mark.parametrize("method", ["stvit", "patchslimming"])
+def test_runs_on_every_variant_with_its_counts_and_equals_unpatched_at_keep_1(variant, method):
+    model = make_model(variant)
+    x = input_for(model)
+    n, p = _image_count(model), model.num_prefix_tokens
+    with torch.no_grad():
+        ref = model(x)
+        evit.patch(model, 1.0, method=method)
+        torch.testing.assert_close(model(x), ref)
+        evit.patch(model, 0.5, method=method)
+        if method == "patchslimming":
+            select(model, torch.randn(4, *x.shape[1:]))
+        counts = evit.token_counts(model, n)
+        out = model.forward_features(x)
+    assert out.shape[1] == counts[-1] < n
+    if method == "stvit":  # 16 image tokens -> a 3 x 3 grid (round(sqrt(8))), at one block
+        assert counts == [n, p + 9] and list(evit.reductions(model)) == [1]
+    assert torch.isfinite(out).all()
+    assert evit.count_macs(model) < evit.count_macs(evit.unpatch(model))
+
+
+def test_stvit_semantic_tokens_are_window_means_refined_by_attention():
+    model = make_model("deit")  # 64 px, patch 16: a 4 x 4 grid
+    evit.patch(model, 0.25, method="stvit", refine=False)  # round(sqrt(4)) = 2: 2 x 2 windows of 2 x 2
+    method = evit.reductions(model)[1]
+    x = torch.randn(2, 17, 192)
+    out = method(x, None)
+    grid = x[:, 1:].view(2, 4, 4, 192)
+    by_hand = torch.stack([grid[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)], dim=1)
+    torch.testing.assert_close(out, torch.cat([x[:, :1], by_hand], dim=1))
+    # refinement: the semantic tokens as queries over the image tokens, with the block's own attention
+    block = model.blocks[1]
+    method.refine = True
+    refined = method(x, None)[:, 1:]
+    torch.testing.assert_close(refined, by_hand + block.ls1(cross_attend(block.attn, block.norm1(by_hand),
+                                                                         block.norm1(x[:, 1:]))))
+
+
+def test_cross_attend_is_masked_self_attention():
+    """Queries attending only to the context = timm's own attention on [queries; context] with a mask."""
+    attn = make_model("qk_norm").blocks[0].attn
+    q_in, ctx = torch.randn(2, 3, 192), torch.randn(2, 5, 192)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    mask[:3, :3] = False  # query rows see the context only
+    with torch.no_grad():
+        ref = attn(torch.cat([q_in, ctx], dim=1), attn_mask=mask)[:, :3]
+        torch.testing.assert_close(cross_attend(attn, q_in, ctx), ref)
+
+
+def test_patch_slimming_carries_impact_back_by_hand():
+    """One prefix token and two image tokens; the last block's class token attends only to token 2,
+    the first block's token 2 attends only to token 1."""
+    last = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    first = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    impacts = carry_back([first, last], prefix=1)
+    torch.testing.assert_close(impacts[1], torch.tensor([1.0, 0.0, 0.0]))  # only the class token's output is read
+    torch.testing.assert_close(impacts[0], torch.tensor([0.5, 0.0, 0.5]))  # through the last block: half to token 2
+    # then, before the first block, token 2's impact is passed half to token 1
+    below = 0.5 * impacts[0] + 0.5 * first.T @ impacts[0]
+    assert below[1] > 0 and torch.isclose(below.sum(), torch.tensor(1.0))
+
+
+def test_patch_slimming_choice_is_nested_static_and_travels_with_the_weights(tmp_path):
+    model = make_model("deit", depth=6)
+    evit.patch(model, 0.5, method="patchslimming", locations=[1, 3, 4])
+    chosen = select(model, torch.randn(8, 3, 64, 64))
+    sets = [set(v.tolist()) for v in chosen.values()]
+    assert [len(s) for s in sets] == [8, 4, 2]
+    assert sets[0] >= sets[1] >= sets[2], "a patch kept deeper must be kept at every shallower block"
+    block, sources = token_sources(model, torch.randn(3, 3, 64, 64))[-1]  # the same positions for every image
+    assert block == 4 and all(torch.equal(sources[0], s) for s in sources)
+    reference = model(torch.ones(1, 3, 64, 64))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    fresh = evit.patch(make_model("deit", depth=6), 0.5, method="patchslimming", locations=[1, 3, 4])
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt"))
+    torch.testing.assert_close(fresh(torch.ones(1, 3, 64, 64)), reference)
+
+
+def test_refusals_of_the_new_methods():
+    model = make_model("deit")
+    with pytest.raises(ValueError, match="once"):
+        evit.patch(model, 0.5, method="stvit", locations=[1, 2])
+    with pytest.raises(ValueError, match="no fused token"):
+        STViT(0.5, fuse=True)
+    with pytest.raises(ValueError, match="no fused token"):
+        PatchSlimming(0.5, fuse=True)
+    evit.patch(model, 0.5, method="patchslimming")
+    with pytest.raises(RuntimeError, match="select"):
+        model(input_for(model))
+    with pytest.raises(ValueError, match="sample images"):
+        apply_setting(model, {"method": "patchslimming", "keep_rate": 0.5})
