@@ -118,8 +118,9 @@ def bench(
     # Every variant is the same model object with its patch switched in before each call: the
     # weights sit at the same addresses for all, so copies' memory layout cannot bias the ratios.
     variants: dict[str, Callable[[], object]] = {"unpatched": lambda: unpatch(model)}
+    sample = torch.randn(4, *input_size)  # for methods that choose tokens from images: speed does not care which
     for j, spec in enumerate(settings):
-        variants[f"method@{j}"] = lambda spec=spec: patch(model, **{"locations": locations, **spec})
+        variants[f"method@{j}"] = lambda spec=spec: patch(model, **{"locations": locations, **spec}, images=sample)
         variants[f"ideal@{j}"] = lambda spec=spec: patch_ideal(model, spec, locations)
 
     results, macs, counts = {}, {}, {}

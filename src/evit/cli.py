@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-reps", type=_positive, default=30, help="timed repetitions at batch 1 (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
-    p.add_argument("--method", default="evit", help="evit, topk, random or tome (default: %(default)s)")
+    p.add_argument("--method", default="evit", help="evit, topk, random, tome, stvit, patchslimming (default: %(default)s)")
     p.add_argument("--r", type=int, nargs="+", help="ToMe: tokens merged per block, one row each (default: 8 13)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--backends", nargs="+", choices=["eager", "compiled", "onnx"],
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="pictures of the tokens each reduction stage kept (PNG)")
     p.add_argument("images", nargs="*", help="image files (default: bundled Fashion-MNIST test images)")
     _add_model_args(p)
-    p.add_argument("--method", default="evit", help="evit, topk, random or tome (default: %(default)s)")
+    p.add_argument("--method", default="evit", help="evit, topk, random, tome, stvit, patchslimming (default: %(default)s)")
     p.add_argument("--keep-rate", type=_keep_rate, default=0.7)
     p.add_argument("--r", type=int, default=4, help="ToMe: tokens merged per block (default: %(default)s)")
     p.add_argument("--count", type=_positive, default=4, help="bundled images to show (default: %(default)s)")

@@ -19,6 +19,9 @@ from .evaluate import evaluate, setting_text
 KEEP_RATE_METHODS = ("evit", "topk", "random", "stvit", "patchslimming")
 
 
+#: STViT's shares of semantic tokens: 6, 5, 4 and 3 squared of 7 x 7 image tokens (12, 10, 8, 6 of DeiT's 14)
+STVIT_KEEP_RATES = (0.75, 0.5, 0.33, 0.18)
+
 #: methods with trained parameters: they run only on weights trained with them
 LEARNED = ("dynamicvit",)
 
@@ -34,6 +37,8 @@ def grid(methods: Sequence[str], keep_rates: Sequence[float], tome_r: Sequence[i
     for method in methods:
         if method == "tome":
             specs = [{"method": "tome", "r": r} for r in tome_r]
+        elif method == "stvit":  # its grid side is round(sqrt(keep_rate * n)): distinct grids, not the shared rates
+            specs = [{"method": "stvit", "keep_rate": r} for r in STVIT_KEEP_RATES]
         elif method in KEEP_RATE_METHODS + LEARNED:
             specs = [{"method": method, "keep_rate": r} for r in keep_rates if r < 1.0]
         else:

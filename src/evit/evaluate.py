@@ -62,13 +62,11 @@ def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequen
     elif spec is None:
         unpatch(model)
     else:
-        patch(model, **{"locations": locations, **spec})
-        method = next(iter(reductions(model).values()))
-        if method.needs_images:
-            if images is None:
-                raise ValueError(f"{spec['method']} chooses its tokens from sample images: give calibration images "
-                                 "(evit compare uses training images)")
-            method.prepare(model, images)
+        patch(model, **{"locations": locations, **spec}, images=images)
+        if next(iter(reductions(model).values())).needs_images and images is None:
+            unpatch(model)
+            raise ValueError(f"{spec['method']} chooses its tokens from sample images: give calibration images "
+                             "(evit compare uses training images)")
 
 
 def release(model: nn.Module) -> None:

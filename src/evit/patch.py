@@ -166,6 +166,7 @@ def patch(
     locations: Optional[Sequence[int]] = None,
     fuse: bool = True,
     method: Union[str, type] = EViT,
+    images: Optional[Tensor] = None,
     **settings,
 ) -> nn.Module:
     """Make ``model`` (a timm ViT with a class token) an EViT model, in place, and return it.
@@ -177,16 +178,22 @@ def patch(
 
     ``method`` picks another token-reduction method, by class or name (``evit.methods.METHODS``:
     'evit', 'topk', 'random', 'tome', 'slice'); ``settings`` go to it (ToMe: ``r``; Random: ``seed``),
-    and ``locations`` default to the method's own (ToMe: every block).
+    and ``locations`` default to the method's own (ToMe: every block). ``images``: sample images
+    for a method that chooses its tokens from data (Patch Slimming; without them, call
+    ``evit.methods.patch_slimming.select`` before the first forward).
     """
     cls = _method_class(method)
     check_model(model)
     depth = len(model.blocks)
     locs = check_locations(locations, depth, _name(model)) if locations is not None else cls.default_locations(depth)
     try:
-        return apply(model, {i: cls.create(i, keep_rate=keep_rate, fuse=fuse, **settings) for i in locs})
+        methods = {i: cls.create(i, keep_rate=keep_rate, fuse=fuse, **settings) for i in locs}
     except TypeError as e:
         raise TypeError(f"{cls.__name__} settings {sorted(settings)} not understood: {e}") from None
+    apply(model, methods)
+    if cls.needs_images and images is not None:
+        cls.prepare(model, images)
+    return model
 
 
 def _method_class(method: Union[str, type]) -> type:

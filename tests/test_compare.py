@@ -1,0 +1,39 @@
+"""evit compare: every method side by side on the embedded model, a table, JSON and a plot."""
+import json
+
+import pytest
+
+from evit.cli import main
+from evit.compare import grid
+
+
+def test_grid_runs_learned_methods_only_on_their_weights():
+    settings, skipped = grid(["evit", "dynamicvit", "stvit", "tome"], [1.0, 0.7], [2], trained={"evit": "evit-trained"})
+    assert settings[0] == ("baseline", 1.0)
+    assert ("baseline", {"method": "evit", "keep_rate": 0.7}) in settings
+    assert ("evit-trained", {"method": "evit", "keep_rate": 0.7}) in settings
+    assert ("baseline", {"method": "tome", "r": 2}) in settings
+    assert [s for m, s in settings if s != 1.0 and s["method"] == "stvit"] == [
+        {"method": "stvit", "keep_rate": r} for r in (0.75, 0.5, 0.33, 0.18)]
+    assert skipped == ["dynamicvit"] and not any(s != 1.0 and s["method"] == "dynamicvit" for _, s in settings)
+    with pytest.raises(ValueError, match="does not know method"):
+        grid(["nope"], [0.7], [1])
+
+
+def test_evit_compare_on_the_embedded_model(tmp_path, capsys):
+    plot = tmp_path / "compare.png"
+    code = main(["compare", "--methods", "evit", "topk", "stvit", "patchslimming", "tome", "--keep-rates", "0.5",
+                 "--r", "4", "--speed-reps", "1", "--plot", str(plot), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"none", "evit", "topk", "stvit", "patchslimming", "tome"}
+    base = next(r for r in rows if r["method"] == "none")
+    assert base["top1"] > 80 and base["images"] == 3000
+    for r in rows:
+        if r["method"] != "none":
+            assert r["gmacs"] < base["gmacs"], r
+            assert 10 < r["top1"] <= 100 and r["speedup"] > 0
+    assert any(r["model"] == "evit-trained" for r in rows), "the bundled EViT weights are compared too"
+    assert plot.stat().st_size > 10_000
