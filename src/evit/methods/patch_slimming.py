@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from ..attention import Seen, attention_probs
 from .base import KeepRateReduction, kept_count
-from .evit import prefix_index
 
 
 class PatchSlimming(KeepRateReduction):
@@ -50,11 +49,11 @@ class PatchSlimming(KeepRateReduction):
         k = kept_count(self.keep_rate, N - p)
         if k >= N - p:
             return x
-        if self.index.numel() != k or int(self.index.max()) >= N - p:
+        if self.index.numel() != k:
             raise RuntimeError(
                 f"Patch Slimming at block {self.block} has no choice of {k} of {N - p} image tokens: call "
                 "evit.methods.patch_slimming.select(model, images) with sample images after patching")
-        index = torch.cat([prefix_index(self.index[None], p)[0], self.index + p])
+        index = torch.cat([torch.arange(p, device=x.device), self.index + p])
         if self.state.track:
             self.state.follow(x, index.expand(x.shape[0], -1))
         return x.index_select(1, index)

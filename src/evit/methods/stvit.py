@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import Seen, cross_attend
-from .base import KeepRateReduction, check_keep_rate
+from .base import KeepRateReduction
 
 
 class STViT(KeepRateReduction):
@@ -33,7 +33,7 @@ class STViT(KeepRateReduction):
     def __init__(self, keep_rate: float = 0.5, fuse: bool = False, refine: bool = True) -> None:
         if fuse:
             raise ValueError("STViT replaces the image tokens by semantic tokens; it has no fused token")
-        super().__init__(check_keep_rate(keep_rate), fuse=False)
+        super().__init__(keep_rate, fuse=False)
         self.refine = bool(refine)
 
     @classmethod
