@@ -163,3 +163,35 @@ def test_ddp_two_processes_gloo(toy_fashion, tiny_recipe, tmp_path):
     result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
     assert result["step"] == 512 // 2 // 32  # each process sees half the data
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+def test_distillation_pulls_the_reduced_student_towards_its_teacher(toy_fashion, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    import evit
+    from evit.data import normalize
+
+    torch.manual_seed(3)
+    teacher = timm.create_model("vit_tiny_patch16_224", **TINY).eval()
+    with torch.no_grad():
+        teacher.head.weight.normal_(0, 1.0)  # confident, label-blind predictions: far from what labels teach
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
+    x = normalize(load_fashion_mnist("test", str(toy_fashion))[0])
+
+    def gap_after(distill):
+        out = tmp_path / ("with" if distill else "without")
+        train(TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, data_root=str(toy_fashion), epochs=2,
+                          batch_size=32, lr=0.003, warmup_epochs=0, keep_rate=0.5, distill=distill, distill_weight=2.0,
+                          seed=1, out=str(out)), progress=False)
+        student = evit.patch(timm.create_model("vit_tiny_patch16_224", **TINY), 0.5).eval()
+        student.load_state_dict(load_file(str(out / "model.safetensors")))
+        with torch.no_grad():
+            return torch.nn.functional.kl_div(student(x).log_softmax(-1), teacher(x).log_softmax(-1),
+                                              log_target=True, reduction="batchmean").item()
+
+    with_teacher, without = gap_after(str(tmp_path / "teacher.safetensors")), gap_after(None)
+    assert with_teacher < 0.5 * without, (with_teacher, without)
+    with pytest.raises(FileNotFoundError, match="teacher weights"):
+        train(TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, data_root=str(toy_fashion),
+                          distill=str(tmp_path / "none.safetensors"), out=str(tmp_path / "x")))

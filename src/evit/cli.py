@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on keep rates drawn per step from [this, --keep-rate] (one model for the range)")
     p.add_argument("--keep-warmup-epochs", type=float, help="cosine warm-up of the keep rate from 1 (0: none)")
     p.add_argument("--keep-warmup-start", type=float, help="epochs before the keep rate leaves 1")
+    p.add_argument("--distill", metavar="WEIGHTS",
+                   help="also match the predictions of the unpatched model with these weights (soft targets)")
     p.add_argument("--train-subset", type=_positive, help="use only the first N training images")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--out", help="run folder: checkpoints, config.json, model.safetensors")
@@ -163,7 +165,7 @@ def _train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("model", "pretrained", "init", "data", "data_root", "download", "epochs",
                                               "max_steps", "batch_size", "lr", "keep_rate", "keep_rate_min", "keep_warmup_epochs",
-                                              "keep_warmup_start", "train_subset", "ema_decay", "out", "save_every")}
+                                              "keep_warmup_start", "train_subset", "ema_decay", "distill", "out", "save_every")}
     if args.recipe:
         cfg = TrainConfig.from_file(str(recipe_path(args.recipe)), **overrides)
     elif args.model:

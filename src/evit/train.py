@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
@@ -56,6 +57,8 @@ class TrainConfig:
     fuse: bool = True
     bf16: bool = False  # autocast to bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
     ema_decay: float = 0.0  # 0: no EMA
+    distill: Optional[str] = None  # weights of an unpatched teacher (same architecture): match its predictions
+    distill_weight: float = 1.0  # weight of the soft-target loss beside the task loss
     seed: int = 0
     out: str = "runs/train"
     save_every: int = 200  # steps; also at every epoch end
@@ -82,6 +85,26 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if cfg.init:
         load_checkpoint(model, cfg.init)
     return model
+
+
+def build_teacher(cfg: TrainConfig) -> nn.Module:
+    """The unpatched model with weights ``cfg.distill``, frozen, for soft targets."""
+    if not Path(cfg.distill).is_file():
+        raise FileNotFoundError(f"distill: teacher weights {cfg.distill} not found; train the baseline first")
+    teacher = create_model(cfg.model, **cfg.model_kwargs)
+    load_checkpoint(teacher, cfg.distill)
+    return teacher.eval().requires_grad_(False)
+
+
+def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """KL divergence from the teacher's predicted distribution on ``x`` to the student's.
+
+    A token-reduced student learns to predict what the same model predicts with every token:
+    the unpatched model's full output is a richer target than the label alone.
+    """
+    with torch.no_grad():
+        target = teacher(x).float().log_softmax(dim=-1)
+    return F.kl_div(logits.float().log_softmax(dim=-1), target, log_target=True, reduction="batchmean")
 
 
 def make_loaders(cfg: TrainConfig, rank: int = 0, world: int = 1):
@@ -135,6 +158,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                    num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    teacher = build_teacher(cfg) if cfg.distill else None
 
     step = 0
     if resume:
@@ -174,7 +198,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             if mixup:
                 x, y = mixup(x, y)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cpu"):
-                loss = criterion(net(x), y)
+                logits = net(x)
+                loss = criterion(logits, y)
+                if teacher is not None:
+                    loss = loss + cfg.distill_weight * distillation_loss(logits, teacher, x)
                 for aux in filter(None, (m.aux_loss() for m in reductions(model).values())):
                     loss = loss + aux  # e.g. DynamicViT's keep-ratio loss
             optimizer.zero_grad(set_to_none=True)
