@@ -16,7 +16,7 @@ from torch import nn
 
 ASSETS = Path(__file__).parent / "assets"
 RECIPES = ASSETS / "recipes"
-WEIGHTS = {"baseline": "fashion_mnist_vit.safetensors", "evit": "fashion_mnist_vit_evit07.safetensors",
+WEIGHTS = {"baseline": "fashion_mnist_vit.safetensors", "evit": "fashion_mnist_vit_evit.safetensors",
            "dynamicvit": "fashion_mnist_vit_dynamicvit07.safetensors"}
 TEST_SUBSET = "fashion_mnist_test_subset.npz"
 
@@ -41,13 +41,14 @@ def architecture() -> tuple[str, dict]:
 def _missing(what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"the embedded {what} is not in this installation ({ASSETS}); build it with "
-        "`evit train --recipe fashion_mnist_baseline` then `--recipe fashion_mnist_evit07`, or pass --model"
+        "`evit train --recipe fashion_mnist_baseline` then `--recipe fashion_mnist_evit_distilled`, or pass --model"
     )
 
 
 def load_model(kind: str = "baseline") -> nn.Module:
-    """The embedded model: ``'baseline'`` (trained at keep 1.0) or ``'evit'`` (fine-tuned at keep 0.7),
-    unpatched; or ``'dynamicvit'`` (trained with DynamicViT at keep 0.7), patched with its predictors at keep 1.0."""
+    """The embedded model: ``'baseline'`` (trained at keep 1.0) or ``'evit'`` (fine-tuned with EViT at
+    keep rates 0.5 to 0.7), unpatched; or ``'dynamicvit'`` (trained with DynamicViT at keep 0.7),
+    patched with its predictors at keep 1.0."""
     from safetensors.torch import load_file
 
     from .models import create_model
