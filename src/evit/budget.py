@@ -320,12 +320,17 @@ def fit(
     return BudgetChoice(hw, native_size, native / 1e9, budget / 1e9, found.keep_rate, found.macs / 1e9)
 
 
+def resize_images(x: Tensor, img_size: Optional[Size]) -> Tensor:
+    """``x`` (B, C, H, W) resized (bilinear) to ``img_size``; unchanged when None or already that size."""
+    hw = None if img_size is None else _spatial(img_size)
+    if hw is None or tuple(x.shape[-2:]) == hw:
+        return x
+    return torch.nn.functional.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+
+
 def resize_batches(batches: Iterable[tuple[Tensor, Tensor]], img_size: Optional[Size]) -> Iterator[tuple[Tensor, Tensor]]:
     """Batches with images resized (bilinear) to ``img_size``: Fashion-MNIST is 28 px, and a model
     resized to a larger input sees the same images upsampled. Applied to the normalised batch, as
     the model would see it; batches already at that size pass unchanged."""
-    hw = None if img_size is None else _spatial(img_size)
     for x, y in batches:
-        if hw is not None and tuple(x.shape[-2:]) != hw:
-            x = torch.nn.functional.interpolate(x, size=hw, mode="bilinear", align_corners=False)
-        yield x, y
+        yield resize_images(x, img_size), y

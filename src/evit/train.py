@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
-from .budget import resize_batches
+from .budget import resize_images
 from .models import create_model, load_checkpoint
 from .patch import patch, reductions, set_keep_rate
 from .schedule import drawn_keep_rate, keep_rate_at
@@ -59,6 +59,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: no EMA
     distill: Optional[str] = None  # weights of an unpatched teacher (same architecture): match its predictions
     distill_weight: float = 1.0  # weight of the soft-target loss beside the task loss
+    distill_img_size: Optional[int] = None  # the teacher's own input size, when the student is trained larger
     seed: int = 0
     out: str = "runs/train"
     save_every: int = 200  # steps; also at every epoch end
@@ -91,7 +92,8 @@ def build_teacher(cfg: TrainConfig) -> nn.Module:
     """The unpatched model with weights ``cfg.distill``, frozen, for soft targets."""
     if not Path(cfg.distill).is_file():
         raise FileNotFoundError(f"distill: teacher weights {cfg.distill} not found; train the baseline first")
-    teacher = create_model(cfg.model, **cfg.model_kwargs)
+    kwargs = dict(cfg.model_kwargs, **({"img_size": cfg.distill_img_size} if cfg.distill_img_size else {}))
+    teacher = create_model(cfg.model, **kwargs)
     load_checkpoint(teacher, cfg.distill)
     return teacher.eval().requires_grad_(False)
 
@@ -140,6 +142,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     if cfg.keep_rate_min is not None and not 0 < cfg.keep_rate_min <= cfg.keep_rate:
         raise ValueError(f"keep_rate_min {cfg.keep_rate_min} must lie in (0, keep_rate={cfg.keep_rate}]")
+    if cfg.distill_img_size and (cfg.mixup or cfg.cutmix):
+        raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed images")
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
@@ -189,7 +193,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     while step < total:
         epoch, start = divmod(step, per_epoch)
-        for x, y in resize_batches(loader.batches(epoch, start), cfg.img_size):
+        for images, y in loader.batches(epoch, start):
+            x = resize_images(images, cfg.img_size)
             if cfg.keep_rate < 1.0:
                 target = cfg.keep_rate if cfg.keep_rate_min is None else drawn_keep_rate(
                     step, cfg.keep_rate_min, cfg.keep_rate, cfg.seed)
@@ -201,7 +206,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 logits = net(x)
                 loss = criterion(logits, y)
                 if teacher is not None:
-                    loss = loss + cfg.distill_weight * distillation_loss(logits, teacher, x)
+                    seen_by_teacher = x if cfg.distill_img_size is None else resize_images(images, cfg.distill_img_size)
+                    loss = loss + cfg.distill_weight * distillation_loss(logits, teacher, seen_by_teacher)
                 for aux in filter(None, (m.aux_loss() for m in reductions(model).values())):
                     loss = loss + aux  # e.g. DynamicViT's keep-ratio loss
             optimizer.zero_grad(set_to_none=True)
