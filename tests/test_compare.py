@@ -22,18 +22,19 @@ def test_grid_runs_learned_methods_only_on_their_weights():
 
 def test_evit_compare_on_the_embedded_model(tmp_path, capsys):
     plot = tmp_path / "compare.png"
-    code = main(["compare", "--methods", "evit", "topk", "stvit", "patchslimming", "tome", "--keep-rates", "0.5",
+    code = main(["compare", "--methods", "evit", "dynamicvit", "stvit", "patchslimming", "tome", "--keep-rates", "0.5",
                  "--r", "4", "--speed-reps", "1", "--plot", str(plot), "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     rows = out["rows"]
     methods = {r["method"] for r in rows}
-    assert methods == {"none", "evit", "topk", "stvit", "patchslimming", "tome"}
+    assert methods == {"none", "evit", "dynamicvit", "stvit", "patchslimming", "tome"}
     base = next(r for r in rows if r["method"] == "none")
     assert base["top1"] > 80 and base["images"] == 3000
     for r in rows:
         if r["method"] != "none":
             assert r["gmacs"] < base["gmacs"], r
             assert 10 < r["top1"] <= 100 and r["speedup"] > 0
-    assert any(r["model"] == "evit-trained" for r in rows), "the bundled EViT weights are compared too"
+    trained = {r["model"] for r in rows}
+    assert {"evit-trained", "dynamicvit-trained"} <= trained, "the bundled trained weights are compared too"
     assert plot.stat().st_size > 10_000

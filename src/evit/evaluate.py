@@ -86,7 +86,7 @@ def speedups(model: nn.Module, settings: Sequence[Setting], batch_size: int = 64
     model = unpatch(copy.deepcopy(model))  # speed does not depend on weights: a copy, patched freely
 
     def switch(name: str) -> None:
-        apply_setting(model, variants[name] or 1.0, locations, images=x)  # sample images: speed only
+        apply_setting(unpatch(model), variants[name] or 1.0, locations, images=x)  # sample images: speed only
 
     times = time_interleaved({n: (lambda: model(x)) for n in variants}, reps, 1, setup=switch)
     return {n: (batch_size / sorted(times[n])[len(times[n]) // 2], paired_ratio(times["unpatched"], times[n]))
