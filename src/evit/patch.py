@@ -177,8 +177,8 @@ def patch(
     Patching again replaces the earlier patch.
 
     ``method`` picks another token-reduction method, by class or name (``evit.methods.METHODS``:
-    'evit', 'topk', 'random', 'tome', 'slice'); ``settings`` go to it (ToMe: ``r``; Random: ``seed``),
-    and ``locations`` default to the method's own (ToMe: every block). ``images``: sample images
+    'evit', 'topk', 'random', 'tome', 'dynamicvit', 'stvit', 'patchslimming', 'slice'); ``settings``
+    go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe: every block). ``images``: sample images
     for a method that chooses its tokens from data (Patch Slimming; without them, call
     ``evit.methods.patch_slimming.select`` before the first forward).
     """
