@@ -178,9 +178,10 @@ def patch(
 
     ``method`` picks another token-reduction method, by class or name (``evit.methods.METHODS``:
     'evit', 'topk', 'random', 'tome', 'dynamicvit', 'stvit', 'patchslimming', 'slice'); ``settings``
-    go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe: every block). ``images``: sample images
-    for a method that chooses its tokens from data (Patch Slimming; without them, call
-    ``evit.methods.patch_slimming.select`` before the first forward).
+    go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe:
+    every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
+    data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
+    forward).
     """
     cls = _method_class(method)
     check_model(model)
