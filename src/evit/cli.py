@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="evit_show.png", help="PNG to write (default: %(default)s)")
 
     p = sub.add_parser("train", help="train or fine-tune a timm ViT with EViT (keep rate warmed up from 1)")
-    p.add_argument("--recipe", help="bundled recipe name (fashion_mnist_baseline, fashion_mnist_evit_distilled) or JSON file")
+    p.add_argument("--recipe", help="bundled recipe name (fashion_mnist_baseline, ...; see evit/assets/recipes) or JSON file")
     p.add_argument("--model", help="timm model name (overrides the recipe)")
     p.add_argument("--pretrained", action="store_true", default=None)
     p.add_argument("--init", help="local weights to start from (fine-tuning)")

@@ -41,7 +41,8 @@ def architecture() -> tuple[str, dict]:
 def _missing(what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"the embedded {what} is not in this installation ({ASSETS}); build it with "
-        "`evit train --recipe fashion_mnist_baseline` then `--recipe fashion_mnist_evit_distilled`, or pass --model"
+        "the recipes in evit/assets/recipes (README: 'The embedded default model', in order from "
+        "`evit train --recipe fashion_mnist_baseline`) and `evit.embedded.export`, or pass --model"
     )
 
 
