@@ -160,7 +160,9 @@ def test_ddp_two_processes_gloo(toy_fashion, tiny_recipe, tmp_path):
                                           "--epochs", "1", "--keep-rate", "0.7")[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][0])
+    answers = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    assert len(answers) == 1 and answers[0].count("{") == 1, proc.stdout  # rank 0 alone prints the result
+    result = json.loads(answers[0])
     assert result["step"] == 512 // 2 // 32  # each process sees half the data
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
 

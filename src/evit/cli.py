@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -173,7 +174,8 @@ def _train(args) -> int:
     else:
         raise ValueError("give --recipe (e.g. fashion_mnist_baseline) or --model")
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns; one answer is printed
+        print(json.dumps(result))
     return 0
 
 
