@@ -73,7 +73,7 @@ class STViT(KeepRateReduction):
         return side, side
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
-        p, (B, N, C) = self.num_prefix_tokens, x.shape
+        p, N = self.num_prefix_tokens, x.shape[1]
         if self.output_tokens(N) == N:
             return x
         h, w = self._image_grid(N - p)

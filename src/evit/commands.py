@@ -1,0 +1,296 @@
+"""What each ``evit`` subcommand does, given its parsed arguments: load models and data, call the
+library, print the result. Parsing lives in :mod:`evit.cli`."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _fit_budget(args, models):
+    """Resize ``models`` to --img-size and solve the keep rate for a budget (None when neither is asked)."""
+    from .budget import fit
+
+    return fit(models, args.img_size, args.locations, args.match_macs, args.macs, args.speedup)
+
+
+def _train(args) -> int:
+    from .embedded import recipe_path
+    from .train import TrainConfig, train
+
+    overrides = {k: getattr(args, k) for k in ("model", "pretrained", "init", "data", "data_root", "download", "epochs",
+                                              "max_steps", "batch_size", "lr", "keep_rate", "keep_rate_min", "keep_warmup_epochs",
+                                              "keep_warmup_start", "train_subset", "ema_decay", "distill", "out", "save_every")}
+    if args.recipe:
+        cfg = TrainConfig.from_file(str(recipe_path(args.recipe)), **overrides)
+    elif args.model:
+        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    else:
+        raise ValueError("give --recipe (e.g. fashion_mnist_baseline) or --model")
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns; one answer is printed
+        print(json.dumps(result))
+    return 0
+
+
+def _architecture(args) -> tuple[str, dict]:
+    """(timm model name, its keyword arguments) from --model and/or --recipe."""
+    from . import embedded
+
+    if not args.recipe:
+        return args.model, {}
+    recipe = json.loads(embedded.recipe_path(args.recipe).read_text())
+    return args.model or recipe["model"], recipe.get("model_kwargs", {})
+
+
+def _eval(args) -> int:
+    from . import embedded
+    from .evaluate import evaluate, format_rows
+    from .models import create_model
+
+    if args.model or args.recipe:
+        name, kwargs = _architecture(args)
+        label = name.split("/")[-1]
+        models = {label: create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
+        settings = [(label, r) for r in (args.keep_rates or [1.0, 0.7, 0.5])]
+    else:
+        models = {"baseline": embedded.load_model("baseline"), "evit-finetuned": embedded.load_model("evit")}
+        rates = args.keep_rates or [0.7, 0.5]
+        settings = [("baseline", 1.0)] + [("baseline", r) for r in rates if r < 1] + \
+                   [("evit-finetuned", r) for r in rates if r < 1]
+    choice = _fit_budget(args, models.values())
+    if choice is not None and choice.keep_rate is not None:  # the solver's rate replaces --keep-rates
+        names = list(models)
+        settings = [(names[0], 1.0)] + [(n, choice.keep_rate) for n in names if choice.keep_rate < 1]
+    data, batches = _eval_data(args, not (args.model or args.recipe), next(iter(models.values())))
+    rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps)
+    return _print_eval(args, rows, data, format_rows, choice)
+
+
+def _print_eval(args, rows, data, format_rows, choice=None) -> int:
+    import dataclasses
+
+    import torch
+
+    if args.json:
+        budget = {"budget": dataclasses.asdict(choice)} if choice is not None else {}
+        print(json.dumps({"data": data, "threads": torch.get_num_threads(), **budget, "rows": rows}, indent=2))
+    else:
+        if choice is not None:
+            print(choice.describe())
+        print(f"data: {data}; speed-ups: ratios of medians over the unpatched model, measured in this run")
+        print(format_rows(rows))
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .bench import bench, format_table
+    from .models import create_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    else:
+        from . import embedded
+
+        model, args.model = embedded.load_model("baseline"), "embedded Fashion-MNIST ViT"
+    choice = _fit_budget(args, [model])
+    rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else args.keep_rates
+    if args.backends:
+        return _bench_backends(args, model, [r for r in rates if r < 1])
+    rows = bench(model, rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations,
+                 method=args.method, r_values=args.r)
+    if args.json:
+        import dataclasses
+
+        budget = {"budget": dataclasses.asdict(choice)} if choice is not None else {}
+        print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                          **budget, "rows": rows}, indent=2))
+    else:
+        if choice is not None:
+            print(choice.describe())
+        print(f"{args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads; speed-ups are ratios of "
+              f"medians over the unpatched model measured in this run")
+        print(format_table(rows, args.batch_size))
+    return 0
+
+
+def _bench_backends(args, model, rates) -> int:
+    import torch
+
+    from .bench import format_backends_table, latency_backends
+
+    if not rates:
+        raise ValueError("--backends compares the unpatched model with EViT: give a keep rate below 1")
+    rows = latency_backends(model, rates, args.latency_reps, args.warmup, args.backends, args.locations)
+    if args.json:
+        print(json.dumps({"model": args.model, "batch_size": 1, "threads": torch.get_num_threads(), "rows": rows},
+                         indent=2))
+    else:
+        print(f"{args.model}, batch 1, {torch.get_num_threads()} threads; speed-ups are ratios of medians, "
+              "paired per repetition, measured in this run")
+        print(format_backends_table(rows))
+    return 0
+
+
+def _export(args) -> int:
+    """Export, then run the file with onnxruntime beside PyTorch on a random batch: a file that
+    disagrees is reported as a failure (exit 1), not silently written."""
+    import torch
+
+    from . import embedded
+    from .cost import native_input_size
+    from .export import export_onnx, onnx_runner
+    from .models import create_model
+    from .patch import patch, token_counts
+
+    if args.model:
+        model, label = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint), args.model
+    elif args.pretrained:
+        raise ValueError("--pretrained needs --model (the embedded model has its own weights)")
+    elif args.checkpoint:  # weights trained from a bundled recipe: the embedded architecture
+        name, kwargs = embedded.architecture()
+        model, label = create_model(name, checkpoint=args.checkpoint, **kwargs), f"{name} from {args.checkpoint}"
+    else:
+        kind = "evit" if args.keep_rate < 1 else "baseline"
+        model, label = embedded.load_model(kind), f"embedded Fashion-MNIST ViT ({kind} weights)"
+    model.eval()
+    if args.keep_rate < 1:
+        patch(model, args.keep_rate, args.locations, method=args.method)
+    path = export_onnx(model, args.onnx, batch_size=args.batch_size, opset=args.opset,
+                       dynamic_batch=not args.static_batch)
+    x = torch.randn(args.batch_size, *native_input_size(model))
+    with torch.inference_mode():
+        diff = (onnx_runner(path)(x) - model(x)).abs().max().item()
+    tokens = token_counts(model, model.patch_embed.num_patches + model.num_prefix_tokens)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {label}, keep rate {args.keep_rate} "
+          f"({args.method if args.keep_rate < 1 else 'unpatched'}), "
+          f"tokens {'->'.join(map(str, tokens))}, input (batch, {', '.join(map(str, x.shape[1:]))}), "
+          f"batch {args.batch_size if args.static_batch else 'dynamic'}")
+    print(f"onnxruntime vs PyTorch on a random batch of {args.batch_size}: max abs diff {diff:.2e}")
+    if not diff <= 1e-3:
+        print(f"evit export: error: the ONNX model disagrees with PyTorch (max abs diff {diff:.2e} > 1e-3)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _show(args) -> int:
+    from . import embedded
+    from .data import FASHION_MNIST_CLASSES
+    from .evaluate import apply_setting
+    from .models import create_model
+    from .show import fashion_images, load_images, show
+
+    class_names = None
+    if args.model:
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint).eval()
+        if not args.images:
+            raise ValueError("give image files to show with --model (the bundled images are Fashion-MNIST)")
+        images, display = load_images(args.images, model)
+    else:
+        kind = args.method if args.method in ("evit", "dynamicvit") else "baseline"
+        model, class_names = embedded.load_model(kind), FASHION_MNIST_CLASSES
+        images, display = fashion_images(args.images, args.count)
+    settings = {"r": args.r} if args.method == "tome" else {"keep_rate": args.keep_rate}
+    # a learned method keeps its weights; Patch Slimming chooses its (static) tokens from the images shown
+    apply_setting(model, {"method": args.method, **settings}, args.locations, images=images)
+    path = show(model, images, display, args.out, class_names)
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval_data(args, embedded_default: bool, model=None):
+    """(data label, function giving fresh (images, labels) batches) for eval and compare. Fashion-MNIST
+    images are resized to --img-size, else to ``model``'s input size when it is not 28 px."""
+    from . import embedded
+    from .data import TensorLoader, load_fashion_mnist
+
+    data = args.data or ("bundled" if embedded_default else "fashion-mnist")
+    if data in ("bundled", "fashion-mnist"):
+        images, labels = embedded.test_subset() if data == "bundled" else load_fashion_mnist("test", args.data_root)
+        loader = TensorLoader(images, labels, args.batch_size)
+        img_size = getattr(args, "img_size", None)
+        if img_size is None and model is not None and tuple(model.patch_embed.img_size) != tuple(images.shape[-2:]):
+            img_size = tuple(model.patch_embed.img_size)
+        if img_size:
+            from .budget import resize_batches
+
+            return data, lambda: resize_batches(loader.batches(0), img_size)
+        return data, lambda: loader.batches(0)
+    from types import SimpleNamespace
+
+    from .folders import folder_loaders
+
+    cfg = SimpleNamespace(data=data, model=args.model, model_kwargs={}, batch_size=args.batch_size)
+    img_size = getattr(args, "img_size", None)
+    val = folder_loaders(cfg, input_size=(3, img_size, img_size) if img_size else None)[1]
+    return data, lambda: val.batches(0)
+
+
+def _calibration_images(data: str, batches, count: int = 512):
+    """Sample images for methods that choose tokens from data (Patch Slimming): Fashion-MNIST training
+    images when the evaluation is on Fashion-MNIST and they are installed, else the first evaluation batch."""
+    first = next(iter(batches()))[0]
+    if data in ("bundled", "fashion-mnist"):
+        import torch.nn.functional as F
+
+        from .data import load_fashion_mnist, normalize
+
+        try:
+            images = normalize(load_fashion_mnist("train")[0][:count])
+        except (FileNotFoundError, ValueError, OSError):
+            pass
+        else:
+            same = images.shape[-2:] == first.shape[-2:]
+            return images if same else F.interpolate(images, size=first.shape[-2:], mode="bilinear")
+    print("evit compare: Patch Slimming chooses its tokens from the first evaluation batch "
+          "(no separate training images here)", file=sys.stderr)
+    return first
+
+
+def _compare(args) -> int:
+    import torch
+
+    from . import embedded
+    from .compare import compare, grid, load_trained, plot
+    from .evaluate import format_rows
+    from .models import create_model
+
+    default = not (args.model or args.recipe)
+    if default:
+        name, kwargs = embedded.architecture()
+        models = {"baseline": embedded.load_model("baseline")}
+        trained = {m: embedded.ASSETS / embedded.WEIGHTS[m] for m in ("evit", "dynamicvit")
+                   if (embedded.ASSETS / embedded.WEIGHTS[m]).is_file()}
+    else:
+        name, kwargs = _architecture(args)
+        models = {"baseline": create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
+        trained = {}
+    for item in args.trained:
+        method, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--trained takes METHOD=WEIGHTS, got {item!r}")
+        trained[method] = path
+    models.update(load_trained(name, kwargs, trained))
+    settings, skipped = grid(args.methods, args.keep_rates, args.r, {m: f"{m}-trained" for m in trained})
+    for method in skipped:
+        print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
+              f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
+    data, batches = _eval_data(args, default, models["baseline"])
+    rows = compare(models, settings, batches, speed_reps=args.speed_reps, images=_calibration_images(data, batches))
+    path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
+    if args.json:
+        print(json.dumps({"data": data, "threads": torch.get_num_threads(), "plot": str(path), "rows": rows}, indent=2))
+    else:
+        print(f"data: {data}; speed-ups: ratios of medians over the unpatched model, measured in this run")
+        print(format_rows(rows))
+        print(f"plot: {path}")
+    return 0
+
+
+COMMANDS = {"bench": _bench, "train": _train, "eval": _eval, "show": _show, "export": _export,
+            "compare": _compare}
