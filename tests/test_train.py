@@ -197,3 +197,13 @@ def test_distillation_pulls_the_reduced_student_towards_its_teacher(toy_fashion,
     with pytest.raises(FileNotFoundError, match="teacher weights"):
         train(TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, data_root=str(toy_fashion),
                           distill=str(tmp_path / "none.safetensors"), out=str(tmp_path / "x")))
+
+
+def test_saved_weights_get_the_mode_of_a_plain_file(tmp_path):
+    from evit.checkpoint import save_weights
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").stat().st_mode == plain.stat().st_mode
+    assert load_file(str(tmp_path / "w.safetensors"))["weight"].shape == (2, 2)

@@ -16,17 +16,30 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    # safetensors creates its files 0600; give every file the mode a plain open() would, so
+    # weights can be shared, installed as package data, or read by another user.
+    os.chmod(tmp, 0o666 & ~_umask())
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``state`` as safetensors, atomically."""
     _atomic(Path(path), lambda p: save_file(state, str(p)))
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
 
 
 def rng_state() -> dict:

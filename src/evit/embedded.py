@@ -78,9 +78,11 @@ def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
 
 def export(weights: Path, kind: str) -> Path:
     """Write trained ``weights`` into the package as the embedded ``kind`` model (fp16, to stay small)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from .checkpoint import save_tensors
 
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     out = ASSETS / WEIGHTS[kind]
-    save_file(state, str(out))
+    save_tensors(state, out)
     return out
