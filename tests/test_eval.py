@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from evit.evaluate import accuracy, format_rows
+from evit.evaluate import accuracy, evaluate, format_rows, paired_gap
 
 
 class Fixed(torch.nn.Module):
@@ -23,6 +23,45 @@ def test_accuracy_counts_top1_and_top5():
     y = torch.tensor([1, 2, 1, 0])  # right, right, 2 away (in the top 5), 4 away (not)
     top1, top5, n = accuracy(Fixed(), [(x, y)])
     assert (top1, top5, n) == (50.0, 75.0, 4)
+
+
+def test_paired_gap_is_the_difference_with_a_paired_interval():
+    reference = torch.tensor([True] * 90 + [False] * 10)
+    right = reference.clone()
+    right[:6] = False  # 6 images lost, 2 gained: -4 points
+    right[90:92] = True
+    gap, half = paired_gap(right, reference)
+    d = right.double() - reference.double()
+    assert abs(gap - -4.0) < 1e-9
+    assert abs(half - 100 * 1.96 * float(np.std(d.numpy(), ddof=1)) / 10) < 1e-9
+    assert paired_gap(reference, reference) == (0.0, 0.0)
+    assert paired_gap(right[:50], reference) is None  # not the same images: no paired gap
+
+
+def test_evaluate_reports_each_rows_gap_to_the_first():
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 4, 4) * 10, torch.randint(0, 10, (64,))
+    x[:, 0, 0, 0] = torch.where(torch.arange(64) < 16, (y + 5) % 10, y).float()  # 16 of 64 wrong
+
+    class Worse(torch.nn.Module):
+        def forward(self, x):  # also wrong on rows 16-23 of each batch of 32: 16 more images
+            z = x.clone()
+            z[16:24, 0, 0, 0] = (z[16:24, 0, 0, 0] + 5) % 10
+            return Fixed()(z)
+
+    class Cost(torch.nn.Module):  # evaluate counts MACs and times a forward: give it a real layer
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.lin = inner, torch.nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.inner(x)
+
+    rows = evaluate({"a": Cost(Fixed()), "b": Cost(Worse())}, [("a", 1.0), ("b", 1.0)], lambda: [(x[:32], y[:32]), (x[32:], y[32:])],
+                    speed_batch=2, speed_reps=1)
+    assert [r["top1"] for r in rows] == [75.0, 50.0]
+    assert rows[0]["top1_gap"] == 0.0 and rows[1]["top1_gap"] == -25.0 and rows[1]["top1_gap_ci"] > 0
+    assert "-25.00 [" in format_rows(rows)
 
 
 def test_format_rows():

@@ -14,20 +14,42 @@ from .patch import patch, reductions, set_keep_rate, unpatch
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float, int]:
-    """(top-1 %, top-5 %, number of images) of ``model`` over (images, labels) batches."""
+def hits(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, in order: (top-1 right, top-5 right), two bool tensors over all ``batches``."""
     model.eval()
-    top1 = top5 = total = 0
+    top1, top5 = [], []
     for x, y in batches:
         logits = model(x)
-        k = min(5, logits.shape[-1])
-        best = logits.topk(k, dim=-1).indices
-        top1 += (best[:, 0] == y).sum().item()
-        top5 += (best == y[:, None]).any(dim=1).sum().item()
-        total += len(y)
-    if total == 0:
+        best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top1.append(best[:, 0] == y)
+        top5.append((best == y[:, None]).any(dim=1))
+    if not top1:
         raise ValueError("the evaluation data set is empty")
-    return 100.0 * top1 / total, 100.0 * top5 / total, total
+    return torch.cat(top1), torch.cat(top5)
+
+
+def accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float, int]:
+    """(top-1 %, top-5 %, number of images) of ``model`` over (images, labels) batches."""
+    top1, top5 = hits(model, batches)
+    return percent(top1), percent(top5), len(top1)
+
+
+def percent(right: torch.Tensor) -> float:
+    """Share of True in ``right``, in %, from the exact count."""
+    return 100.0 * right.sum().item() / len(right)
+
+
+def paired_gap(right: torch.Tensor, reference: torch.Tensor) -> Optional[tuple[float, float]]:
+    """(top-1 of ``right`` minus top-1 of ``reference``, half-width of its 95% interval), in points.
+
+    The two settings are scored on the same images, so the interval comes from the per-image
+    differences (normal approximation of a paired test): on 10,000 images a gap of half a point
+    is known to about 0.3 either way. None when the two were not scored on the same number of images.
+    """
+    if len(right) != len(reference) or len(right) < 2:
+        return None
+    d = right.double() - reference.double()
+    return 100.0 * d.mean().item(), 100.0 * 1.96 * d.std().item() / len(d) ** 0.5
 
 
 Setting = Union[float, dict]  # a keep rate for EViT, or evit.patch keyword arguments (method=..., ...)
@@ -102,7 +124,8 @@ def evaluate(
     speed_reps: int = 10,
     images: Optional[torch.Tensor] = None,
 ) -> list[dict]:
-    """One row per (model name, setting) in ``settings``: top-1, top-5, GMACs, images/s, speed-up.
+    """One row per (model name, setting) in ``settings``: top-1, top-5, GMACs, images/s, speed-up, and
+    top-1's gap to the first row with its 95% interval (``top1_gap``, ``top1_gap_ci``; same images).
 
     A setting is a keep rate (EViT; 1.0 is the unpatched model) or ``evit.patch`` arguments such as
     ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches. Speed depends
@@ -111,11 +134,13 @@ def evaluate(
     """
     first = next(iter(models.values()))
     speed = speedups(first, [s for _, s in settings], speed_batch, speed_reps, locations)
-    rows = []
+    rows, reference = [], None
     for name, setting in settings:
         model = models[name]
         apply_setting(model, setting, locations, images)
-        top1, top5, n = accuracy(model, batches_fn())
+        right, right5 = hits(model, batches_fn())
+        reference = right if reference is None else reference
+        gap, gap_ci = paired_gap(right, reference) or (None, None)
         macs = count_macs(model) / 1e9
         release(model)
         spec = patch_spec(setting) or {}
@@ -123,7 +148,9 @@ def evaluate(
         rows.append(dict(model=name, method=str(spec.get("method", "evit" if spec else "none")),
                          keep_rate=spec.get("keep_rate", 1.0 if not spec else None),
                          settings={k: v for k, v in spec.items() if k != "method"},
-                         top1=top1, top5=top5, images=n, gmacs=macs, images_per_s=ips, speedup=up))
+                         top1=percent(right), top5=percent(right5),
+                         images=len(right), gmacs=macs, images_per_s=ips, speedup=up,
+                         top1_gap=gap, top1_gap_ci=gap_ci))
     return rows
 
 
@@ -135,10 +162,21 @@ def setting_text(row: dict) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """A text table; with a method column when the rows are not all EViT keep rates."""
+    """A text table; with a method column when the rows are not all EViT keep rates, and top-1's gap
+    to the first row (95% interval) when the rows have it."""
     methods = any(r.get("method", "evit") not in ("evit", "none") for r in rows)
+    gaps = len(rows) > 1 and any(r.get("top1_gap") is not None for r in rows[1:])
     head = ["model"] + (["method", "setting"] if methods else ["keep"]) + \
-        ["top-1 %", "top-5 %", "images", "GMACs", "img/s", "speed-up"]
+        ["top-1 %", "top-5 %", "images", "GMACs", "img/s", "speed-up"] + (["top-1 vs row 1"] if gaps else [])
     return text_table(head, [[r["model"]] + ([r["method"]] if methods else []) + [setting_text(r)] +
                              [f"{r['top1']:.2f}", f"{r['top5']:.2f}", str(r["images"]), f"{r['gmacs']:.4f}",
-                              f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x"] for r in rows])
+                              f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x"] +
+                             ([gap_text(r) if i else "-"] if gaps else []) for i, r in enumerate(rows)])
+
+
+def gap_text(row: dict) -> str:
+    """'-0.53 [-0.86, -0.20]': the gap in points and its 95% interval; '-' where there is none."""
+    if row.get("top1_gap") is None:
+        return "-"
+    gap, half = row["top1_gap"], row["top1_gap_ci"]
+    return f"{gap:+.2f} [{gap - half:+.2f}, {gap + half:+.2f}]"
