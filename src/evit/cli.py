@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("eval", help="top-1/top-5 with GMACs and speed-up per keep rate (default: the embedded model)")
+    p = sub.add_parser("eval", help="top-1/top-5 with GMACs, speed-up and top-1 gap to the first row (paired 95%% "
+                       "interval) per keep rate (default: the embedded model)")
     _add_eval_args(p)
     _add_budget_args(p, help="default: 1.0 0.7 0.5")
     p.add_argument("--locations", type=int, nargs="+")
