@@ -112,6 +112,7 @@ def test_training_learns_with_evit(toy_fashion, tiny_recipe, tmp_path):
     import evit
     from evit.data import normalize
 
+    torch.manual_seed(0)  # as `evit train` seeds it (recipe seed 0): the weights the run started from
     model = evit.patch(timm.create_model("vit_tiny_patch16_224", **TINY), 0.5).eval()  # as trained
     x, y = load_fashion_mnist("test", str(toy_fashion))
 

@@ -1,0 +1,165 @@
+"""Every ViT architecture in the installed timm: served (and correct) or refused with a reason.
+
+For each architecture of timm's ViT modules (random weights, depth cut to 4 blocks so that the giant
+ones fit; everything else as timm builds it, input size included):
+- ``evit.patch`` either refuses it with a TypeError/ValueError naming the reason, or serves it;
+  any other exception is a failure;
+- served: every off-the-shelf method at zero reduction equals the unpatched model (max |diff|), and
+  at a real reduction runs, gives finite logits, and the sequence lengths its blocks actually see
+  equal ``evit.token_counts``; EViT at keep 0.7 gives the same logits on timm's fused attention
+  (``F.scaled_dot_product_attention``) as on its explicit attention matrix.
+One architecture of each other transformer module is checked for a clear refusal.
+
+    python benchmarks/timm_sweep.py --out docs/timm_sweep.txt
+
+Exits non-zero when any architecture fails. Takes about 10 minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import torch
+
+import evit
+
+SERVED_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid")
+REFUSED_MODULES = ("vision_transformer_relpos", "vision_transformer_sam", "eva", "beit", "cait", "naflexvit",
+                   "xcit", "crossvit", "pit", "levit", "volo", "tnt", "convit", "twins", "swin_transformer",
+                   "hiera", "qwen3_vit", "gemma4_vit", "deepseek_vit", "vitamin", "tiny_vit", "mvitv2")
+# method, settings at zero reduction, settings at a real reduction
+METHODS = (
+    ("evit", {"keep_rate": 1.0}, {"keep_rate": 0.7}),
+    ("topk", {"keep_rate": 1.0}, {"keep_rate": 0.7}),
+    ("random", {"keep_rate": 1.0, "seed": 0}, {"keep_rate": 0.7, "seed": 0}),
+    ("tome", {"r": 0}, {"r": 8}),
+    ("stvit", {"keep_rate": 1.0}, {"keep_rate": 0.5}),
+    ("patchslimming", {"keep_rate": 1.0}, {"keep_rate": 0.7}),
+    ("dynamicvit", {"keep_rate": 1.0}, {"keep_rate": 0.7}),
+)
+TOLERANCE = 1e-4
+
+
+def architectures(modules: tuple[str, ...], per_module: int | None = None) -> list[tuple[str, str]]:
+    import timm
+    from timm.models._registry import _model_to_module
+
+    found = collections.defaultdict(list)
+    for name in timm.list_models():
+        module = _model_to_module.get(name, "")
+        if module in modules:
+            found[module].append(name)
+    return [(m, n) for m in modules for n in found[m][:per_module]]
+
+
+def build(name: str, depth: int, device: str = "cpu") -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        try:
+            model = timm.create_model(name, pretrained=False, depth=depth)
+        except TypeError:  # a constructor without a depth argument: as timm builds it
+            model = timm.create_model(name, pretrained=False)
+    # timm's init leaves LayerScale at 1e-5 and the head at zero: make every path show in the logits
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".gamma") or n.startswith("head"):
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def seen_lengths(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Logits, and the input length followed by the output length of each patched block."""
+    lengths: dict[int, int] = {}
+    hooks = [b.register_forward_hook(lambda mod, args, out, i=i: lengths.__setitem__(i, out.shape[1]))
+             for i, b in enumerate(model.blocks)]
+    first = model.blocks[0].register_forward_pre_hook(lambda mod, args: lengths.__setitem__(-1, args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in hooks + [first]:
+            h.remove()
+    return out, [lengths[-1]] + [lengths[i] for i in sorted(evit.reductions(model))]
+
+
+def check(name: str, depth: int) -> tuple[str, str]:
+    """(status, detail): 'served', 'refused' or 'FAIL'."""
+    try:  # the refusal needs only the structure: no weights (giant models build in no time)
+        skeleton = build(name, depth, device="meta")
+    except Exception:  # noqa: BLE001 - a constructor that computes on its weights
+        skeleton = build(name, depth)
+    try:
+        evit.check_model(skeleton)
+    except (TypeError, ValueError) as e:
+        return "refused", str(e).split(": ", 1)[-1]
+    model = build(name, depth)
+    cfg = model.pretrained_cfg or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    torch.manual_seed(0)
+    x = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        ref = model(x)
+    worst, counts = 0.0, {}
+    for method, zero, reduced in METHODS:
+        images = {"images": x} if method == "patchslimming" else {}
+        evit.patch(model, method=method, **zero, **images)
+        out, _ = seen_lengths(model, x)
+        worst = max(worst, (out - ref).abs().max().item())
+        evit.patch(model, method=method, **reduced, **images)
+        out, seen = seen_lengths(model, x)
+        expected = evit.token_counts(model, seen[0])
+        if not torch.isfinite(out).all() or out.shape != ref.shape:
+            return "FAIL", f"{method}: logits not finite or of shape {tuple(out.shape)}"
+        if seen != expected:
+            return "FAIL", f"{method}: blocks saw {seen} tokens, token_counts says {expected}"
+        counts[method] = "->".join(map(str, seen))
+    evit.patch(model, keep_rate=0.7)  # the fused-attention path against timm's explicit one
+    fused = seen_lengths(model, x)[0]
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    paths = ((seen_lengths(model, x)[0] - fused).abs().max() / fused.abs().max()).item()  # relative
+    evit.unpatch(model)
+    if worst > TOLERANCE or paths > TOLERANCE:
+        return "FAIL", f"zero reduction differs from unpatched by {worst:.1e}; fused from unfused by {paths:.1e} (relative)"
+    return "served", (f"zero reduction max|diff| {worst:.0e}, evit 0.7 fused vs unfused {paths:.0e} (relative); "
+                      f"tokens evit 0.7: {counts['evit']}, tome r=8: {counts['tome']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import timm
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--only", nargs="*", help="architecture names (default: all)")
+    parser.add_argument("--out", help="also write the table here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    names = architectures(SERVED_MODULES) + architectures(REFUSED_MODULES, per_module=1)
+    if args.only:
+        names = [(m, n) for m, n in names if n in args.only]
+    lines, tally, start = [], collections.Counter(), time.time()
+    for module, name in names:
+        try:
+            status, detail = check(name, args.depth)
+        except Exception as e:  # noqa: BLE001 - a crash is what this sweep looks for
+            status, detail = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        tally[status] += 1
+        line = f"{name:<52} {module:<26} {status:<8} {detail}"
+        lines.append(line)
+        print(line, flush=True)
+    head = (f"timm {timm.__version__}, torch {torch.__version__}, evit {evit.__version__}; random weights, depth "
+            f"cut to {args.depth}; {len(names)} architectures in {time.time() - start:.0f} s: "
+            + ", ".join(f"{v} {k}" for k, v in sorted(tally.items())))
+    print(head)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(head + "\n" + "\n".join(lines) + "\n")
+    return 1 if tally["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
