@@ -1,10 +1,13 @@
 """Peer methods under the one interface: ToMe, Random drop, Top-K, the ideal."""
+import copy
+
 import pytest
 import torch
 
 import evit
 from evit.attention import Seen, attend
 from evit.methods import Ideal, ToMe, TopK
+from evit.patch import SizeWeightedNorm
 from conftest import input_for, make_model
 
 
@@ -193,3 +196,57 @@ def test_dynamicvit_weights_round_trip(tmp_path):
     x = input_for(model)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x))
+
+
+def _average_pooled_model():
+    """An average-pooled ViT without class token (as vit_*_gap, AIMv2), 4 x 4 patches, no position embedding:
+    identical patches stay identical tokens through every block."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_medium_patch16_gap_256", pretrained=False, img_size=64, depth=3, embed_dim=64,
+                              num_heads=2).eval()
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.head.weight.normal_(0, 0.2)
+    assert model.num_prefix_tokens == 0 and model.global_pool == "avg"
+    return model
+
+
+def test_tome_on_an_average_pooled_model_pools_by_size():
+    """Merging two pairs of identical tokens changes nothing: proportional attention and a size-weighted
+    mean make the 14 remaining tokens act exactly as the 16 did. A plain mean of the 14 would not."""
+    model = _average_pooled_model()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    x[..., :16, 16:32] = x[..., :16, 0:16]  # patch 1 = patch 0 (A token 0, B token 0)
+    x[..., :16, 48:64] = x[..., :16, 32:48]  # patch 3 = patch 2 (A token 1, B token 1)
+    with torch.no_grad():
+        ref = model(x)
+        evit.patch(model, method="tome", r=2, locations=[0])
+        assert evit.token_counts(model, 16) == [16, 14, 14, 14]  # later blocks carry the sizes
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(copy.deepcopy(model)(x), ref, atol=1e-5, rtol=1e-5)  # as EMA copies it
+        weighted, model.norm.__class__ = type(model.norm), torch.nn.Identity  # the plain mean instead
+        assert (model(x) - ref).abs().max() > 1e-3
+        model.norm.__class__ = weighted
+        evit.unpatch(model)
+        torch.testing.assert_close(model(x), ref)
+        assert not isinstance(model.norm, SizeWeightedNorm) and not hasattr(model.norm, "token_state")
+
+
+def test_average_pooled_models_take_only_methods_without_class_token():
+    model = _average_pooled_model()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        evit.patch(model, method="random", keep_rate=0.5, seed=0)
+        assert evit.token_counts(model, 16) == [16, 8, 4, 2] and model(x).shape == ref.shape
+        assert not isinstance(model.norm, SizeWeightedNorm)  # nothing merged: the plain mean is right
+        evit.patch(model, method="tome", r=0)
+        torch.testing.assert_close(model(x), ref)
+    evit.unpatch(model)
+    for method in ("evit", "topk", "stvit", "dynamicvit", "patchslimming"):
+        with pytest.raises(ValueError, match="global_pool='avg' without a class token.*random, tome"):
+            evit.patch(model, method=method)
+    assert not evit.reductions(model), "a refused patch leaves the model as it was"

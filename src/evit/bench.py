@@ -110,7 +110,7 @@ def bench(
     """
     if batch_size < 1 or reps < 1 or latency_reps < 1:
         raise ValueError("batch_size, reps and latency_reps must be at least 1")
-    check_model(model)
+    check_model(model, method)
     model = model.eval()
     steady_allocator()
     input_size = tuple(input_size or native_input_size(model))

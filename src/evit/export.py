@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .cost import native_input_size
-from .patch import check_model
+from .patch import check_model, reductions
 
 _INSTALL_HINT = "install them with `pip install 'evit[export]'` (or `pip install onnx onnxscript onnxruntime`)"
 
@@ -85,7 +85,7 @@ def export_onnx(
     the exporter's (at least 18). Weights go inside the file unless they pass ONNX's 2 GB limit, in which
     case they go to ``<path>.data`` beside it.
     """
-    check_model(model)
+    check_model(model, next(iter(reductions(model).values()), None))  # served with the method it is patched with
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist (create it first)")

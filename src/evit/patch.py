@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from .attention import attend
@@ -57,13 +58,37 @@ class ReducingBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-_REDUCING_CLASSES: dict[type, type] = {}
+class SizeWeightedNorm(nn.Module):
+    """Mixin placed in front of the class of ``model.norm`` when merged tokens feed ``global_pool='avg'``.
+
+    The average pool follows ``model.norm``, the last step of timm's ``forward_features``. Scaling
+    each image token there by ``size * M / sum(size)`` (M image tokens) turns the pool's plain mean
+    into the size-weighted one: the mean over the input patches, as before merging. (So
+    ``forward_features`` returns those scaled tokens.)
+    """
+
+    token_state: TokenState
+    num_prefix_tokens: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = super().forward(x)
+        if self.token_state.size is None:  # nothing merged in this forward
+            return x
+        p = self.num_prefix_tokens
+        size = self.token_state.size[:, p:].to(x.dtype)
+        weights = size * (size.shape[1] / size.sum(dim=1, keepdim=True))
+        return torch.cat([x[:, :p], x[:, p:] * weights.unsqueeze(-1)], dim=1)
 
 
-def _reducing_class(cls: type) -> type:
-    if cls not in _REDUCING_CLASSES:
-        _REDUCING_CLASSES[cls] = type(f"Reducing{cls.__name__}", (ReducingBlock, cls), {"_evit_base": cls})
-    return _REDUCING_CLASSES[cls]
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, cls: type) -> type:
+    """``cls`` with ``mixin`` in front; ``_evit_base`` names ``cls`` for :func:`unpatch`."""
+    if (mixin, cls) not in _SUBCLASSES:
+        prefix = "Reducing" if mixin is ReducingBlock else "SizeWeighted"
+        _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"_evit_base": cls})
+    return _SUBCLASSES[mixin, cls]
 
 
 def _name(model: nn.Module) -> str:
@@ -71,8 +96,13 @@ def _name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def check_model(model: nn.Module) -> None:
-    """Raise TypeError/ValueError naming the reason when evit cannot serve ``model``."""
+def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None] = None) -> None:
+    """Raise TypeError/ValueError naming the reason when evit cannot serve ``model`` with ``method``.
+
+    ``method`` (default EViT) matters for the pooling: a method that ranks or keeps tokens by the
+    class token needs a model that classifies from it; ToMe and Random drop also serve models that
+    average their image tokens (``global_pool='avg'``).
+    """
     VisionTransformer, Block, Attention = _timm_classes()
     name = _name(model)
     if not isinstance(model, nn.Module):
@@ -82,14 +112,22 @@ def check_model(model: nn.Module) -> None:
             f"evit cannot patch {name} ({type(model).__name__}): only timm VisionTransformer models "
             "(ViT, DeiT, DeiT III, DINOv2, CLIP ViT) are supported, not Swin, EVA, ConvNeXt or other families"
         )
-    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", None) != "token":
-        raise ValueError(
-            f"evit cannot patch {name}: it classifies from global_pool={model.global_pool!r}"
-            f"{'' if getattr(model, 'cls_token', None) is not None else ' without a class token'}; "
-            "EViT ranks tokens by the class token's attention and needs global_pool='token' with a class token"
-        )
     if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"evit cannot patch {name}: it pools with an attention-pooling head ('map')")
+        raise ValueError(
+            f"evit cannot patch {name}: it classifies from global_pool={model.global_pool!r}, an attention-pooling "
+            "head, which no evit method serves (its attention would need the merged tokens' sizes)"
+        )
+    pooling = getattr(model, "global_pool", None)
+    has_cls = getattr(model, "cls_token", None) is not None
+    cls = type(method) if isinstance(method, TokenReduction) else _method_class(EViT if method is None else method)
+    if not (pooling == "token" and has_cls) and not (pooling == "avg" and not cls.needs_class_token):
+        by = " (it ranks tokens by the class token's attention)" if cls.needs_cls_attn else ""
+        raise ValueError(
+            f"evit cannot patch {name} with {cls.__name__}: it classifies from global_pool={pooling!r}"
+            f"{'' if has_cls else ' without a class token'}; {cls.__name__} needs global_pool='token' with a "
+            f"class token{by}. Methods that need no class token also serve average-pooled "
+            f"models: {', '.join(sorted(k for k, m in METHODS.items() if not m.needs_class_token and k != 'slice'))}"
+        )
     for i, block in enumerate(model.blocks):
         base = getattr(type(block), "_evit_base", type(block))
         if not issubclass(base, Block) or base.forward is not Block.forward:
@@ -133,16 +171,20 @@ def unpatch(model: nn.Module) -> nn.Module:
         if base is not None:
             block.__class__ = base
             del block.reduction
+    norm = getattr(model, "norm", None)
+    if isinstance(norm, SizeWeightedNorm):
+        norm.__class__ = type(norm)._evit_base
+        del norm.token_state, norm.num_prefix_tokens
     return model
 
 
 def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     """Place ``methods[i]`` in block ``i`` of ``model`` (in place); earlier patches are removed first."""
-    check_model(model)
-    check_locations(methods.keys(), len(model.blocks), _name(model))
     for i, method in methods.items():
         if not isinstance(method, TokenReduction):
             raise TypeError(f"methods[{i}] must be an evit TokenReduction, got {type(method).__name__}")
+    check_model(model, next((m for m in methods.values() if m.needs_class_token), next(iter(methods.values()), None)))
+    check_locations(methods.keys(), len(model.blocks), _name(model))
     unpatch(model)
     methods = dict(sorted(methods.items()))
     carrying = [i for i, m in methods.items() if m.tracks_size or m.masks_in_training]
@@ -155,8 +197,11 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
         method.state, method.first, method.block = state, j == 0, i
         method.bind(model)
         block = model.blocks[i]
-        block.__class__ = _reducing_class(type(block))
+        block.__class__ = _subclass(ReducingBlock, type(block))
         block.reduction = method
+    if model.global_pool == "avg" and any(m.tracks_size for m in methods.values()):
+        model.norm.__class__ = _subclass(SizeWeightedNorm, type(model.norm))
+        model.norm.token_state, model.norm.num_prefix_tokens = state, model.num_prefix_tokens
     return model
 
 
@@ -184,7 +229,7 @@ def patch(
     forward).
     """
     cls = _method_class(method)
-    check_model(model)
+    check_model(model, cls)
     depth = len(model.blocks)
     locs = check_locations(locations, depth, _name(model)) if locations is not None else cls.default_locations(depth)
     try:

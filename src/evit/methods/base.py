@@ -98,6 +98,9 @@ class TokenReduction(nn.Module):
     groups_patches: bool = False
     #: chooses its tokens from sample images (Patch Slimming): :meth:`prepare` must run after patching
     needs_images: bool = False
+    #: chooses by, or keeps, the class token, so the model must classify from it (global_pool='token');
+    #: False: it also serves models that average their image tokens (global_pool='avg')
+    needs_class_token: bool = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ from .evit import prefix_index, select_tokens
 
 
 class RandomDrop(KeepRateReduction):
+    needs_class_token = False
     def __init__(self, keep_rate: float = 0.7, fuse: bool = False, seed: Optional[int] = None) -> None:
         if fuse:
             raise ValueError("RandomDrop drops tokens; it has no fused token")

@@ -16,12 +16,16 @@ from .base import KeepRateReduction, TokenReduction
 
 
 class Slice(KeepRateReduction):
+    needs_class_token = False
+
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         return x[:, : self.output_tokens(x.shape[1])]
 
 
 class Ideal(TokenReduction):
     """The token counts of ``method``, cut by slicing."""
+
+    needs_class_token = False
 
     def __init__(self, method: TokenReduction) -> None:
         super().__init__()
@@ -37,6 +41,8 @@ class Ideal(TokenReduction):
 
 class Keep(TokenReduction):
     """Keeps every token (for blocks after a merging method, which need its token sizes)."""
+
+    needs_class_token = False
 
     def output_tokens(self, n_tokens: int) -> int:
         return n_tokens

@@ -25,6 +25,7 @@ from .base import TokenReduction
 
 
 class ToMe(TokenReduction):
+    needs_class_token = False
     needs_keys = True
     tracks_size = True
     groups_patches = True
