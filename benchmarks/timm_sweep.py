@@ -8,7 +8,8 @@ ones fit; everything else as timm builds it, input size included):
 - served: every method that serves it, at zero reduction, equals the unpatched model (max |diff|), and
   at a real reduction runs, gives finite logits, and the sequence lengths its blocks actually see
   equal ``evit.token_counts``; EViT at keep 0.7 (average-pooled models: ToMe, r=8) gives the same
-  logits on timm's fused attention (``F.scaled_dot_product_attention``) as on its explicit attention.
+  logits on timm's fused attention (``F.scaled_dot_product_attention``) as on its explicit attention
+  (in float64, so that float32's last-bit differences cannot flip a near-tie in the ranking).
 One architecture of each other transformer module is checked for a clear refusal.
 
     python benchmarks/timm_sweep.py --out docs/timm_sweep.txt
@@ -125,8 +126,10 @@ def check(name: str, depth: int) -> tuple[str, str]:
         if seen != expected:
             return "FAIL", f"{method}: blocks saw {seen} tokens, token_counts says {expected}"
         counts[method] = "->".join(map(str, seen))
-    # the fused-attention path against timm's explicit one (with ToMe: its proportional-attention bias)
+    # The fused-attention path against timm's explicit one (with ToMe: its proportional-attention bias),
+    # in float64: in float32 their last-bit differences can flip a near-tie in the ranking or matching.
     both = dict(keep_rate=0.7) if "evit" in served else dict(method="tome", r=8)
+    model, x = model.double(), x.double()
     evit.patch(model, **both)
     fused = seen_lengths(model, x)[0]
     for block in model.blocks:
