@@ -208,3 +208,23 @@ def test_saved_weights_get_the_mode_of_a_plain_file(tmp_path):
     save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").stat().st_mode == plain.stat().st_mode
     assert load_file(str(tmp_path / "w.safetensors"))["weight"].shape == (2, 2)
+
+
+def test_training_device_is_chosen_and_checked(monkeypatch):
+    from evit.train import training_device
+
+    assert training_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert training_device(None) == torch.device("cpu")
+        with pytest.raises(ValueError, match="sees no CUDA GPU; use --device cpu"):
+            training_device("cuda")
+    else:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert training_device(None) == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="use 'cpu', 'cuda' or 'cuda:N'"):
+        training_device("gpu0")
+
+
+def test_unknown_device_is_a_clear_error(toy_fashion, tiny_recipe, tmp_path):
+    proc = _run_train(_train_cmd(toy_fashion, tmp_path / "dev", "--recipe", str(tiny_recipe), "--device", "gpu0"))
+    assert proc.returncode == 2 and "device 'gpu0'" in proc.stderr and "Traceback" not in proc.stderr

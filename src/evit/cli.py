@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also match the predictions of the unpatched model with these weights (soft targets)")
     p.add_argument("--train-subset", type=_positive, help="use only the first N training images")
     p.add_argument("--ema-decay", type=float)
+    p.add_argument("--bf16", action="store_true", default=None, help="autocast to bfloat16")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
     p.add_argument("--out", help="run folder: checkpoints, config.json, model.safetensors")
     p.add_argument("--save-every", type=_positive, help="checkpoint every N steps (also at each epoch end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

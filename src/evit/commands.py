@@ -20,7 +20,8 @@ def _train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("model", "pretrained", "init", "data", "data_root", "download", "epochs",
                                               "max_steps", "batch_size", "lr", "keep_rate", "keep_rate_min", "keep_warmup_epochs",
-                                              "keep_warmup_start", "train_subset", "ema_decay", "distill", "out", "save_every")}
+                                              "keep_warmup_start", "train_subset", "ema_decay", "bf16", "device", "distill", "out",
+                                              "save_every")}
     if args.recipe:
         cfg = TrainConfig.from_file(str(recipe_path(args.recipe)), **overrides)
     elif args.model:

@@ -55,7 +55,8 @@ class TrainConfig:
     keep_warmup_epochs: float = 0.0  # cosine from 1 to keep_rate over this many epochs (0: none)
     locations: Optional[list] = None
     fuse: bool = True
-    bf16: bool = False  # autocast to bfloat16 (fast only on CPUs with AVX512-BF16 or AMX)
+    bf16: bool = False  # autocast to bfloat16 (on a CPU fast only with AVX512-BF16 or AMX)
+    device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None: the GPU when there is one
     ema_decay: float = 0.0  # 0: no EMA
     distill: Optional[str] = None  # weights of an unpatched teacher (same architecture): match its predictions
     distill_weight: float = 1.0  # weight of the soft-target loss beside the task loss
@@ -132,6 +133,19 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def training_device(name: Optional[str]) -> torch.device:
+    """The device to train on: ``name``, else this process's GPU (``LOCAL_RANK`` under torchrun), else the CPU."""
+    if name is None:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: {e}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train per ``cfg``; with ``resume``, continue from the newest checkpoint in ``cfg.out``."""
     from timm.data import Mixup
@@ -145,9 +159,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.distill_img_size and (cfg.mixup or cfg.cutmix):
         raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed images")
     rank, world = _distributed()
+    device = training_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     loader, _ = make_loaders(cfg, rank, world)
     per_epoch = len(loader)
     if per_epoch == 0:
@@ -162,7 +177,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                    num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    teacher = build_teacher(cfg) if cfg.distill else None
+    teacher = build_teacher(cfg).to(device) if cfg.distill else None
 
     step = 0
     if resume:
@@ -178,7 +193,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_devices = [device] if device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
 
     warm_start, warm_span = int(cfg.keep_warmup_start * per_epoch), int(cfg.keep_warmup_epochs * per_epoch)
     model.train()
@@ -194,6 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     while step < total:
         epoch, start = divmod(step, per_epoch)
         for images, y in loader.batches(epoch, start):
+            images, y = images.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = resize_images(images, cfg.img_size)
             if cfg.keep_rate < 1.0:
                 target = cfg.keep_rate if cfg.keep_rate_min is None else drawn_keep_rate(
@@ -202,7 +219,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 set_keep_rate(model, keep)
             if mixup:
                 x, y = mixup(x, y)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and x.device.type == "cpu"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = net(x)
                 loss = criterion(logits, y)
                 if teacher is not None:
