@@ -230,7 +230,7 @@ def test_cli_eval_at_a_larger_size_matches_the_native_macs(small_subset, capsys)
     assert choice["img_size"] == [36, 36] and choice["native_size"] == [28, 28]
     assert 0 < choice["keep_rate"] < 1 and choice["gmacs"] <= choice["budget_gmacs"] == choice["native_gmacs"]
     assert [(r["model"], r["keep_rate"]) for r in rows] == [
-        ("baseline", 1.0), ("baseline", choice["keep_rate"]), ("evit-finetuned", choice["keep_rate"])]
+        ("baseline", 1.0), ("baseline", choice["keep_rate"]), ("evit-trained", choice["keep_rate"])]
     assert rows[0]["gmacs"] > choice["budget_gmacs"]  # unreduced at 36 px costs more
     assert all(r["gmacs"] == pytest.approx(choice["gmacs"]) for r in rows[1:])
     assert all(r["images"] == 96 and r["top1"] > 40 for r in rows)  # resized images, still classified

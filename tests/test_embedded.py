@@ -48,3 +48,21 @@ def test_bench_defaults_to_the_embedded_model(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "embedded Fashion-MNIST ViT"
     assert out["rows"][1]["tokens"][0] == 50 and out["rows"][1]["gmacs"] < out["rows"][0]["gmacs"]
+
+
+def test_bundled_recipes_form_complete_chains():
+    """Every recipe that starts from (or learns from) a run's weights names a run another bundled recipe makes."""
+    import json
+
+    from evit.embedded import RECIPES
+    from evit.train import TrainConfig
+
+    recipes = {f.stem: json.loads(f.read_text()) for f in RECIPES.glob("*.json")}
+    made = {f"{r['out']}/model.safetensors" for r in recipes.values()}
+    for name, r in recipes.items():
+        TrainConfig.from_file(str(RECIPES / f"{name}.json"))  # every key is one evit train knows
+        for key in ("init", "distill"):
+            if r.get(key, "").startswith("runs/"):
+                assert r[key] in made, f"recipe {name}: {key} {r[key]} is made by no bundled recipe"
+    assert {"fashion_mnist_baseline", "fashion_mnist_baseline_cont", "fashion_mnist_evit",
+            "fashion_mnist_evit_cont"} <= set(recipes)

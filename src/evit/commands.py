@@ -55,10 +55,10 @@ def _eval(args) -> int:
         models = {label: create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
         settings = [(label, r) for r in (args.keep_rates or [1.0, 0.7, 0.5])]
     else:
-        models = {"baseline": embedded.load_model("baseline"), "evit-finetuned": embedded.load_model("evit")}
+        models = {"baseline": embedded.load_model("baseline"), "evit-trained": embedded.load_model("evit")}
         rates = args.keep_rates or [0.7, 0.5]
         settings = [("baseline", 1.0)] + [("baseline", r) for r in rates if r < 1] + \
-                   [("evit-finetuned", r) for r in rates if r < 1]
+                   [("evit-trained", r) for r in rates if r < 1]
     choice = _fit_budget(args, models.values())
     if choice is not None and choice.keep_rate is not None:  # the solver's rate replaces --keep-rates
         names = list(models)

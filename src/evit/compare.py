@@ -3,7 +3,7 @@
 Every setting of every method is evaluated on the same images, counted in the same
 way and timed in the same interleaved run (:func:`evit.evaluate.evaluate`), so the
 rows can be compared directly. Methods without parameters run off the shelf on the
-baseline weights; a method trained for token reduction (EViT fine-tuned) runs on
+baseline weights; a method trained for token reduction (EViT trained) runs on
 the weights given for it.
 """
 from __future__ import annotations

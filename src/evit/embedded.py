@@ -1,6 +1,6 @@
 """The embedded default: a small ViT trained by this project on Fashion-MNIST, and test images.
 
-Bundled in ``evit/assets``: the baseline weights, the EViT fine-tuned weights (keep 0.7),
+Bundled in ``evit/assets``: the baseline weights, the weights trained with EViT (keep rates 0.5 to 0.7),
 a subset of the Fashion-MNIST test set (MIT licence, notice in ``assets/FASHION_MNIST_LICENSE``)
 and the recipes that made the weights (``assets/recipes``), so ``evit eval`` and
 ``evit bench`` show real accuracy beside speed with no network.
@@ -47,7 +47,7 @@ def _missing(what: str) -> FileNotFoundError:
 
 
 def load_model(kind: str = "baseline") -> nn.Module:
-    """The embedded model: ``'baseline'`` (trained at keep 1.0) or ``'evit'`` (fine-tuned with EViT at
+    """The embedded model: ``'baseline'`` (trained at keep 1.0) or ``'evit'`` (trained with EViT at
     keep rates 0.5 to 0.7), unpatched; or ``'dynamicvit'`` (trained with DynamicViT at keep 0.7),
     patched with its predictors at keep 1.0."""
     from safetensors.torch import load_file
