@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import evit
 from evit.bench import bench, format_table, paired_ratio, time_interleaved
@@ -16,6 +17,14 @@ def test_time_interleaved_rotates_order_and_takes_medians():
     times = time_interleaved(fns, reps=3, warmup=1)
     assert set(times) == {"a", "b", "c"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
     assert calls == list("cab") + list("abc") + list("bca") + list("cab")  # warm-up, then 3 rotations
+
+
+def test_time_interleaved_waits_for_the_device_around_each_timed_call():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    time_interleaved(fns, reps=2, warmup=1, sync=lambda: calls.append("sync"))
+    # warm-up (b a), then a b, b a: each call between two waits, so queued work is inside the clock
+    assert calls == [c for name in "baabba" for c in ("sync", name, "sync")]
 
 
 def test_paired_ratio_cancels_common_swings():
@@ -57,6 +66,25 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "unknown timm model 'not_a_model_xyz'" in capsys.readouterr().err
     assert main(["bench", "--model", "convnext_atto", "--reps", "1"]) == 2
     assert "only timm VisionTransformer" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+def test_cli_device_is_checked_before_any_work(capsys):
+    for command in (["bench"], ["eval"], ["compare"]):
+        assert main(command + ["--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert f"evit {command[0]}: error: device 'cuda': this torch sees no CUDA GPU; use --device cpu" in err
+    assert main(["eval", "--device", "gpu0"]) == 2
+    assert "use 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+    assert main(["bench", "--backends", "eager", "--device", "cuda:0"]) == 2
+    assert "--backends times batch-1 latency on the CPU only" in capsys.readouterr().err
+
+
+def test_cli_bench_says_where_it_ran(capsys):
+    rc = main(["bench", "--model", "deit_tiny_patch16_224", "--keep-rates", "0.5", "--batch-size", "1", "--reps", "1",
+               "--latency-reps", "1", "--warmup", "0", "--threads", "1", "--device", "cpu"])
+    assert rc == 0
+    assert "deit_tiny_patch16_224, batch 1, cpu, 1 threads; speed-ups" in capsys.readouterr().out
 
 
 def test_pretrained_offline_fails_fast_and_clearly():

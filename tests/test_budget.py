@@ -240,6 +240,7 @@ def test_cli_eval_text_output_prints_the_chosen_rate(small_subset, capsys):
     assert main(["eval", "--img-size", "32", "--speedup", "1.2", "--speed-reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "input 32x32: keep rate 0." in out and "within the budget of" in out
+    assert f"; on cpu, {torch.get_num_threads()} threads; speed-ups" in out  # where the speeds were measured
 
 
 def test_cli_bench_with_a_budget(capsys):

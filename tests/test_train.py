@@ -210,19 +210,19 @@ def test_saved_weights_get_the_mode_of_a_plain_file(tmp_path):
     assert load_file(str(tmp_path / "w.safetensors"))["weight"].shape == (2, 2)
 
 
-def test_training_device_is_chosen_and_checked(monkeypatch):
-    from evit.train import training_device
+def test_device_is_chosen_and_checked(monkeypatch):
+    from evit.models import resolve_device
 
-    assert training_device("cpu") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        assert training_device(None) == torch.device("cpu")
+        assert resolve_device(None) == torch.device("cpu")
         with pytest.raises(ValueError, match="sees no CUDA GPU; use --device cpu"):
-            training_device("cuda")
+            resolve_device("cuda")
     else:
         monkeypatch.setenv("LOCAL_RANK", "0")
-        assert training_device(None) == torch.device("cuda:0")
+        assert resolve_device(None) == torch.device("cuda:0")
     with pytest.raises(ValueError, match="use 'cpu', 'cuda' or 'cuda:N'"):
-        training_device("gpu0")
+        resolve_device("gpu0")
 
 
 def test_unknown_device_is_a_clear_error(toy_fashion, tiny_recipe, tmp_path):

@@ -19,6 +19,7 @@ from torch import nn
 
 from .cost import count_macs, native_input_size
 from .methods import EViT, Ideal
+from .models import resolve_device
 from .patch import apply, check_model, patch, reductions, token_counts, unpatch
 
 
@@ -28,10 +29,13 @@ def time_interleaved(
     warmup: int = 1,
     progress: Optional[Callable[[int, int], None]] = None,
     setup: Optional[Callable[[str], None]] = None,
+    sync: Optional[Callable[[], object]] = None,
 ) -> dict[str, list[float]]:
     """Seconds of every timed call of each function, by repetition; calls interleaved, order
     rotated every repetition. ``setup(name)``, if given, runs untimed before each call.
+    ``sync()`` waits for queued work (a GPU's): it runs before the clock starts and before it stops.
     """
+    sync = sync or (lambda: None)
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(-warmup, reps):
@@ -39,8 +43,10 @@ def time_interleaved(
         for name in order:
             if setup:
                 setup(name)
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             if rep >= 0:
                 times[name].append(time.perf_counter() - t0)
         if progress and rep >= 0:
@@ -66,6 +72,11 @@ def steady_allocator() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+def device_sync(device: torch.device) -> Optional[Callable[[], None]]:
+    """What :func:`time_interleaved` calls to wait for ``device``: CUDA runs asynchronously."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
 def _stderr_progress(label: str) -> Callable[[int, int], None]:
@@ -102,16 +113,20 @@ def bench(
     progress: bool = True,
     method: str = "evit",
     r_values: Optional[Sequence[int]] = None,
+    device: Optional[str] = None,
 ) -> list[dict]:
     """Measure the unpatched model and, per setting, ``method`` and its ideal. One row per setting.
 
     Settings are ``keep_rates``, or for ToMe the merge counts ``r_values``. ``model`` must be
-    unpatched; it is patched and unpatched in turn and returned unpatched.
+    unpatched; it is patched and unpatched in turn and returned unpatched. ``device``: where to
+    time (:func:`evit.models.resolve_device`: default the GPU when there is one); GMACs are counted
+    on the CPU first, so they do not depend on the device's attention kernel.
     """
     if batch_size < 1 or reps < 1 or latency_reps < 1:
         raise ValueError("batch_size, reps and latency_reps must be at least 1")
     check_model(model, method)
-    model = model.eval()
+    original = next(model.parameters()).device
+    model = model.eval().cpu()
     steady_allocator()
     input_size = tuple(input_size or native_input_size(model))
     settings = _settings(method, keep_rates, r_values)
@@ -128,14 +143,16 @@ def bench(
     for name, switch in variants.items():
         switch()
         macs[name], counts[name] = count_macs(model, input_size), token_counts(model, n_tokens)
+    dev = resolve_device(device)
+    # each variant is patched on the CPU (Patch Slimming calibrates on the CPU sample), then moved, untimed
     for label, bs, n in (("throughput", batch_size, reps), ("latency", 1, latency_reps)):
-        x = torch.randn(bs, *input_size)
+        x = torch.randn(bs, *input_size, device=dev)
         results[label] = time_interleaved(
             {name: (lambda: model(x)) for name in variants}, n, warmup,
             _stderr_progress(f"{label} (batch {bs})") if progress else None,
-            setup=lambda name: variants[name](),
+            setup=lambda name: (model.cpu(), variants[name](), model.to(dev)), sync=device_sync(dev),
         )
-    unpatch(model)
+    unpatch(model).to(original)
 
     med = statistics.median
     T, L = results["throughput"], results["latency"]

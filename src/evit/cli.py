@@ -63,6 +63,11 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="'bundled' (the embedded subset; default with the embedded models), "
                                   "'fashion-mnist' (full test set) or a folder with val/")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files")
+    _add_device_arg(p)
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-reps", type=_positive, default=30, help="timed repetitions at batch 1 (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    _add_device_arg(p)
     p.add_argument("--method", default="evit", help="evit, topk, random, tome, stvit, patchslimming (default: %(default)s)")
     p.add_argument("--r", type=int, nargs="+", help="ToMe: tokens merged per block, one row each (default: 8 13)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--backends", nargs="+", choices=["eager", "compiled", "onnx"],
                    help="instead: batch-1 latency of the unpatched model and EViT at each keep rate below 1 on these "
-                        "backends (compiled: torch.compile; onnx: onnxruntime), with --latency-reps and --warmup")
+                        "backends (compiled: torch.compile; onnx: onnxruntime), with --latency-reps and --warmup; "
+                        "on the CPU")
 
     p = sub.add_parser("show", help="pictures of the tokens each reduction stage kept (PNG)")
     p.add_argument("images", nargs="*", help="image files (default: bundled Fashion-MNIST test images)")
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=_positive, help="use only the first N training images")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--bf16", action="store_true", default=None, help="autocast to bfloat16")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    _add_device_arg(p)
     p.add_argument("--out", help="run folder: checkpoints, config.json, model.safetensors")
     p.add_argument("--save-every", type=_positive, help="checkpoint every N steps (also at each epoch end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

@@ -47,8 +47,9 @@ def _architecture(args) -> tuple[str, dict]:
 def _eval(args) -> int:
     from . import embedded
     from .evaluate import evaluate, format_rows
-    from .models import create_model
+    from .models import create_model, resolve_device
 
+    device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     if args.model or args.recipe:
         name, kwargs = _architecture(args)
         label = name.split("/")[-1]
@@ -64,7 +65,7 @@ def _eval(args) -> int:
         names = list(models)
         settings = [(names[0], 1.0)] + [(n, choice.keep_rate) for n in names if choice.keep_rate < 1]
     data, batches = _eval_data(args, not (args.model or args.recipe), next(iter(models.values())))
-    rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps)
+    rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps, device=str(device))
     return _print_eval(args, rows, data, format_rows, choice)
 
 
@@ -73,13 +74,18 @@ def _print_eval(args, rows, data, format_rows, choice=None) -> int:
 
     import torch
 
+    from .models import device_text, resolve_device
+
+    device = resolve_device(args.device)
     if args.json:
         budget = {"budget": dataclasses.asdict(choice)} if choice is not None else {}
-        print(json.dumps({"data": data, "threads": torch.get_num_threads(), **budget, "rows": rows}, indent=2))
+        print(json.dumps({"data": data, "device": str(device), "threads": torch.get_num_threads(), **budget,
+                          "rows": rows}, indent=2))
     else:
         if choice is not None:
             print(choice.describe())
-        print(f"data: {data}; speed-ups: ratios of medians over the unpatched model, measured in this run")
+        print(f"data: {data}; on {device_text(device)}; speed-ups: ratios of medians over the unpatched model, "
+              "measured in this run")
         print(format_rows(rows))
     return 0
 
@@ -88,10 +94,11 @@ def _bench(args) -> int:
     import torch
 
     from .bench import bench, format_table
-    from .models import create_model
+    from .models import create_model, device_text, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device if args.backends is None else "cpu")  # a bad --device fails first
     if args.model:
         model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
     else:
@@ -101,19 +108,21 @@ def _bench(args) -> int:
     choice = _fit_budget(args, [model])
     rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else args.keep_rates
     if args.backends:
+        if args.device not in (None, "cpu"):
+            raise ValueError("--backends times batch-1 latency on the CPU only; leave out --device")
         return _bench_backends(args, model, [r for r in rates if r < 1])
     rows = bench(model, rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations,
-                 method=args.method, r_values=args.r)
+                 method=args.method, r_values=args.r, device=str(device))
     if args.json:
         import dataclasses
 
         budget = {"budget": dataclasses.asdict(choice)} if choice is not None else {}
-        print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                          **budget, "rows": rows}, indent=2))
+        print(json.dumps({"model": args.model, "batch_size": args.batch_size, "device": str(device),
+                          "threads": torch.get_num_threads(), **budget, "rows": rows}, indent=2))
     else:
         if choice is not None:
             print(choice.describe())
-        print(f"{args.model}, batch {args.batch_size}, {torch.get_num_threads()} threads; speed-ups are ratios of "
+        print(f"{args.model}, batch {args.batch_size}, {device_text(device)}; speed-ups are ratios of "
               f"medians over the unpatched model measured in this run")
         print(format_table(rows, args.batch_size))
     return 0
@@ -259,8 +268,9 @@ def _compare(args) -> int:
     from . import embedded
     from .compare import compare, grid, load_trained, plot
     from .evaluate import format_rows
-    from .models import create_model
+    from .models import create_model, device_text, resolve_device
 
+    device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     default = not (args.model or args.recipe)
     if default:
         name, kwargs = embedded.architecture()
@@ -282,12 +292,15 @@ def _compare(args) -> int:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
     data, batches = _eval_data(args, default, models["baseline"])
-    rows = compare(models, settings, batches, speed_reps=args.speed_reps, images=_calibration_images(data, batches))
+    rows = compare(models, settings, batches, speed_reps=args.speed_reps, images=_calibration_images(data, batches),
+                   device=str(device))
     path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
     if args.json:
-        print(json.dumps({"data": data, "threads": torch.get_num_threads(), "plot": str(path), "rows": rows}, indent=2))
+        print(json.dumps({"data": data, "device": str(device), "threads": torch.get_num_threads(), "plot": str(path),
+                          "rows": rows}, indent=2))
     else:
-        print(f"data: {data}; speed-ups: ratios of medians over the unpatched model, measured in this run")
+        print(f"data: {data}; on {device_text(device)}; speed-ups: ratios of medians over the unpatched model, "
+              "measured in this run")
         print(format_rows(rows))
         print(f"plot: {path}")
     return 0

@@ -70,10 +70,11 @@ def load_trained(name: str, kwargs: dict, trained: dict[str, str]) -> dict[str, 
 
 
 def compare(models: dict[str, nn.Module], settings, batches_fn, speed_reps: int = 10,
-            speed_batch: int = 64, images=None) -> list[dict]:
+            speed_batch: int = 64, images=None, device=None) -> list[dict]:
     """Rows of :func:`evit.evaluate.evaluate` for every setting, each labelled with its series
     (``images``: calibration images for methods that choose from data)."""
-    rows = evaluate(models, settings, batches_fn, speed_reps=speed_reps, speed_batch=speed_batch, images=images)
+    rows = evaluate(models, settings, batches_fn, speed_reps=speed_reps, speed_batch=speed_batch, images=images,
+                    device=device)
     for row in rows:
         row["series"] = f"{row['method']} ({row['model']})" if row["method"] != "none" else "unpatched"
         row["setting_text"] = setting_text(row)

@@ -8,18 +8,21 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .bench import paired_ratio, steady_allocator, text_table, time_interleaved
+from .bench import device_sync, paired_ratio, steady_allocator, text_table, time_interleaved
 from .cost import count_macs, native_input_size
+from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate, unpatch
 
 
 @torch.inference_mode()
 def hits(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, in order: (top-1 right, top-5 right), two bool tensors over all ``batches``."""
+    """Per image, in order: (top-1 right, top-5 right), two bool CPU tensors over all ``batches``,
+    each batch run on the device of ``model``'s weights."""
     model.eval()
+    weight = next(model.parameters(), None)
     top1, top5 = [], []
     for x, y in batches:
-        logits = model(x)
+        logits = model(x if weight is None else x.to(weight.device, non_blocking=True)).cpu()
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top1.append(best[:, 0] == y)
         top5.append((best == y[:, None]).any(dim=1))
@@ -98,19 +101,23 @@ def release(model: nn.Module) -> None:
 
 @torch.inference_mode()
 def speedups(model: nn.Module, settings: Sequence[Setting], batch_size: int = 64, reps: int = 10,
-             locations: Optional[Sequence[int]] = None) -> dict[str, tuple[float, float]]:
+             locations: Optional[Sequence[int]] = None, device: Optional[str] = None
+             ) -> dict[str, tuple[float, float]]:
     """{setting key: (images/s, speed-up over the unpatched model)}, measured side by side in one run
-    on a copy of ``model`` (left as it is)."""
+    on a copy of ``model`` (left as it is), on ``device`` (:func:`evit.models.resolve_device`)."""
     steady_allocator()
     model.eval()
-    x = torch.randn(batch_size, *native_input_size(model))
+    dev = resolve_device(device)
+    sample = torch.randn(batch_size, *native_input_size(model))
+    x = sample.to(dev)
     variants = {"unpatched": None, **{_key(patch_spec(s)): patch_spec(s) for s in settings}}
-    model = unpatch(copy.deepcopy(model))  # speed does not depend on weights: a copy, patched freely
+    model = unpatch(copy.deepcopy(model)).cpu()  # speed does not depend on weights: a copy, patched freely
 
-    def switch(name: str) -> None:
-        apply_setting(unpatch(model), variants[name] or 1.0, locations, images=x)  # sample images: speed only
+    def switch(name: str) -> None:  # patched on the CPU (sample images: speed only), then moved, untimed
+        apply_setting(unpatch(model.cpu()), variants[name] or 1.0, locations, images=sample)
+        model.to(dev)
 
-    times = time_interleaved({n: (lambda: model(x)) for n in variants}, reps, 1, setup=switch)
+    times = time_interleaved({n: (lambda: model(x)) for n in variants}, reps, 1, setup=switch, sync=device_sync(dev))
     return {n: (batch_size / sorted(times[n])[len(times[n]) // 2], paired_ratio(times["unpatched"], times[n]))
             for n in variants}
 
@@ -123,6 +130,7 @@ def evaluate(
     speed_batch: int = 64,
     speed_reps: int = 10,
     images: Optional[torch.Tensor] = None,
+    device: Optional[str] = None,
 ) -> list[dict]:
     """One row per (model name, setting) in ``settings``: top-1, top-5, GMACs, images/s, speed-up, and
     top-1's gap to the first row with its 95% interval (``top1_gap``, ``top1_gap_ci``; same images).
@@ -131,18 +139,21 @@ def evaluate(
     ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches. Speed depends
     on the architecture and setting, not the weights, so it is measured once per setting on the
     first model. ``images``: calibration images for methods that need them (Patch Slimming).
+    ``device``: where the models run (:func:`evit.models.resolve_device`: default the GPU when there
+    is one); each model is patched and its GMACs counted on the CPU, then moved there and back.
     """
+    dev = resolve_device(device)
     first = next(iter(models.values()))
-    speed = speedups(first, [s for _, s in settings], speed_batch, speed_reps, locations)
+    speed = speedups(first, [s for _, s in settings], speed_batch, speed_reps, locations, dev)
     rows, reference = [], None
     for name, setting in settings:
-        model = models[name]
+        model = models[name].cpu()
         apply_setting(model, setting, locations, images)
-        right, right5 = hits(model, batches_fn())
+        macs = count_macs(model) / 1e9
+        right, right5 = hits(model.to(dev), batches_fn())
         reference = right if reference is None else reference
         gap, gap_ci = paired_gap(right, reference) or (None, None)
-        macs = count_macs(model) / 1e9
-        release(model)
+        release(model.cpu())
         spec = patch_spec(setting) or {}
         ips, up = speed[_key(patch_spec(setting))]
         rows.append(dict(model=name, method=str(spec.get("method", "evit" if spec else "none")),

@@ -12,9 +12,24 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 HUB_HOST = "huggingface.co"
+
+
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """The device to run on: ``name``, else this process's GPU (``LOCAL_RANK`` under torchrun), else
+    the CPU. A name torch does not know, or a GPU this torch cannot see, is a clear ValueError."""
+    if name is None:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: {e}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch sees no CUDA GPU; use --device cpu")
+    return device
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -25,6 +40,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def device_text(device: torch.device) -> str:
+    """'cpu, 2 threads' or 'cuda:0 (NVIDIA H100 80GB HBM3)': where a measurement ran, for its header."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device}, {torch.get_num_threads()} threads"
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:

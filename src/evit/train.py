@@ -21,7 +21,7 @@ from torch import nn
 
 from . import checkpoint
 from .budget import resize_images
-from .models import create_model, load_checkpoint
+from .models import create_model, load_checkpoint, resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .schedule import drawn_keep_rate, keep_rate_at
 
@@ -133,19 +133,6 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def training_device(name: Optional[str]) -> torch.device:
-    """The device to train on: ``name``, else this process's GPU (``LOCAL_RANK`` under torchrun), else the CPU."""
-    if name is None:
-        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device {name!r}: {e}; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: this torch sees no CUDA GPU; use --device cpu")
-    return device
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train per ``cfg``; with ``resume``, continue from the newest checkpoint in ``cfg.out``."""
     from timm.data import Mixup
@@ -159,7 +146,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.distill_img_size and (cfg.mixup or cfg.cutmix):
         raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed images")
     rank, world = _distributed()
-    device = training_device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
