@@ -230,10 +230,33 @@ def test_cli_eval_at_a_larger_size_matches_the_native_macs(small_subset, capsys)
     assert choice["img_size"] == [36, 36] and choice["native_size"] == [28, 28]
     assert 0 < choice["keep_rate"] < 1 and choice["gmacs"] <= choice["budget_gmacs"] == choice["native_gmacs"]
     assert [(r["model"], r["keep_rate"]) for r in rows] == [
-        ("baseline", 1.0), ("baseline", choice["keep_rate"]), ("evit-trained", choice["keep_rate"])]
-    assert rows[0]["gmacs"] > choice["budget_gmacs"]  # unreduced at 36 px costs more
-    assert all(r["gmacs"] == pytest.approx(choice["gmacs"]) for r in rows[1:])
+        ("baseline at 28x28", 1.0), ("baseline", 1.0), ("baseline", choice["keep_rate"]),
+        ("evit-trained", choice["keep_rate"])]  # first the native model: the gaps are to what the budget matches
+    assert rows[0]["gmacs"] == pytest.approx(choice["budget_gmacs"]) and rows[0]["speedup"] == 1.0
+    assert rows[1]["gmacs"] > choice["budget_gmacs"]  # unreduced at 36 px costs more
+    assert all(r["gmacs"] == pytest.approx(choice["gmacs"]) for r in rows[2:])
     assert all(r["images"] == 96 and r["top1"] > 40 for r in rows)  # resized images, still classified
+    assert main(["eval", "--speed-reps", "1", "--batch-size", "48", "--json"]) == 0
+    native = json.loads(capsys.readouterr().out)["rows"][0]
+    assert native["model"] == "baseline" and native["top1"] == rows[0]["top1"]  # the native row sees 28 px originals
+
+
+def test_cli_eval_checkpoint_trained_at_a_larger_size_against_the_native_model(small_subset, tmp_path, capsys):
+    from evit.checkpoint import save_weights
+
+    run = tmp_path / "evit_36px"
+    run.mkdir()
+    save_weights(B.set_input_size(bundled.load_model("evit"), 36), run / "model.safetensors")  # "trained at 36 px"
+    common = ["--img-size", "36", "--match-macs", "--speed-reps", "1", "--batch-size", "48", "--json"]
+    assert main(["eval", "--checkpoint", str(run / "model.safetensors")] + common) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["model"] for r in rows] == ["baseline at 28x28", "baseline", "baseline", "evit_36px"]
+    assert main(["eval"] + common) == 0
+    bundled_rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[3]["top1"] == bundled_rows[3]["top1"] and rows[3]["gmacs"] == bundled_rows[3]["gmacs"]
+    assert rows[3]["top1_gap"] == pytest.approx(rows[3]["top1"] - rows[0]["top1"])  # the gap is to the native model
+    assert main(["eval", "--pretrained"]) == 2
+    assert "--pretrained needs --model" in capsys.readouterr().err
 
 
 def test_cli_eval_text_output_prints_the_chosen_rate(small_subset, capsys):

@@ -45,6 +45,8 @@ def _architecture(args) -> tuple[str, dict]:
 
 
 def _eval(args) -> int:
+    import copy
+
     from . import embedded
     from .evaluate import evaluate, format_rows
     from .models import create_model, resolve_device
@@ -55,18 +57,42 @@ def _eval(args) -> int:
         label = name.split("/")[-1]
         models = {label: create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
         settings = [(label, r) for r in (args.keep_rates or [1.0, 0.7, 0.5])]
+    elif args.pretrained:
+        raise ValueError("--pretrained needs --model (the embedded models have their own weights)")
     else:
-        models = {"baseline": embedded.load_model("baseline"), "evit-trained": embedded.load_model("evit")}
-        rates = args.keep_rates or [0.7, 0.5]
+        models = {"baseline": embedded.load_model("baseline"), **_trained_model(args)}
+        rates, trained = args.keep_rates or [0.7, 0.5], list(models)[1]
         settings = [("baseline", 1.0)] + [("baseline", r) for r in rates if r < 1] + \
-                   [("evit-trained", r) for r in rates if r < 1]
+                   [(trained, r) for r in rates if r < 1]
+    native = copy.deepcopy(next(iter(models.values()))) if args.img_size else None  # before --img-size resizes
     choice = _fit_budget(args, models.values())
     if choice is not None and choice.keep_rate is not None:  # the solver's rate replaces --keep-rates
         names = list(models)
         settings = [(names[0], 1.0)] + [(n, choice.keep_rate) for n in names if choice.keep_rate < 1]
-    data, batches = _eval_data(args, not (args.model or args.recipe), next(iter(models.values())))
+        if choice.img_size != choice.native_size:  # the first row: what the budget is spent against
+            label = f"{names[0]} at {choice.native_size[0]}x{choice.native_size[1]}"
+            models, settings = {label: native, **models}, [(label, 1.0)] + settings
+    data, batches = _eval_data(args, not (args.model or args.recipe))
     rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps, device=str(device))
     return _print_eval(args, rows, data, format_rows, choice)
+
+
+def _trained_model(args) -> dict:
+    """{label: model} beside the embedded baseline: the bundled EViT-trained model, or --checkpoint's
+    weights (trained from a bundled recipe: the embedded architecture), built at --img-size when given
+    so weights trained at that size load as they are."""
+    from pathlib import Path
+
+    from . import embedded
+    from .models import create_model
+
+    if not args.checkpoint:
+        return {"evit-trained": embedded.load_model("evit")}
+    name, kwargs = embedded.architecture()
+    path = Path(args.checkpoint)
+    label = path.parent.name if path.name == "model.safetensors" else path.stem
+    size = {"img_size": args.img_size} if args.img_size else {}
+    return {label: create_model(name, checkpoint=args.checkpoint, **{**kwargs, **size}).eval()}
 
 
 def _print_eval(args, rows, data, format_rows, choice=None) -> int:
@@ -213,9 +239,9 @@ def _show(args) -> int:
     return 0
 
 
-def _eval_data(args, embedded_default: bool, model=None):
+def _eval_data(args, embedded_default: bool):
     """(data label, function giving fresh (images, labels) batches) for eval and compare. Fashion-MNIST
-    images are resized to --img-size, else to ``model``'s input size when it is not 28 px."""
+    comes at 28 px (evaluation resizes it to each model's input size); a folder's val/ at --img-size."""
     from . import embedded
     from .data import TensorLoader, load_fashion_mnist
 
@@ -223,13 +249,6 @@ def _eval_data(args, embedded_default: bool, model=None):
     if data in ("bundled", "fashion-mnist"):
         images, labels = embedded.test_subset() if data == "bundled" else load_fashion_mnist("test", args.data_root)
         loader = TensorLoader(images, labels, args.batch_size)
-        img_size = getattr(args, "img_size", None)
-        if img_size is None and model is not None and tuple(model.patch_embed.img_size) != tuple(images.shape[-2:]):
-            img_size = tuple(model.patch_embed.img_size)
-        if img_size:
-            from .budget import resize_batches
-
-            return data, lambda: resize_batches(loader.batches(0), img_size)
         return data, lambda: loader.batches(0)
     from types import SimpleNamespace
 
@@ -241,22 +260,21 @@ def _eval_data(args, embedded_default: bool, model=None):
     return data, lambda: val.batches(0)
 
 
-def _calibration_images(data: str, batches, count: int = 512):
-    """Sample images for methods that choose tokens from data (Patch Slimming): Fashion-MNIST training
-    images when the evaluation is on Fashion-MNIST and they are installed, else the first evaluation batch."""
-    first = next(iter(batches()))[0]
-    if data in ("bundled", "fashion-mnist"):
-        import torch.nn.functional as F
+def _calibration_images(data: str, batches, model, count: int = 512):
+    """Sample images for methods that choose tokens from data (Patch Slimming), at ``model``'s input size:
+    Fashion-MNIST training images when the evaluation is on Fashion-MNIST and they are installed, else
+    the first evaluation batch."""
+    from .budget import resize_images
 
+    size = tuple(model.patch_embed.img_size)
+    first = resize_images(next(iter(batches()))[0], size)
+    if data in ("bundled", "fashion-mnist"):
         from .data import load_fashion_mnist, normalize
 
         try:
-            images = normalize(load_fashion_mnist("train")[0][:count])
+            return resize_images(normalize(load_fashion_mnist("train")[0][:count]), size)
         except (FileNotFoundError, ValueError, OSError):
             pass
-        else:
-            same = images.shape[-2:] == first.shape[-2:]
-            return images if same else F.interpolate(images, size=first.shape[-2:], mode="bilinear")
     print("evit compare: Patch Slimming chooses its tokens from the first evaluation batch "
           "(no separate training images here)", file=sys.stderr)
     return first
@@ -291,8 +309,9 @@ def _compare(args) -> int:
     for method in skipped:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
-    data, batches = _eval_data(args, default, models["baseline"])
-    rows = compare(models, settings, batches, speed_reps=args.speed_reps, images=_calibration_images(data, batches),
+    data, batches = _eval_data(args, default)
+    rows = compare(models, settings, batches, speed_reps=args.speed_reps,
+                   images=_calibration_images(data, batches, models["baseline"]),
                    device=str(device))
     path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
     if args.json:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -100,26 +100,43 @@ def release(model: nn.Module) -> None:
 
 
 @torch.inference_mode()
-def speedups(model: nn.Module, settings: Sequence[Setting], batch_size: int = 64, reps: int = 10,
+def speedups(rows: Sequence[tuple[nn.Module, Setting]], batch_size: int = 64, reps: int = 10,
              locations: Optional[Sequence[int]] = None, device: Optional[str] = None
-             ) -> dict[str, tuple[float, float]]:
-    """{setting key: (images/s, speed-up over the unpatched model)}, measured side by side in one run
-    on a copy of ``model`` (left as it is), on ``device`` (:func:`evit.models.resolve_device`)."""
+             ) -> list[tuple[float, float]]:
+    """Per (model, setting) in ``rows``: (images/s, speed-up over the first model unpatched), measured
+    side by side in one run on ``device`` (:func:`evit.models.resolve_device`). Speed depends on the
+    architecture, input size and setting, not the weights: each distinct (input size, setting) is
+    timed once, on a copy of the first model of that size (the models are left as they are)."""
     steady_allocator()
-    model.eval()
     dev = resolve_device(device)
-    sample = torch.randn(batch_size, *native_input_size(model))
-    x = sample.to(dev)
-    variants = {"unpatched": None, **{_key(patch_spec(s)): patch_spec(s) for s in settings}}
-    model = unpatch(copy.deepcopy(model)).cpu()  # speed does not depend on weights: a copy, patched freely
+    copies: dict[tuple, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}  # size -> (copy, CPU sample, input)
+    for model, _ in rows:
+        size = native_input_size(model)
+        if size not in copies:  # a copy, patched freely; the sample calibrates methods that need images
+            sample = torch.randn(batch_size, *size)
+            copies[size] = unpatch(copy.deepcopy(model)).cpu().eval(), sample, sample.to(dev)
+    first = native_input_size(rows[0][0])
+    keys = [(native_input_size(m), _key(patch_spec(s))) for m, s in rows]
+    specs = {(first, "unpatched"): None, **{k: patch_spec(s) for k, (_, s) in zip(keys, rows)}}
 
-    def switch(name: str) -> None:  # patched on the CPU (sample images: speed only), then moved, untimed
-        apply_setting(unpatch(model.cpu()), variants[name] or 1.0, locations, images=sample)
+    def switch(key: tuple) -> None:  # patched on the CPU, then moved, untimed
+        model, sample, _ = copies[key[0]]
+        apply_setting(unpatch(model.cpu()), specs[key] or 1.0, locations, images=sample)
         model.to(dev)
 
-    times = time_interleaved({n: (lambda: model(x)) for n in variants}, reps, 1, setup=switch, sync=device_sync(dev))
-    return {n: (batch_size / sorted(times[n])[len(times[n]) // 2], paired_ratio(times["unpatched"], times[n]))
-            for n in variants}
+    times = time_interleaved({k: (lambda m=copies[k[0]][0], x=copies[k[0]][2]: m(x)) for k in specs}, reps, 1,
+                             setup=switch, sync=device_sync(dev))
+    base = times[(first, "unpatched")]
+    return [(batch_size / sorted(times[k])[len(times[k]) // 2], paired_ratio(base, times[k])) for k in keys]
+
+
+def sized(batches: Iterable, model: nn.Module) -> Iterator:
+    """``batches`` with the images resized (bilinear) to ``model``'s input size where they differ, so
+    one data set serves models at different sizes (the native model beside a larger input)."""
+    from .budget import resize_batches
+
+    hw = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return resize_batches(batches, tuple(hw) if hw else None)
 
 
 def evaluate(
@@ -136,26 +153,25 @@ def evaluate(
     top-1's gap to the first row with its 95% interval (``top1_gap``, ``top1_gap_ci``; same images).
 
     A setting is a keep rate (EViT; 1.0 is the unpatched model) or ``evit.patch`` arguments such as
-    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches. Speed depends
-    on the architecture and setting, not the weights, so it is measured once per setting on the
-    first model. ``images``: calibration images for methods that need them (Patch Slimming).
+    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches, resized to each
+    model's input size where they differ (:func:`sized`). Speed is over the first model unpatched,
+    timed once per input size and setting (:func:`speedups`). ``images``: calibration images for
+    methods that need them (Patch Slimming), at the models' input size.
     ``device``: where the models run (:func:`evit.models.resolve_device`: default the GPU when there
     is one); each model is patched and its GMACs counted on the CPU, then moved there and back.
     """
     dev = resolve_device(device)
-    first = next(iter(models.values()))
-    speed = speedups(first, [s for _, s in settings], speed_batch, speed_reps, locations, dev)
+    speed = speedups([(models[n], s) for n, s in settings], speed_batch, speed_reps, locations, dev)
     rows, reference = [], None
-    for name, setting in settings:
+    for (name, setting), (ips, up) in zip(settings, speed):
         model = models[name].cpu()
         apply_setting(model, setting, locations, images)
         macs = count_macs(model) / 1e9
-        right, right5 = hits(model.to(dev), batches_fn())
+        right, right5 = hits(model.to(dev), sized(batches_fn(), model))
         reference = right if reference is None else reference
         gap, gap_ci = paired_gap(right, reference) or (None, None)
         release(model.cpu())
         spec = patch_spec(setting) or {}
-        ips, up = speed[_key(patch_spec(setting))]
         rows.append(dict(model=name, method=str(spec.get("method", "evit" if spec else "none")),
                          keep_rate=spec.get("keep_rate", 1.0 if not spec else None),
                          settings={k: v for k, v in spec.items() if k != "method"},
