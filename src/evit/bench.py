@@ -21,6 +21,7 @@ from .cost import count_macs, native_input_size
 from .methods import EViT, Ideal
 from .models import resolve_device
 from .patch import apply, check_model, patch, reductions, token_counts, unpatch
+from .registry import method_class
 
 
 def time_interleaved(
@@ -87,11 +88,12 @@ def _stderr_progress(label: str) -> Callable[[int, int], None]:
     return show
 
 
-def _settings(method: str, keep_rates: Sequence[float], r_values: Optional[Sequence[int]]) -> list[dict]:
-    """``evit.patch`` arguments per measured setting: keep rates, or ToMe's merge counts."""
-    if method == "tome":
-        return [{"method": "tome", "r": r} for r in (r_values or (8, 13))]
-    return [{"method": method, "keep_rate": r} for r in keep_rates]
+def _settings(method: str, keep_rates: Optional[Sequence[float]], r_values: Optional[Sequence[int]]) -> list[dict]:
+    """``evit.patch`` arguments per measured setting: keep rates, or merge counts (ToMe's ``r``), as the
+    method's registered setting; its ``bench_grid`` when none are given."""
+    cls = method_class(method)
+    values = {"keep_rate": keep_rates, "r": r_values}[cls.setting] or cls.bench_grid
+    return [{"method": method, cls.setting: v} for v in values]
 
 
 def patch_ideal(model: nn.Module, spec: dict, locations: Optional[Sequence[int]] = None) -> None:
@@ -103,7 +105,7 @@ def patch_ideal(model: nn.Module, spec: dict, locations: Optional[Sequence[int]]
 @torch.inference_mode()
 def bench(
     model: nn.Module,
-    keep_rates: Sequence[float] = (1.0, 0.7, 0.5),
+    keep_rates: Optional[Sequence[float]] = None,
     batch_size: int = 32,
     reps: int = 10,
     latency_reps: int = 30,
@@ -117,7 +119,8 @@ def bench(
 ) -> list[dict]:
     """Measure the unpatched model and, per setting, ``method`` and its ideal. One row per setting.
 
-    Settings are ``keep_rates``, or for ToMe the merge counts ``r_values``. ``model`` must be
+    Settings are ``keep_rates``, or for a method set by ``r`` (ToMe) the merge counts ``r_values``;
+    by default the method's registered ``bench_grid`` (EViT: 1.0, 0.7, 0.5). ``model`` must be
     unpatched; it is patched and unpatched in turn and returned unpatched. ``device``: where to
     time (:func:`evit.models.resolve_device`: default the GPU when there is one); GMACs are counted
     on the CPU first, so they do not depend on the device's attention kernel.

@@ -26,9 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .cost import count_macs, native_input_size
-from .methods.base import TokenReduction
-from .methods.evit import EViT
 from .patch import apply, patch, reductions, token_counts, unpatch
+from .reduction import TokenReduction
 
 Size = Union[int, Sequence[int]]
 
@@ -209,7 +208,7 @@ def solve(
     locations: Optional[Sequence[int]] = None,
     tol: float = 0.0,
     fuse: bool = True,
-    method: Union[str, Callable[..., TokenReduction]] = EViT,
+    method: Union[str, Callable[..., TokenReduction]] = "evit",
 ) -> Solution:
     """:func:`solve_keep_rate`, with the chosen rate's MACs and the number of MAC counts it took."""
     _vit(model)

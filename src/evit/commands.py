@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+#: bench's --keep-rates when none are given: this very list (compared by identity) stands for "the method's own"
+BENCH_KEEP_RATES = [1.0, 0.7, 0.5]
+
 
 def _fit_budget(args, models):
     """Resize ``models`` to --img-size and solve the keep rate for a budget (None when neither is asked)."""
@@ -121,6 +124,7 @@ def _bench(args) -> int:
 
     from .bench import bench, format_table
     from .models import create_model, device_text, resolve_device
+    from .registry import method_class
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,11 +136,12 @@ def _bench(args) -> int:
 
         model, args.model = embedded.load_model("baseline"), "embedded Fashion-MNIST ViT"
     choice = _fit_budget(args, [model])
-    rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else args.keep_rates
+    rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else \
+        None if args.keep_rates is BENCH_KEEP_RATES else args.keep_rates  # None: the method's own bench_grid
     if args.backends:
         if args.device not in (None, "cpu"):
             raise ValueError("--backends times batch-1 latency on the CPU only; leave out --device")
-        return _bench_backends(args, model, [r for r in rates if r < 1])
+        return _bench_backends(args, model, [r for r in rates or method_class("evit").bench_grid if r < 1])
     rows = bench(model, rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations,
                  method=args.method, r_values=args.r, device=str(device))
     if args.json:
@@ -219,6 +224,7 @@ def _show(args) -> int:
     from .data import FASHION_MNIST_CLASSES
     from .evaluate import apply_setting
     from .models import create_model
+    from .registry import method_class
     from .show import fashion_images, load_images, show
 
     class_names = None
@@ -228,10 +234,11 @@ def _show(args) -> int:
             raise ValueError("give image files to show with --model (the bundled images are Fashion-MNIST)")
         images, display = load_images(args.images, model)
     else:
-        kind = args.method if args.method in ("evit", "dynamicvit") else "baseline"
+        kind = args.method if args.method in embedded.WEIGHTS else "baseline"  # bundled weights trained with it
         model, class_names = embedded.load_model(kind), FASHION_MNIST_CLASSES
         images, display = fashion_images(args.images, args.count)
-    settings = {"r": args.r} if args.method == "tome" else {"keep_rate": args.keep_rate}
+    setting = method_class(args.method).setting
+    settings = {setting: {"r": args.r, "keep_rate": args.keep_rate}[setting]}
     # a learned method keeps its weights; Patch Slimming chooses its (static) tokens from the images shown
     apply_setting(model, {"method": args.method, **settings}, args.locations, images=images)
     path = show(model, images, display, args.out, class_names)
@@ -293,8 +300,8 @@ def _compare(args) -> int:
     if default:
         name, kwargs = embedded.architecture()
         models = {"baseline": embedded.load_model("baseline")}
-        trained = {m: embedded.ASSETS / embedded.WEIGHTS[m] for m in ("evit", "dynamicvit")
-                   if (embedded.ASSETS / embedded.WEIGHTS[m]).is_file()}
+        trained = {m: embedded.ASSETS / w for m, w in embedded.WEIGHTS.items()
+                   if m != "baseline" and (embedded.ASSETS / w).is_file()}
     else:
         name, kwargs = _architecture(args)
         models = {"baseline": create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}

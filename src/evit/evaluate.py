@@ -70,8 +70,8 @@ def _key(spec: Optional[dict]) -> str:
 
 
 def learned(model: nn.Module) -> bool:
-    """True when the model's token reductions have trained parameters (DynamicViT): they stay in place."""
-    return any(True for m in reductions(model).values() for _ in m.parameters())
+    """True when the model's token reduction learns parameters (DynamicViT): it stays in place."""
+    return any(m.learned for m in reductions(model).values())
 
 
 def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequence[int]] = None,
@@ -80,7 +80,7 @@ def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequen
     ``images``: sample (training) images for methods that choose their tokens from data (Patch Slimming)."""
     spec = patch_spec(setting)
     if learned(model):
-        have = type(next(iter(reductions(model).values()))).__name__.lower()
+        have = next(m for m in reductions(model).values() if m.learned).name
         if spec is not None and spec.get("method", "evit") != have:
             raise ValueError(f"this model was trained with {have}; it cannot be evaluated with {spec.get('method')}")
         set_keep_rate(model, 1.0 if spec is None else spec.get("keep_rate", 1.0))

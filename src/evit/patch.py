@@ -19,10 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import attend
-from .methods import METHODS
-from .methods.base import TokenReduction, TokenState
-from .methods.evit import EViT
-from .methods.slice import Keep
+from .reduction import Keep, TokenReduction, TokenState, check_keep_rate, default_locations
+from .registry import method_class, names
 
 
 def _timm_classes():
@@ -119,14 +117,14 @@ def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None]
         )
     pooling = getattr(model, "global_pool", None)
     has_cls = getattr(model, "cls_token", None) is not None
-    cls = type(method) if isinstance(method, TokenReduction) else _method_class(EViT if method is None else method)
+    cls = type(method) if isinstance(method, TokenReduction) else method_class("evit" if method is None else method)
     if not (pooling == "token" and has_cls) and not (pooling == "avg" and not cls.needs_class_token):
         by = " (it ranks tokens by the class token's attention)" if cls.needs_cls_attn else ""
         raise ValueError(
             f"evit cannot patch {name} with {cls.__name__}: it classifies from global_pool={pooling!r}"
             f"{'' if has_cls else ' without a class token'}; {cls.__name__} needs global_pool='token' with a "
             f"class token{by}. Methods that need no class token also serve average-pooled "
-            f"models: {', '.join(sorted(k for k, m in METHODS.items() if not m.needs_class_token and k != 'slice'))}"
+            f"models: {', '.join(sorted(k for k in names() if not method_class(k).needs_class_token))}"
         )
     for i, block in enumerate(model.blocks):
         base = getattr(type(block), "_evit_base", type(block))
@@ -141,11 +139,6 @@ def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None]
                 f"evit cannot patch {name}: block {i} uses {type(attn).__name__}, not timm's Attention "
                 "(rotary, differential and other attention variants are not supported)"
             )
-
-
-def default_locations(depth: int) -> tuple[int, ...]:
-    """The paper's (3, 6, 9) for depth 12; otherwise the blocks at 1/4, 1/2 and 3/4 of the depth."""
-    return tuple(sorted({int(depth * f) for f in (0.25, 0.5, 0.75)}))
 
 
 def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = "model") -> tuple[int, ...]:
@@ -210,7 +203,7 @@ def patch(
     keep_rate: float = 0.7,
     locations: Optional[Sequence[int]] = None,
     fuse: bool = True,
-    method: Union[str, type] = EViT,
+    method: Union[str, type] = "evit",
     images: Optional[Tensor] = None,
     **settings,
 ) -> nn.Module:
@@ -221,14 +214,14 @@ def patch(
     are kept, and with ``fuse`` the rest are fused into one token. Prefix tokens are always kept.
     Patching again replaces the earlier patch.
 
-    ``method`` picks another token-reduction method, by class or name (``evit.methods.METHODS``:
+    ``method`` picks another token-reduction method, by class or registered name (:mod:`evit.registry`:
     'evit', 'topk', 'random', 'tome', 'dynamicvit', 'stvit', 'patchslimming', 'slice'); ``settings``
     go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe:
     every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
     data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
     forward).
     """
-    cls = _method_class(method)
+    cls = method_class(method)
     check_model(model, cls)
     depth = len(model.blocks)
     locs = check_locations(locations, depth, _name(model)) if locations is not None else cls.default_locations(depth)
@@ -242,16 +235,6 @@ def patch(
     return model
 
 
-def _method_class(method: Union[str, type]) -> type:
-    if isinstance(method, str):
-        if method.lower() not in METHODS:
-            raise ValueError(f"unknown token-reduction method {method!r}; choose one of {sorted(METHODS)}")
-        return METHODS[method.lower()]
-    if not (isinstance(method, type) and issubclass(method, TokenReduction)):
-        raise TypeError(f"method must be a TokenReduction class or one of {sorted(METHODS)}, got {method!r}")
-    return method
-
-
 def reductions(model: nn.Module) -> dict[int, TokenReduction]:
     """The reduction method of each patched block, by block index."""
     return {i: b.reduction for i, b in enumerate(getattr(model, "blocks", [])) if isinstance(b, ReducingBlock)}
@@ -259,8 +242,6 @@ def reductions(model: nn.Module) -> dict[int, TokenReduction]:
 
 def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
     """Change the keep rate of every patched block (for warm-up schedules and sweeps)."""
-    from .methods.base import check_keep_rate
-
     keep_rate = check_keep_rate(keep_rate)
     found = [m for m in reductions(model).values() if hasattr(m, "keep_rate")]
     if not found:

@@ -78,10 +78,10 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    name = type(next(iter(methods.values()))).__name__
+    first = next(iter(methods.values()))
     groups = ";\nmerged patches share a colour" if any(m.groups_patches for m in methods.values()) else ""
-    fig.suptitle(f"{name}: patches greyed out were {'dropped' if name != 'EViT' else 'fused or dropped'}{groups}",
-                 fontsize=9)
+    fused = "fused or dropped" if getattr(first, "fuse", False) else "dropped"
+    fig.suptitle(f"{first.label or type(first).__name__}: patches greyed out were {fused}{groups}", fontsize=9)
     fig.tight_layout()
     path = Path(out)
     if not path.parent.is_dir():

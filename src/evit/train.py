@@ -82,8 +82,7 @@ class TrainConfig:
 def build_model(cfg: TrainConfig) -> nn.Module:
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
     if cfg.keep_rate < 1.0 or cfg.method != "evit":  # patched first: a learned method's weights load with it
-        settings = {"fuse": cfg.fuse} if cfg.method == "evit" else {}
-        patch(model, 1.0, cfg.locations, method=cfg.method, **settings, **cfg.method_settings)
+        patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **cfg.method_settings)
     if cfg.init:
         load_checkpoint(model, cfg.init)
     return model

@@ -24,11 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import Seen, attention_probs
+from ..patch import reductions, set_keep_rate
+from ..registry import register
 from .base import KeepRateReduction, kept_count
 
 
+@register
 class PatchSlimming(KeepRateReduction):
     needs_images = True
+    name, label = "patchslimming", "Patch Slimming"
 
     def __init__(self, keep_rate: float = 0.7, fuse: bool = False) -> None:
         if fuse:
@@ -91,8 +95,6 @@ def carry_back(maps: list[Tensor], prefix: int) -> list[Tensor]:
 def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
     """Choose, top-down, the positions every Patch Slimming block of ``model`` keeps; returns them
     (original image-token positions, by block)."""
-    from ..patch import reductions
-
     blocks = {i: m for i, m in reductions(model).items() if isinstance(m, PatchSlimming)}
     if not blocks:
         raise ValueError("select: the model has no Patch Slimming blocks; patch it with method='patchslimming' first")
@@ -118,8 +120,6 @@ def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, 
 
 def _mean_attention(model: nn.Module, images: Tensor, batch_size: int) -> list[Tensor]:
     """Each block's attention probabilities, mean over images and heads, with no token removed."""
-    from ..patch import reductions, set_keep_rate
-
     rates = {i: m.keep_rate for i, m in reductions(model).items() if hasattr(m, "keep_rate")}
     sums: dict[int, Tensor] = {}
 

@@ -24,11 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import Seen, cross_attend
+from ..patch import reductions
+from ..registry import register
 from .base import KeepRateReduction
 
 
+@register
 class STViT(KeepRateReduction):
     groups_patches = True
+    name, label = "stvit", "STViT"
+    #: grids of 6, 5, 4 and 3 squared of 7 x 7 image tokens (12, 10, 8, 6 of DeiT's 14): its grid side is
+    #: round(sqrt(keep_rate * n)), so shared keep rates would give repeated grids
+    compare_grid, own_grid = (0.75, 0.5, 0.33, 0.18), True
 
     def __init__(self, keep_rate: float = 0.5, fuse: bool = False, refine: bool = True) -> None:
         if fuse:
@@ -45,8 +52,6 @@ class STViT(KeepRateReduction):
         return (depth // 4,)  # one block: semantic tokens replace the image tokens once
 
     def bind(self, model: nn.Module) -> None:
-        from ..patch import reductions
-
         others = [i for i, m in reductions(model).items() if isinstance(m, STViT)]
         if others:
             raise ValueError(f"STViT replaces the image tokens once: give one location, not blocks {others + [self.block]}")
