@@ -182,7 +182,7 @@ def _export(args) -> int:
     disagrees is reported as a failure (exit 1), not silently written."""
     import torch
 
-    from . import embedded
+    from . import embedded, hosts
     from .cost import native_input_size
     from .export import export_onnx, onnx_runner
     from .models import create_model
@@ -205,8 +205,8 @@ def _export(args) -> int:
                        dynamic_batch=not args.static_batch)
     x = torch.randn(args.batch_size, *native_input_size(model))
     with torch.inference_mode():
-        diff = (onnx_runner(path)(x) - model(x)).abs().max().item()
-    tokens = token_counts(model, model.patch_embed.num_patches + model.num_prefix_tokens)
+        diff = (onnx_runner(path)(x) - hosts.adapter(model).forward(x)).abs().max().item()
+    tokens = token_counts(model, hosts.adapter(model).num_tokens())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {label}, keep rate {args.keep_rate} "
           f"({args.method if args.keep_rate < 1 else 'unpatched'}), "
           f"tokens {'->'.join(map(str, tokens))}, input (batch, {', '.join(map(str, x.shape[1:]))}), "
@@ -271,9 +271,10 @@ def _calibration_images(data: str, batches, model, count: int = 512):
     """Sample images for methods that choose tokens from data (Patch Slimming), at ``model``'s input size:
     Fashion-MNIST training images when the evaluation is on Fashion-MNIST and they are installed, else
     the first evaluation batch."""
-    from .budget import resize_images
+    from .cost import native_input_size
+    from .resolution import resize_images
 
-    size = tuple(model.patch_embed.img_size)
+    size = native_input_size(model)[1:]
     first = resize_images(next(iter(batches()))[0], size)
     if data in ("bundled", "fashion-mnist"):
         from .data import load_fashion_mnist, normalize

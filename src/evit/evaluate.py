@@ -8,10 +8,12 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .bench import device_sync, paired_ratio, steady_allocator, text_table, time_interleaved
+from . import hosts
 from .cost import count_macs, native_input_size
 from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate, unpatch
+from .resolution import resize_batches
+from .timing import device_sync, paired_ratio, steady_allocator, text_table, time_interleaved
 
 
 @torch.inference_mode()
@@ -19,10 +21,12 @@ def hits(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tenso
     """Per image, in order: (top-1 right, top-5 right), two bool CPU tensors over all ``batches``,
     each batch run on the device of ``model``'s weights."""
     model.eval()
+    host = hosts.find(model)
+    forward = model if host is None else host.forward  # a classifier's logits, whatever its library returns
     weight = next(model.parameters(), None)
     top1, top5 = [], []
     for x, y in batches:
-        logits = model(x if weight is None else x.to(weight.device, non_blocking=True)).cpu()
+        logits = forward(x if weight is None else x.to(weight.device, non_blocking=True)).cpu()
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top1.append(best[:, 0] == y)
         top5.append((best == y[:, None]).any(dim=1))
@@ -133,10 +137,7 @@ def speedups(rows: Sequence[tuple[nn.Module, Setting]], batch_size: int = 64, re
 def sized(batches: Iterable, model: nn.Module) -> Iterator:
     """``batches`` with the images resized (bilinear) to ``model``'s input size where they differ, so
     one data set serves models at different sizes (the native model beside a larger input)."""
-    from .budget import resize_batches
-
-    hw = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    return resize_batches(batches, tuple(hw) if hw else None)
+    return resize_batches(batches, native_input_size(model)[1:])
 
 
 def evaluate(

@@ -93,10 +93,11 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
         state = torch.load(str(p), map_location="cpu", weights_only=True)
         state = state.get("model", state) if isinstance(state, dict) else state
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    from . import hosts
 
-    if isinstance(model, VisionTransformer):  # the timm way: position embeddings resampled to this input size
-        state = checkpoint_filter_fn(state, model)
+    host = hosts.find(model)
+    if host is not None:  # its host's way: timm resamples the position embeddings to this input size
+        state = host.adapt_state_dict(state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

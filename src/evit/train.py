@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
-from .budget import resize_images
+from . import hosts
 from .models import create_model, load_checkpoint, resolve_device
 from .patch import patch, reductions, set_keep_rate
+from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
 
 
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=per_epoch)
-    num_classes = model.num_classes
+    num_classes = hosts.adapter(model).num_classes
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)

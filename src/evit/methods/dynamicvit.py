@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import hosts
 from ..attention import Seen
 from ..registry import register
 from .base import KeepRateReduction, kept_count, prefix_index, select_tokens
@@ -63,7 +64,7 @@ class DynamicViT(KeepRateReduction):
 
     def bind(self, model: nn.Module) -> None:
         if self.predictor is None:
-            self.predictor = ScorePredictor(model.embed_dim)
+            self.predictor = ScorePredictor(hosts.adapter(model).embed_dim)
 
     def aux_loss(self) -> Optional[Tensor]:
         return None if self._ratio is None else self.ratio_weight * self._ratio
