@@ -111,7 +111,7 @@ def export_onnx(
         # of concatenating); inference_mode(False): torch.export cannot trace inference tensors.
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(
-                model if host.returns_tensor else MainOutput(model), (example,), str(path), dynamo=True, opset_version=opset, verbose=False,
+                model if host.returns_tensor else MainOutput(model).eval(), (example,), str(path), dynamo=True, opset_version=opset, verbose=False,
                 input_names=["images"], output_names=["logits"], external_data=large,
                 dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
                 custom_translation_table={torch.ops.aten.sort.stable: _sort_stable},

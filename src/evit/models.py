@@ -1,4 +1,4 @@
-"""Building models: timm names, ``--pretrained`` through timm, and local checkpoints.
+"""Building models: timm names, ``--pretrained`` through timm, ``hf:`` transformers models, and local checkpoints.
 
 Pretrained weights come through timm from the Hugging Face Hub. Offline, the hub
 client retries for most of a minute before failing; evit checks the hub first
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 HUB_HOST = "huggingface.co"
+HF_PREFIX = "hf:"  # --model hf:CONFIG_OR_ID: a transformers model
 
 
 def resolve_device(name: Optional[str] = None) -> torch.device:
@@ -50,7 +51,15 @@ def device_text(device: torch.device) -> str:
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` with clear errors for unknown names, offline weights and bad checkpoints."""
+    """``timm.create_model`` with clear errors for unknown names, offline weights and bad checkpoints; a name
+    ``hf:CONFIG_OR_ID`` builds a transformers model instead (:func:`transformers_model`)."""
+    if name.startswith(HF_PREFIX):
+        if pretrained and checkpoint:
+            raise ValueError("give either --pretrained or --checkpoint, not both")
+        model = transformers_model(name[len(HF_PREFIX):], pretrained, **kwargs)
+        if checkpoint:
+            load_checkpoint(model, checkpoint)
+        return model
     import timm
 
     if not timm.is_model(name):
@@ -74,6 +83,25 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """A transformers model from ``CONFIG_OR_ID[:key=value,...]``: a local folder with config.json, a model type
+    (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``, ...) with its config's settings changed by the
+    pairs (random weights unless ``pretrained``), or a Hub id (needs the network or a cache; offline it
+    fails at once)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:  # an optional extra
+        raise RuntimeError("hf: models need transformers 5: pip install 'evit[transformers]'")
+    from .hosts.transformers import create_model as create, parse_spec
+
+    name, overrides = parse_spec(spec)
+    if not hub_reachable():  # a Hub id is looked up in the local cache only: fail at once, not after a minute
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    return create(name, pretrained, **{**overrides, **kwargs})
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
