@@ -255,6 +255,30 @@ def test_gradients_reach_every_parameter_in_training(name):
         evit.unpatch(model)
 
 
+def test_tome_on_dinov2s_classifier_averages_by_size():
+    """Dinov2ForImageClassification reads the class token and the mean of the image tokens: merging two pairs
+    of identical tokens changes no logit (proportional attention, size-weighted mean); a plain mean would."""
+    from evit.patch import SizeWeightedNorm
+
+    model = build("Dinov2ForImageClassification")
+    with torch.no_grad():
+        model.dinov2.embeddings.position_embeddings.zero_()  # identical patches stay identical tokens
+        x = images(2)
+        x[..., :8, 8:16] = x[..., :8, 0:8]  # patch 1 = patch 0, patch 3 = patch 2: neighbours, so opposite sets
+        x[..., :8, 24:32] = x[..., :8, 16:24]
+        ref = hosts.adapter(model).forward(x)
+        evit.patch(model, method="tome", r=2, locations=[0])
+        assert evit.token_counts(model, 17) == [17, 15, 15, 15, 15]
+        torch.testing.assert_close(hosts.adapter(model).forward(x), ref, atol=1e-5, rtol=1e-5)
+        norm = model.dinov2.layernorm
+        assert isinstance(norm, SizeWeightedNorm)
+        weighted, norm.__class__ = type(norm), torch.nn.LayerNorm  # the plain mean instead
+        assert (hosts.adapter(model).forward(x) - ref).abs().max() > 1e-4
+        norm.__class__ = weighted
+        evit.unpatch(model)
+        assert type(model.dinov2.layernorm) is torch.nn.LayerNorm
+
+
 def test_count_macs_counts_the_reduction_and_both_kernels_alike():
     for name in ("DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersForImageClassification"):
         counts = {}
