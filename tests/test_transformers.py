@@ -355,9 +355,11 @@ def test_cli_show_and_export_on_a_transformers_model(tmp_path, capsys):
         Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(files[-1])
     assert main(["show", *map(str, files), "--model", spec, "--out", str(tmp_path / "show.png")]) == 0
     assert (tmp_path / "show.png").stat().st_size > 5_000
-    assert main(["export", "--onnx", str(tmp_path / "m.onnx"), "--model", spec, "--keep-rate", "0.5"]) == 0
+    # one reducing layer, unpatched layers after it: they take the mask transformers makes when exporting
+    assert main(["export", "--onnx", str(tmp_path / "m.onnx"), "--model", spec, "--keep-rate", "0.5",
+                 "--locations", "1"]) == 0
     out = capsys.readouterr().out
-    assert "tokens 17->10->7->5" in out and "max abs diff" in out
+    assert "tokens 17->10," in out and "max abs diff" in out
 
 
 def test_cli_transformers_models_from_a_folder_and_offline(tmp_path, capsys):

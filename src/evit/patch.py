@@ -155,8 +155,8 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     check_locations(methods.keys(), len(blocks), host.name)
     unpatch(model)
     methods = dict(sorted(methods.items()))
-    carrying = [i for i, m in methods.items() if m.tracks_size or m.masks_in_training or host.patch_later_blocks]
-    if carrying:  # blocks after a merge or a training mask must see token sizes / the mask (or their host asks)
+    carrying = [i for i, m in methods.items() if m.tracks_size or m.masks_in_training]
+    if carrying:  # blocks after a merge or a training mask must see token sizes / the mask
         methods = {i: methods[i] if i in methods else Keep() for i in range(min(methods), len(blocks))
                    if i in methods or i > carrying[0]}
     state = TokenState()  # shared by this model's methods, reset by the first at each forward

@@ -121,9 +121,6 @@ class Host:
     library: str = ""
     #: the model returns its main tensor itself (not an output object)
     returns_tensor: bool = True
-    #: every block after the first reducing one must be patched (the patch puts a pass-through where no method
-    #: acts), so that what the model hands each block for the full sequence (a mask) is adapted there
-    patch_later_blocks: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -68,9 +68,9 @@ class HFAttention(AttentionView):
 
 
 def _masks_nothing(mask: Tensor) -> bool:
-    """True for an attention mask that lets every token attend to every token: the all-true (or zero additive)
-    mask transformers materialises under ``torch.export`` even when none is given (its values cannot be read
-    there: a mask while exporting is taken to be that one, as evit's own export gives none)."""
+    """True for an attention mask that lets every token attend to every token (all true, or an additive mask
+    of zeros). While exporting, its values cannot be read: a mask then is taken to be the one evit's own
+    export gives (:meth:`TransformersHost.forward`), which masks nothing."""
     if torch.compiler.is_exporting():
         return True
     return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
@@ -161,6 +161,7 @@ class Family:
     mean: tuple
     std: tuple
     crop_pct: float = 1.0
+    makes_mask: bool = True  # its model makes an attention mask for its layers (create_bidirectional_mask)
 
 
 _STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -169,13 +170,15 @@ _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.2757771
 FAMILIES = {
     "vit": Family("vit", "ViTLayer", "ViTAttention", ViTLayerView, "layers", *_STANDARD),
     "deit": Family("deit", "DeiTLayer", "DeiTAttention", ViTLayerView, "layers", *_STANDARD, crop_pct=0.875),
-    "clip": Family("clip", "CLIPEncoderLayer", "CLIPAttention", CLIPLayerView, "encoder.layers", *_CLIP),
+    "clip": Family("clip", "CLIPEncoderLayer", "CLIPAttention", CLIPLayerView, "encoder.layers", *_CLIP,
+                   makes_mask=False),
     "dinov2": Family("dinov2", "Dinov2Layer", "Dinov2Attention", Dinov2LayerView, "encoder.layer", *_IMAGENET,
                      crop_pct=0.875),
     "dinov2_with_registers": Family("dinov2_with_registers", "Dinov2WithRegistersLayer",
                                     "Dinov2WithRegistersAttention", Dinov2LayerView, "encoder.layer", *_IMAGENET,
                                     crop_pct=0.875),
-    "siglip": Family("siglip", "SiglipEncoderLayer", "SiglipAttention", CLIPLayerView, "encoder.layers", *_STANDARD),
+    "siglip": Family("siglip", "SiglipEncoderLayer", "SiglipAttention", CLIPLayerView, "encoder.layers", *_STANDARD,
+                     makes_mask=False),
 }
 #: served model classes: (family, pooling). Pooling: 'token' (a head or pooler on the class token),
 #: 'token+avg' (on the class token and the image tokens' mean), 'sequence' (the tokens themselves)
@@ -224,7 +227,6 @@ def attention_view(module: nn.Module) -> Optional[AttentionView]:
 class TransformersHost(Host):
     library = "transformers"
     returns_tensor = False
-    patch_later_blocks = True  # under torch.export every layer is handed a full-length (all-attending) mask
     class_token_text = "a head on the class token"
 
     def __init__(self, model: nn.Module) -> None:
@@ -312,7 +314,12 @@ class TransformersHost(Host):
         return self.family_name.startswith("dinov2")  # its position embeddings are interpolated at every call
 
     def forward(self, images: Tensor) -> Tensor:
-        out = self.model(pixel_values=images)
+        masks = {}
+        if torch.compiler.is_exporting() and self.family.makes_mask:
+            # under torch.export, transformers hands every layer a full-length all-attending mask, which a layer
+            # after a reduction cannot take; a 1 x 1 mask that masks nothing broadcasts to any length instead
+            masks["attention_mask"] = images.new_zeros(1, 1, 1, 1)
+        out = self.model(pixel_values=images, **masks)
         for key in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
             if getattr(out, key, None) is not None:
                 return getattr(out, key)
