@@ -55,6 +55,7 @@ class TrainConfig:
     keep_warmup_epochs: float = 0.0  # cosine from 1 to keep_rate over this many epochs (0: none)
     locations: Optional[list] = None
     fuse: bool = True
+    fusion: str = "sum"  # EViT: 'sum' (the authors' attention-weighted sum) or 'mean' (renormalised); recorded in the weights
     bf16: bool = False  # autocast to bfloat16 (on a CPU fast only with AVX512-BF16 or AMX)
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None: the GPU when there is one
     ema_decay: float = 0.0  # 0: no EMA
@@ -82,7 +83,7 @@ class TrainConfig:
 def build_model(cfg: TrainConfig) -> nn.Module:
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
     if cfg.keep_rate < 1.0 or cfg.method != "evit":  # patched first: a learned method's weights load with it
-        settings = {"fuse": cfg.fuse} if cfg.method == "evit" else {}
+        settings = {"fuse": cfg.fuse, "fusion": cfg.fusion} if cfg.method == "evit" else {}
         patch(model, 1.0, cfg.locations, method=cfg.method, **settings, **cfg.method_settings)
     if cfg.init:
         load_checkpoint(model, cfg.init)
@@ -183,6 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     ddp_devices = [device] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
 
+    trained_with = checkpoint.config_settings(asdict(cfg))  # recorded in every weights file written
     warm_start, warm_span = int(cfg.keep_warmup_start * per_epoch), int(cfg.keep_warmup_epochs * per_epoch)
     model.train()
     seen, t0, loss_avg, keep = 0, time.perf_counter(), None, 1.0
@@ -192,7 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep}
             if ema is not None:
                 extra["ema"] = ema.module.state_dict()
-            checkpoint.save(out / "checkpoints", step, model, extra)
+            checkpoint.save(out / "checkpoints", step, model, extra, settings=trained_with)
 
     while step < total:
         epoch, start = divmod(step, per_epoch)
@@ -237,7 +239,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         print(file=sys.stderr)
     final = ema.module if ema is not None else model
     if rank == 0:
-        checkpoint.save_weights(final, out / "model.safetensors")
+        checkpoint.save_weights(final, out / "model.safetensors", trained_with)
     if world > 1:
         dist.barrier()
     return {"step": step, "keep_rate": keep, "loss": loss_avg, "weights": str(out / "model.safetensors")}
