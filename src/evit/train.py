@@ -1,6 +1,7 @@
 """Training and fine-tuning with EViT: keep rate warmed up per iteration, checkpoints, resume, DDP.
 
-Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA). With
+Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA); validated at each epoch end
+(or every N steps) into the run's summary.csv and best checkpoint (:mod:`evit.validation`). With
 ``torchrun`` it trains data-parallel (NCCL on GPU, gloo on CPU); only rank 0 writes.
 """
 from __future__ import annotations
