@@ -38,6 +38,11 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     _atomic(Path(path), lambda p: save_file(state, str(p)))
 
 
+def save_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path``, atomically."""
+    _atomic(Path(path), lambda p: p.write_text(text))
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
 
