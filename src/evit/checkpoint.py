@@ -43,6 +43,11 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: Optional[
     _atomic(Path(path), lambda p: save_file(state, str(p), metadata=metadata))
 
 
+def save_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path``, atomically."""
+    _atomic(Path(path), lambda p: p.write_text(text))
+
+
 def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, Any]] = None) -> None:
     """Write ``model``'s weights with the token-reduction ``settings`` they were trained with
     (default: those recorded where the model's weights were loaded from, :data:`TRAINED_WITH`)."""
