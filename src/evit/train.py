@@ -62,6 +62,7 @@ class TrainConfig:
     keep_warmup_epochs: float = 0.0  # cosine from 1 to keep_rate over this many epochs (0: none)
     locations: Optional[list] = None
     fuse: bool = True
+    fusion: str = "sum"  # EViT: 'sum' (the authors' attention-weighted sum) or 'mean' (renormalised); recorded in the weights
     bf16: bool = False  # autocast to bfloat16 (on a CPU fast only with AVX512-BF16 or AMX)
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None: the GPU when there is one
     ema_decay: float = 0.0  # 0: no EMA
@@ -89,7 +90,7 @@ class TrainConfig:
 def build_model(cfg: TrainConfig) -> nn.Module:
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
     if cfg.keep_rate < 1.0 or cfg.method != "evit":  # patched first: a learned method's weights load with it
-        settings = {"fuse": cfg.fuse} if cfg.method == "evit" else {}
+        settings = {"fuse": cfg.fuse, "fusion": cfg.fusion} if cfg.method == "evit" else {}
         patch(model, 1.0, cfg.locations, method=cfg.method, **settings, **cfg.method_settings)
     if cfg.init:
         load_checkpoint(model, cfg.init)
@@ -180,6 +181,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
+    # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
+    trained_with = checkpoint.config_settings(asdict(cfg))
+    setattr(model, checkpoint.TRAINED_WITH, trained_with)
     loader, val_loader, class_names = make_loaders(cfg, model, rank, world)
     cfg = replace(cfg, class_names=class_names)  # recorded in config.json: eval maps a val/ by these names
     per_epoch = len(loader)
@@ -226,7 +230,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                      "validation": validation.state()}
             if ema is not None:
                 extra["ema"] = ema.module.state_dict()
-            checkpoint.save(out / "checkpoints", step, model, extra)
+            checkpoint.save(out / "checkpoints", step, model, extra, settings=trained_with)
 
     from tqdm import tqdm
 
@@ -284,7 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     bar.close()
     final = ema.module if ema is not None else model
     if rank == 0:
-        checkpoint.save_weights(final, out / "model.safetensors")
+        checkpoint.save_weights(final, out / "model.safetensors", trained_with)
     if world > 1:
         dist.barrier()
     return {"step": step, "keep_rate": keep, "loss": loss_avg, "weights": str(out / "model.safetensors")}
