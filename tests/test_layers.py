@@ -24,7 +24,7 @@ LAYERS = [
     ("measures", {"evit.cost", "evit.timing", "evit.resolution", "evit.masks", "evit.models", "evit.data",
                   "evit.checkpoint", "evit.schedule"}),
     ("tools", {"evit.bench", "evit.budget", "evit.evaluate", "evit.compare", "evit.show", "evit.export",
-               "evit.train", "evit.folders", "evit.embedded"}),
+               "evit.train", "evit.folders", "evit.embedded", "evit.validation"}),
     ("commands", {"evit.cli", "evit.commands"}),
     ("api", {"evit"}),
 ]
@@ -104,7 +104,8 @@ def test_the_checks_see_real_imports():
 # the structural attributes of timm's and transformers' ViT classes (checked below to be real
 # attributes of such models); (3) no attribute of a variable named ``model`` is read except
 # nn.Module's own API: that catches host attributes whose names evit also uses for its own objects
-# (``host.blocks``, ``method.num_prefix_tokens``, ``view.attention``, ...).
+# (``host.blocks``, ``method.num_prefix_tokens``, ``view.attention``, ...). ``getattr(x, "name")`` and
+# ``hasattr(x, "name")`` with a literal name count as reads.
 
 TIMM_ATTRIBUTES = {
     "patch_embed", "pretrained_cfg", "global_pool", "attn_pool", "cls_token", "reg_token", "pos_embed",
@@ -124,6 +125,14 @@ MODULE_API = set(dir(torch.nn.Module()))
 HOST_FILES = {"evit.hosts.timm", "evit.hosts.transformers", "evit.hosts", "evit.hosts.base"}
 
 
+def _read(where: str, receiver: ast.expr, attr: str) -> list[str]:
+    if attr in HOST_ATTRIBUTES:
+        return [f"{where} reads .{attr}"]
+    if isinstance(receiver, ast.Name) and receiver.id == "model" and attr not in MODULE_API:
+        return [f"{where} reads model.{attr}"]
+    return []
+
+
 def _violations(name: str, path: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -135,10 +144,10 @@ def _violations(name: str, path: Path) -> list[str]:
                         (n == "timm" and name != "evit.models"):
                     found.append(f"{where} imports {n}")
         elif isinstance(node, ast.Attribute):
-            if node.attr in HOST_ATTRIBUTES:
-                found.append(f"{where} reads .{node.attr}")
-            elif isinstance(node.value, ast.Name) and node.value.id == "model" and node.attr not in MODULE_API:
-                found.append(f"{where} reads model.{node.attr}")
+            found += _read(where, node.value, node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
+                and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+            found += _read(where, node.args[0], node.args[1].value)  # getattr(model, "blocks") reads it too
     return found
 
 
@@ -149,9 +158,11 @@ def test_host_attributes_are_read_only_in_host_files():
 
 def test_the_rule_catches_what_it_should(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import timm.layers\n\ndef f(model, block):\n    return model.blocks, block.attn.qkv, model.eval()\n")
+    bad.write_text("import timm.layers\n\ndef f(model, block):\n"
+                   "    return model.blocks, block.attn.qkv, model.eval(), getattr(model, 'num_classes', 0)\n")
     found = _violations("evit.bad", bad)
-    assert len(found) == 3 and any("timm.layers" in f for f in found) and any("model.blocks" in f for f in found)
+    assert len(found) == 4 and any("timm.layers" in f for f in found) and any("model.blocks" in f for f in found)
+    assert any("model.num_classes" in f for f in found)
 
 
 def _attribute_names(*objects) -> set[str]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import hosts
+from .checkpoint import trained_settings
 from .cost import count_macs, native_input_size
 from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate, unpatch
@@ -81,6 +82,8 @@ def learned(model: nn.Module) -> bool:
 def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequence[int]] = None,
                   images: Optional[torch.Tensor] = None) -> None:
     """Patch ``model`` for ``setting``; a model with a learned reduction only has its keep rate changed.
+    Settings the model's checkpoint recorded for that method (EViT's fusion) apply unless ``setting``
+    gives its own (:func:`evit.checkpoint.trained_settings`).
     ``images``: sample (training) images for methods that choose their tokens from data (Patch Slimming)."""
     spec = patch_spec(setting)
     if learned(model):
@@ -91,7 +94,8 @@ def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequen
     elif spec is None:
         unpatch(model)
     else:
-        patch(model, **{"locations": locations, **spec}, images=images)
+        recorded = trained_settings(model, str(spec.get("method", "evit")))
+        patch(model, **{"locations": locations, **recorded, **spec}, images=images)
         if next(iter(reductions(model).values())).needs_images and images is None:
             unpatch(model)
             raise ValueError(f"{spec['method']} chooses its tokens from sample images: give calibration images "
@@ -140,6 +144,13 @@ def sized(batches: Iterable, model: nn.Module) -> Iterator:
     return resize_batches(batches, native_input_size(model)[1:])
 
 
+def fresh_batches(batches_fn, model: nn.Module) -> Iterable:
+    """Fresh batches for ``model``: at its own input size from a source that prepares images per size
+    (``batches_fn.at_size``, e.g. a folder through timm's transforms), else ``batches_fn()``."""
+    at_size = getattr(batches_fn, "at_size", None)
+    return at_size(native_input_size(model)) if at_size is not None else batches_fn()
+
+
 def evaluate(
     models: dict[str, nn.Module],
     settings: Sequence[tuple[str, Setting]],
@@ -154,7 +165,8 @@ def evaluate(
     top-1's gap to the first row with its 95% interval (``top1_gap``, ``top1_gap_ci``; same images).
 
     A setting is a keep rate (EViT; 1.0 is the unpatched model) or ``evit.patch`` arguments such as
-    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches, resized to each
+    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches (at each model's own size
+    from a source with ``at_size``: :func:`fresh_batches`), resized to each
     model's input size where they differ (:func:`sized`). Speed is over the first model unpatched,
     timed once per input size and setting (:func:`speedups`). ``images``: calibration images for
     methods that need them (Patch Slimming), at the models' input size.
@@ -168,14 +180,17 @@ def evaluate(
         model = models[name].cpu()
         apply_setting(model, setting, locations, images)
         macs = count_macs(model) / 1e9
-        right, right5 = hits(model.to(dev), sized(batches_fn(), model))
+        fusion = next((m.fusion for m in reductions(model).values() if getattr(m, "fuse", False)
+                       and hasattr(m, "fusion")), None)  # what EViT ran with: the setting's, the checkpoint's or the default
+        right, right5 = hits(model.to(dev), sized(fresh_batches(batches_fn, model), model))
         reference = right if reference is None else reference
         gap, gap_ci = paired_gap(right, reference) or (None, None)
         release(model.cpu())
         spec = patch_spec(setting) or {}
         rows.append(dict(model=name, method=str(spec.get("method", "evit" if spec else "none")),
                          keep_rate=spec.get("keep_rate", 1.0 if not spec else None),
-                         settings={k: v for k, v in spec.items() if k != "method"},
+                         settings={**{k: v for k, v in spec.items() if k != "method"},
+                                   **({"fusion": fusion} if fusion else {})},
                          top1=percent(right), top5=percent(right5),
                          images=len(right), gmacs=macs, images_per_s=ips, speedup=up,
                          top1_gap=gap, top1_gap_ci=gap_ci))

@@ -108,7 +108,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load weights from a ``.safetensors`` file or a torch checkpoint (``model`` key or bare state dict).
 
     A ViT trained at another input size loads with its position embeddings resampled (timm's filter),
-    for fine-tuning at a higher resolution."""
+    for fine-tuning at a higher resolution. The token-reduction settings the file recorded (EViT's
+    fusion, :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches
+    it the way it was trained."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -136,3 +138,6 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
             if any(".reduction." in k for k in unexpected) else ""
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}{hint}")
+    from .checkpoint import TRAINED_WITH, recorded_settings
+
+    setattr(model, TRAINED_WITH, recorded_settings(p))

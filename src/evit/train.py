@@ -1,6 +1,7 @@
 """Training and fine-tuning with EViT: keep rate warmed up per iteration, checkpoints, resume, DDP.
 
-Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA). With
+Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA); validated at each epoch end
+(or every N steps) into the run's summary.csv and best checkpoint (:mod:`evit.validation`). With
 ``torchrun`` it trains data-parallel (NCCL on GPU, gloo on CPU); only rank 0 writes.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,12 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
-from . import hosts
+from . import checkpoint, hosts
+from .cost import native_input_size
 from .models import create_model, load_checkpoint, resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
+from .validation import Validation, line
 
 
 @dataclass
@@ -36,8 +38,12 @@ class TrainConfig:
     data: str = "fashion-mnist"  # or a folder with train/ and val/ (ImageNet style)
     data_root: Optional[str] = None
     download: bool = False
-    train_subset: Optional[int] = None  # first N training images (quick runs, tests)
-    img_size: Optional[int] = None  # resize batches to N x N px (higher-resolution fine-tuning)
+    train_subset: Optional[int] = None  # N training images (Fashion-MNIST: the first N; a folder: a seeded draw)
+    val_split: Optional[float] = None  # validate on this share of the training images (seeded), not val/ or the test set
+    eval_every: Optional[int] = None  # validate every N steps (default: at each epoch end)
+    workers: int = 2  # processes loading a folder's images (0: this one)
+    class_names: Optional[list] = None  # the class list in label order; read from the data, kept in config.json
+    img_size: Optional[int] = None  # data at N x N px (Fashion-MNIST: resized batches; default: the model's own size)
     epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimizer steps in all
     batch_size: int = 128
@@ -56,6 +62,7 @@ class TrainConfig:
     keep_warmup_epochs: float = 0.0  # cosine from 1 to keep_rate over this many epochs (0: none)
     locations: Optional[list] = None
     fuse: bool = True
+    fusion: str = "sum"  # EViT: 'sum' (the authors' attention-weighted sum) or 'mean' (renormalised); recorded in the weights
     bf16: bool = False  # autocast to bfloat16 (on a CPU fast only with AVX512-BF16 or AMX)
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None: the GPU when there is one
     ema_decay: float = 0.0  # 0: no EMA
@@ -83,7 +90,8 @@ class TrainConfig:
 def build_model(cfg: TrainConfig) -> nn.Module:
     model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
     if cfg.keep_rate < 1.0 or cfg.method != "evit":  # patched first: a learned method's weights load with it
-        patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **cfg.method_settings)
+        settings = {"fusion": cfg.fusion} if cfg.method == "evit" else {}  # EViT's own setting
+        patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **settings, **cfg.method_settings)
     if cfg.init:
         load_checkpoint(model, cfg.init)
     return model
@@ -110,20 +118,42 @@ def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor)
     return F.kl_div(logits.float().log_softmax(dim=-1), target, log_target=True, reduction="batchmean")
 
 
-def make_loaders(cfg: TrainConfig, rank: int = 0, world: int = 1):
-    """(train loader, validation loader) for ``cfg.data``."""
-    from .data import TensorLoader, load_fashion_mnist
+def check_data_options(cfg: TrainConfig) -> None:
+    """Refuse data options no run can use, before anything is built."""
+    if cfg.eval_every is not None and cfg.eval_every < 1:
+        raise ValueError(f"--eval-every must be a positive number of steps, got {cfg.eval_every}")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be 0 (load in this process) or more, got {cfg.workers}")
+    if cfg.val_split is not None and not 0 < cfg.val_split < 1:
+        raise ValueError(f"--val-split must lie strictly between 0 and 1 (a share of the training images), "
+                         f"got {cfg.val_split}")
+
+
+def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int = 1):
+    """(train loader, validation loader, class names) for ``cfg.data``; a folder's images at ``model``'s
+    input size as built (or ``cfg.img_size``), labelled by class name."""
+    from .data import FASHION_MNIST_CLASSES, TensorLoader, check_head, check_subset, held_out, load_fashion_mnist
 
     if cfg.data != "fashion-mnist":
-        from .folders import folder_loaders
+        from .folders import train_data
 
-        return folder_loaders(cfg, rank, world)
+        size = None if cfg.img_size is None else (native_input_size(model)[0], cfg.img_size, cfg.img_size)
+        data = train_data(Path(cfg.data), model, cfg.batch_size, seed=cfg.seed, workers=cfg.workers,
+                          val_split=cfg.val_split, subset=cfg.train_subset, size=size, class_names=cfg.class_names,
+                          rank=rank, world=world)
+        return data.train, data.val, data.class_names
+    check_head(hosts.num_classes(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
     x, y = load_fashion_mnist("train", cfg.data_root, cfg.download)
+    if cfg.val_split is not None:
+        kept, held = held_out(len(y), cfg.val_split, cfg.seed)
+        (x, y), (vx, vy) = (x[kept], y[kept]), (x[held], y[held])
+    else:
+        vx, vy = load_fashion_mnist("test", cfg.data_root, cfg.download)
+    check_subset(cfg.train_subset, len(y), "the Fashion-MNIST training set")
     if cfg.train_subset:
         x, y = x[: cfg.train_subset], y[: cfg.train_subset]
-    vx, vy = load_fashion_mnist("test", cfg.data_root, cfg.download)
     train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world, drop_last=True)
-    return train, TensorLoader(vx, vy, 256)
+    return train, TensorLoader(vx, vy, 256), list(FASHION_MNIST_CLASSES)
 
 
 def _distributed() -> tuple[int, int]:
@@ -145,12 +175,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         raise ValueError(f"keep_rate_min {cfg.keep_rate_min} must lie in (0, keep_rate={cfg.keep_rate}]")
     if cfg.distill_img_size and (cfg.mixup or cfg.cutmix):
         raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed images")
+    check_data_options(cfg)
     rank, world = _distributed()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
-    loader, _ = make_loaders(cfg, rank, world)
+    # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
+    trained_with = checkpoint.config_settings(asdict(cfg))
+    setattr(model, checkpoint.TRAINED_WITH, trained_with)
+    loader, val_loader, class_names = make_loaders(cfg, model, rank, world)
+    cfg = replace(cfg, class_names=class_names)  # recorded in config.json: eval maps a val/ by these names
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training set; lower --batch-size")
@@ -159,7 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=per_epoch)
-    num_classes = hosts.adapter(model).num_classes
+    num_classes = hosts.num_classes(model)
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
@@ -177,6 +212,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             ema.module.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
+    validation = Validation(val_loader, out, per_epoch, cfg.eval_every, step if resume else None,
+                            state.get("validation") if resume else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -189,11 +226,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     def save() -> None:
         if rank == 0:
-            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep}
+            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep,
+                     "validation": validation.state()}
             if ema is not None:
                 extra["ema"] = ema.module.state_dict()
-            checkpoint.save(out / "checkpoints", step, model, extra)
+            checkpoint.save(out / "checkpoints", step, model, extra, settings=trained_with)
 
+    from tqdm import tqdm
+
+    show = progress and rank == 0
+    bar = tqdm(total=total, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not (show and sys.stderr.isatty()))  # to a file: one plain line per validation instead
     while step < total:
         epoch, start = divmod(step, per_epoch)
         for images, y in loader.batches(epoch, start):
@@ -222,22 +265,30 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             if ema is not None:
                 ema.update(model, step=step)
             seen += len(x)
-            loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-            if progress and rank == 0 and (step % 10 == 0 or step == total):
-                rate = seen * world / (time.perf_counter() - t0)
-                print(f"\rep {epoch + 1}/{cfg.epochs} step {step}/{total} loss {loss_avg:.4f} keep {keep:.3f} "
-                      f"lr {optimizer.param_groups[0]['lr']:.2e} {rate:.0f} img/s", end="", file=sys.stderr, flush=True)
+            value = loss.item()
+            loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
+            validation.record(value, len(x) * world)
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                bar.set_postfix_str(f"ep {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} keep {keep:.3f} "
+                                    f"lr {optimizer.param_groups[0]['lr']:.2e} "
+                                    f"{seen * world / (time.perf_counter() - t0):.0f} img/s", refresh=False)
             if os.environ.get("EVIT_KILL_AT_STEP") == str(step):  # tests: a real kill, mid-run
                 os.kill(os.getpid(), signal.SIGKILL)
+            if rank == 0 and validation.due(step, total):  # before the checkpoint: a resume never skips a row
+                checked = ema.module if ema is not None else model
+                row = validation.run(checked, step, optimizer.param_groups[0]["lr"],
+                                     keep_rate_at(step, cfg.keep_rate, warm_start, warm_span) if cfg.keep_rate < 1 else None)
+                if show:
+                    bar.write(line(row, cfg.epochs, total), file=sys.stderr)
             if step % cfg.save_every == 0 or step % per_epoch == 0 or step == total:
                 save()
             if step >= total:
                 break
-    if progress and rank == 0:
-        print(file=sys.stderr)
+    bar.close()
     final = ema.module if ema is not None else model
     if rank == 0:
-        checkpoint.save_weights(final, out / "model.safetensors")
+        checkpoint.save_weights(final, out / "model.safetensors", trained_with)
     if world > 1:
         dist.barrier()
     return {"step": step, "keep_rate": keep, "loss": loss_avg, "weights": str(out / "model.safetensors")}

@@ -20,7 +20,7 @@ from torch import nn
 from . import timm as timm_host
 from .base import AttentionView, BlockView, Host, base_class
 
-__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "find"]
+__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "find", "num_classes"]
 
 
 def _transformers():
@@ -63,3 +63,9 @@ def attention_view(module: nn.Module) -> AttentionView:
     if view is None:
         raise TypeError(f"evit does not know attention module {type(module).__name__}")
     return view
+
+
+def num_classes(model: nn.Module) -> int:
+    """Outputs of ``model``'s classification head: its host's answer, else timm's ``num_classes`` (0 if none)."""
+    found = find(model)
+    return found.num_classes if found is not None else getattr(model, "num_classes", 0)
