@@ -344,6 +344,18 @@ def test_cli_bench_eval_compare_on_a_transformers_model(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["none", "tome", "topk"]
 
 
+def test_cli_eval_on_an_image_folder_with_the_models_own_preprocessing(jpeg_folder, capsys):
+    root = jpeg_folder(1, 3)  # 10 classes, 3 validation images each
+    spec = HF_TINY.replace(",num_channels=1", "").replace("image_size=28,patch_size=4", "image_size=32,patch_size=8")
+    assert main(["eval", "--model", spec, "--data", str(root), "--keep-rates", "1.0", "0.5", "--speed-reps", "1",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["images"] for r in rows] == [30, 30] and rows[1]["gmacs"] < rows[0]["gmacs"]
+    model = build("DeiTForImageClassification")
+    config = hosts.data_config(model, (3, 48, 48))
+    assert config["input_size"] == (3, 48, 48) and config["mean"] == (0.5, 0.5, 0.5) and config["crop_pct"] == 0.875
+
+
 def test_cli_show_and_export_on_a_transformers_model(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from PIL import Image

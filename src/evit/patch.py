@@ -34,7 +34,7 @@ class ReducingBlock(nn.Module):
 
     def forward(self, *args, **kwargs):
         view = self._evit_view(self)
-        x, args, kwargs = view.arguments(args, kwargs)  # refuses masks and the like, which would not follow a shorter sequence
+        x, args, kwargs = view.arguments(args, kwargs)  # refuses masks and the like: they would not follow
         method = self.reduction
         state = method.state
         if method.first:  # a new forward begins

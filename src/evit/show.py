@@ -98,7 +98,7 @@ def load_images(paths: Sequence[str], model: nn.Module, grayscale: bool = False)
     from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform
 
-    config = hosts.adapter(model).data_config()
+    config = hosts.data_config(model)
     transform = create_transform(**config)
     mean, std = torch.tensor(config["mean"]).view(-1, 1, 1), torch.tensor(config["std"]).view(-1, 1, 1)
     batch, display = [], []

@@ -142,7 +142,7 @@ def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int =
                           val_split=cfg.val_split, subset=cfg.train_subset, size=size, class_names=cfg.class_names,
                           rank=rank, world=world)
         return data.train, data.val, data.class_names
-    check_head(hosts.num_classes(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
+    check_head(hosts.head_outputs(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
     x, y = load_fashion_mnist("train", cfg.data_root, cfg.download)
     if cfg.val_split is not None:
         kept, held = held_out(len(y), cfg.val_split, cfg.seed)
@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=per_epoch)
-    num_classes = hosts.num_classes(model)
+    num_classes = hosts.head_outputs(model)
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)

@@ -13,14 +13,15 @@ reach a model only through these. A new host is one more file here and one more 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 
 from . import timm as timm_host
 from .base import AttentionView, BlockView, Host, base_class
 
-__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "find", "num_classes"]
+__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "data_config", "find",
+           "head_outputs"]
 
 
 def _transformers():
@@ -65,7 +66,13 @@ def attention_view(module: nn.Module) -> AttentionView:
     return view
 
 
-def num_classes(model: nn.Module) -> int:
+def head_outputs(model: nn.Module) -> int:
     """Outputs of ``model``'s classification head: its host's answer, else timm's ``num_classes`` (0 if none)."""
     found = find(model)
-    return found.num_classes if found is not None else getattr(model, "num_classes", 0)
+    return found.head_outputs if found is not None else getattr(model, "num_classes", 0)
+
+
+def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict:
+    """Preprocessing for ``model``'s images (timm's keys), at ``input_size``: its host's, else timm's for any timm model."""
+    found = find(model)
+    return found.data_config(input_size) if found is not None else timm_host.data_config(model, input_size)

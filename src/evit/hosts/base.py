@@ -204,11 +204,12 @@ class Host:
         return self.model(images)
 
     @property
-    def num_classes(self) -> int:
+    def head_outputs(self) -> int:
         raise NotImplementedError
 
-    def data_config(self) -> dict:
-        """Preprocessing for images: input_size, mean, std, interpolation, crop_pct (timm's keys)."""
+    def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
+        """Preprocessing for images (at ``input_size`` (C, H, W), default the model's): input_size, mean, std,
+        interpolation, crop_pct (timm's keys)."""
         raise NotImplementedError
 
     def adapt_state_dict(self, state: dict) -> dict:

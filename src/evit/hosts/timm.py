@@ -9,7 +9,7 @@ and post-norm blocks, other attention types (rotary, differential), attention po
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -108,6 +108,13 @@ class TimmBlock(BlockView):
     def mlp_residual(self, x: Tensor) -> Tensor:
         b = self.block
         return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+
+
+def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict:
+    """timm's preprocessing for any timm model (from its pretrained config) at ``input_size``."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config({"input_size": tuple(int(s) for s in input_size)} if input_size else {}, model=model)
 
 
 def model_name(model: nn.Module) -> str:
@@ -214,13 +221,11 @@ class TimmHost(Host):
             self.model.set_input_size(img_size=(h, w))
 
     @property
-    def num_classes(self) -> int:
+    def head_outputs(self) -> int:
         return self.model.num_classes
 
-    def data_config(self) -> dict:
-        from timm.data import resolve_data_config
-
-        return resolve_data_config(model=self.model)
+    def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
+        return data_config(self.model, input_size)
 
     def adapt_state_dict(self, state: dict) -> dict:
         """timm's own filter: position embeddings resampled to this input size (higher-resolution fine-tuning)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -326,12 +326,12 @@ class TransformersHost(Host):
         raise TypeError(f"{self.name} returned no tensor evit knows ({type(out).__name__})")  # pragma: no cover
 
     @property
-    def num_classes(self) -> int:
+    def head_outputs(self) -> int:
         if not hasattr(self.model, "classifier") and not hasattr(self.model, "cls_classifier"):
             raise ValueError(f"{self.name} has no classification head; use its ...ForImageClassification class")
         return self.model.config.num_labels
 
-    def data_config(self) -> dict:
+    def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         """The family's preprocessing (as transformers' image processor for it does), or the one a local
         folder's ``preprocessor_config.json`` gives."""
         mean, std, crop_pct = self.family.mean, self.family.std, self.family.crop_pct
@@ -342,7 +342,8 @@ class TransformersHost(Host):
             size, crop = given.get("size") or {}, given.get("crop_size") or {}
             if given.get("do_center_crop") and crop.get("height") and (size.get("height") or size.get("shortest_edge")):
                 crop_pct = crop["height"] / (size.get("height") or size["shortest_edge"])
-        return dict(input_size=self.input_size, mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct)
+        size = tuple(int(s) for s in input_size) if input_size else self.input_size
+        return dict(input_size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct)
 
 
 # ---- building models for the command line ------------------------------------------------------------

@@ -88,7 +88,8 @@ class STViT(KeepRateReduction):
         semantic = _pool(x[:, p:], (h, w), g)
         if self.refine:
             view = self._view
-            semantic = semantic + view.attention_scale(cross_attend(view.attention, view.attention_norm(semantic), view.attention_norm(x[:, p:])))
+            refined = cross_attend(view.attention, view.attention_norm(semantic), view.attention_norm(x[:, p:]))
+            semantic = semantic + view.attention_scale(refined)
         if self.state.track:
             sources = self.state._sources(x)
             pooled = _pool(sources[:, p:].float(), (h, w), g, max_pool=True).to(sources.dtype)
