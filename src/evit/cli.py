@@ -50,8 +50,10 @@ def _add_budget_args(p: argparse.ArgumentParser, **keep_rates) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="timm model name (default: the embedded Fashion-MNIST ViT)")
+    p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the network or a cache)")
-    p.add_argument("--checkpoint", help="load weights from a local .safetensors or torch checkpoint")
+    p.add_argument("--checkpoint", help="load weights from a local .safetensors or torch checkpoint (a state dict, "
+                                        "or a training checkpoint with one under 'model')")
     p.add_argument("--locations", type=int, nargs="+", help="0-based blocks that reduce (default: 1/4, 1/2, 3/4 of depth)")
 
 
