@@ -28,7 +28,7 @@ def _train(args) -> int:
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     else:
         raise ValueError("give --recipe (e.g. fashion_mnist_baseline) or --model")
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns; one answer is printed
         print(json.dumps(result))
     return 0
