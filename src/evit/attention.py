@@ -97,7 +97,8 @@ def _heads(attn: nn.Module, x: Tensor, part: slice) -> Tensor:
     rows = slice(part.start * attn.qkv.out_features // 3, part.stop * attn.qkv.out_features // 3)
     weight, bias = attn.qkv.weight[rows], None if attn.qkv.bias is None else attn.qkv.bias[rows]
     B, N, _ = x.shape
-    return F.linear(x, weight, bias).reshape(B, N, part.stop - part.start, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    heads = F.linear(x, weight, bias).reshape(B, N, part.stop - part.start, attn.num_heads, attn.head_dim)
+    return heads.permute(2, 0, 3, 1, 4)
 
 
 def cross_attend(attn: nn.Module, queries: Tensor, context: Tensor) -> Tensor:

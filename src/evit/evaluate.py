@@ -186,7 +186,8 @@ def evaluate(
         model = models[name].cpu()
         apply_setting(model, setting, locations, images)
         macs = count_macs(model) / 1e9
-        right, right5 = hits(model.to(dev), sized(batches_fn(), model), f"model {name!r} ({_label(patch_spec(setting))})")
+        what = f"model {name!r} ({_label(patch_spec(setting))})"
+        right, right5 = hits(model.to(dev), sized(batches_fn(), model), what)
         reference = right if reference is None else reference
         gap, gap_ci = paired_gap(right, reference) or (None, None)
         release(model.cpu())

@@ -172,7 +172,8 @@ def disk_error(e: OSError, out: Path) -> Optional[DiskError]:
     """A one-line DiskError for ``e`` when it is the disk refusing a write (else None: not ours to explain)."""
     if e.errno not in DISK_ERRNOS:
         return None
-    return DiskError(f"cannot write {e.filename or out}: {e.strerror or e}; {kept(out, 'resume with --resume once the disk takes writes')}")
+    advice = "resume with --resume once the disk takes writes"
+    return DiskError(f"cannot write {e.filename or out}: {e.strerror or e}; {kept(out, advice)}")
 
 
 class StopSignals:

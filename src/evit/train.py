@@ -78,7 +78,8 @@ class TrainConfig:
         if self.keep_rate_min is not None and not 0 < self.keep_rate_min <= self.keep_rate:
             raise ValueError(f"keep_rate_min {self.keep_rate_min} must lie in (0, keep_rate={self.keep_rate}]")
         if self.distill_img_size and (self.mixup or self.cutmix):
-            raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed images")
+            raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed "
+                             "images")
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":
