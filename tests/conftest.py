@@ -38,3 +38,31 @@ def input_for(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
 @pytest.fixture(params=list(VARIANTS))
 def variant(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def jpeg_folder(tmp_path_factory):
+    """A function writing an ImageNet-style folder of 32x32 RGB JPEGs cut from the bundled Fashion-MNIST
+    test images (10 classes c0..c9): ``train_per_class`` and ``val_per_class`` images of each class."""
+    import numpy as np
+    from PIL import Image
+
+    from evit.embedded import test_subset
+
+    images, labels = test_subset()
+    images, labels = images[:, 0].numpy(), labels.numpy()
+
+    def write(train_per_class: int, val_per_class: int):
+        root = tmp_path_factory.mktemp("jpegs")
+        for c in range(10):
+            idx = np.flatnonzero(labels == c)
+            for split, chosen in (("train", idx[:train_per_class]),
+                                  ("val", idx[train_per_class:train_per_class + val_per_class])):
+                folder = root / split / f"c{c}"
+                folder.mkdir(parents=True)
+                for i in chosen:
+                    Image.fromarray(images[i]).resize((32, 32), Image.BILINEAR).convert("RGB").save(
+                        folder / f"{i:04d}.jpg", quality=90)
+        return root
+
+    return write

@@ -79,17 +79,20 @@ def test_folder_data_reports_corrupt_image_by_path(tmp_path):
             for i in range(2):
                 Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
     (tmp_path / "val" / "dog" / "broken.png").write_bytes(b"not an image at all")
+    recipe = tmp_path / "two_classes.json"
+    recipe.write_text(json.dumps({"model": "deit_tiny_patch16_224", "model_kwargs": {"img_size": 32, "num_classes": 2}}))
     proc = subprocess.run(
-        [sys.executable, "-m", "evit.cli", "eval", "--model", "deit_tiny_patch16_224", "--data", str(tmp_path),
+        [sys.executable, "-m", "evit.cli", "eval", "--recipe", str(recipe), "--data", str(tmp_path),
          "--keep-rates", "1.0", "0.5", "--speed-reps", "1", "--batch-size", "4", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "broken.png" in proc.stderr
+    named = [line for line in proc.stderr.splitlines() if "broken.png" in line]
+    assert len(named) == 1 and "not counted" in named[0], proc.stderr  # named once, by path
     rows = json.loads(proc.stdout)["rows"]
     assert [r["keep_rate"] for r in rows] == [1.0, 0.5]
-    # timm names the unreadable file in a warning and serves the next sample in its place
-    assert rows[0]["images"] == 5 and rows[1]["gmacs"] < rows[0]["gmacs"]
+    # the unreadable file is skipped, nothing scored in its place: the 4 readable images
+    assert [r["images"] for r in rows] == [4, 4] and rows[1]["gmacs"] < rows[0]["gmacs"]
 
 
 def test_missing_folder_split_is_a_clear_error(tmp_path):
@@ -99,7 +102,7 @@ def test_missing_folder_split_is_a_clear_error(tmp_path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 2
-    assert "val is not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert "val does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_eval_resizes_fashion_mnist_to_the_models_input(tmp_path, capsys):

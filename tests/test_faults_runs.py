@@ -138,7 +138,8 @@ def _eval(recipe, checkpoint):
 
 REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code, what the one line says)
     "existing_out_refused": (lambda r, run, b, t: _train(r, run), 2,
-                             r"already holds a run \(config.json, checkpoints, model.safetensors\); use --resume "
+                             r"already holds a run \(config.json, checkpoints, model.safetensors, best.safetensors, "
+                             r"summary.csv\); use --resume "
                              r"to continue it or --overwrite to move it aside"),
     "resume_and_overwrite_together": (lambda r, run, b, t: _train(r, run, "--resume", "--overwrite"), 2,
                                       r"give --resume .* or --overwrite .*, not both"),
@@ -329,12 +330,10 @@ def test_checkpoint_pruning_keeps_what_latest_names(tmp_path):
 
 # --------------------------------------------------------------------------- DeiT-style checkpoints
 
-def test_deit_style_pth_evaluates_with_weights_only_safety(tmp_path, capsys):
+def test_deit_style_pth_evaluates_with_weights_only_safety(tmp_path, jpeg_folder, capsys):
     """{'model', 'optimizer', 'epoch', 'args': Namespace} as DeiT's and the official EViT's training saves it,
     read with weights_only (Namespace allowed as data): it scores exactly as the same weights in safetensors."""
-    from PIL import Image
-
-    kwargs = {"img_size": 32, "depth": 2, "num_classes": 3}
+    kwargs = {"img_size": 32, "depth": 2, "num_classes": 10}
     recipe = tmp_path / "deit.json"
     recipe.write_text(json.dumps({"model": "deit_tiny_patch16_224", "model_kwargs": kwargs}))
     torch.manual_seed(0)
@@ -345,21 +344,14 @@ def test_deit_style_pth_evaluates_with_weights_only_safety(tmp_path, capsys):
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299, "args": args},
                tmp_path / "checkpoint.pth")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "same.safetensors"))
-    rng = torch.Generator().manual_seed(1)
-    for split in ("train", "val"):
-        for c in range(3):
-            (tmp_path / "data" / split / f"class{c}").mkdir(parents=True)
-            for i in range(4):
-                pixels = (torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(tmp_path / "data" / split / f"class{c}" / f"{i}.png")
+    data = jpeg_folder(1, 2)
     rows = {}
     for name in ("checkpoint.pth", "same.safetensors"):
         argv = ["eval", "--model", "deit_tiny_patch16_224", "--recipe", str(recipe), "--checkpoint",
-                str(tmp_path / name), "--data", str(tmp_path / "data"), "--keep-rates", "0.5", "--speed-reps",
-                "1", "--json"]
+                str(tmp_path / name), "--data", str(data), "--keep-rates", "0.5", "--speed-reps", "1", "--json"]
         assert main(argv) == 0, capsys.readouterr().err
         rows[name] = [(r["top1"], r["top5"], r["images"]) for r in json.loads(capsys.readouterr().out)["rows"]]
-    assert rows["checkpoint.pth"] == rows["same.safetensors"] and rows["checkpoint.pth"][0][2] == 12
+    assert rows["checkpoint.pth"] == rows["same.safetensors"] and rows["checkpoint.pth"][0][2] == 20
 
 
 # ------------------------------------------------------------------------------- library edge cases

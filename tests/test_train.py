@@ -229,3 +229,19 @@ def test_device_is_chosen_and_checked(monkeypatch):
 def test_unknown_device_is_a_clear_error(toy_fashion, tiny_recipe, tmp_path):
     proc = _run_train(_train_cmd(toy_fashion, tmp_path / "dev", "--recipe", str(tiny_recipe), "--device", "gpu0"))
     assert proc.returncode == 2 and "device 'gpu0'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_val_split_holds_out_training_images_and_validates_each_epoch(toy_fashion, tmp_path):
+    from evit.data import held_out
+
+    kept, held = held_out(512, 0.25, seed=3)
+    assert len(held) == 128 and len(kept) == 384 and not set(kept.tolist()) & set(held.tolist())
+    assert torch.equal(held, held_out(512, 0.25, seed=3)[1]) and not torch.equal(held, held_out(512, 0.25, seed=4)[1])
+    out = tmp_path / "split"
+    train(TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, data_root=str(toy_fashion), epochs=2,
+                      batch_size=32, warmup_epochs=0, val_split=0.25, seed=3, out=str(out)), progress=False)
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0] == "epoch,step,train_loss,val_top1,val_top5,lr,keep_rate,img_per_s"
+    assert [r.split(",")[:2] for r in rows[1:]] == [["1", "12"], ["2", "24"]]  # 384 / 32 steps an epoch
+    config = json.loads((out / "config.json").read_text())
+    assert config["val_split"] == 0.25 and config["class_names"][0] == "T-shirt/top"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .cost import count_macs, native_input_size
-from .methods import EViT, Ideal
+from .methods import METHODS, EViT, Ideal
 from .models import resolve_device
 from .patch import apply, check_model, patch, reductions, token_counts, unpatch
 
@@ -144,13 +144,19 @@ def bench(
         switch()
         macs[name], counts[name] = count_macs(model, input_size), token_counts(model, n_tokens)
     dev = resolve_device(device)
-    # each variant is patched on the CPU (Patch Slimming calibrates on the CPU sample), then moved, untimed
+    if METHODS[method.lower()].needs_images:  # patched on the CPU (Patch Slimming calibrates on the CPU sample), then moved
+        def setup(name: str) -> None:
+            model.cpu(), variants[name](), model.to(dev)
+    else:  # patching only swaps classes: done in place on the device, with no copy of the weights each call
+        model.to(dev)
+
+        def setup(name: str) -> None:
+            variants[name]()
     for label, bs, n in (("throughput", batch_size, reps), ("latency", 1, latency_reps)):
         x = torch.randn(bs, *input_size, device=dev)
         results[label] = time_interleaved(
             {name: (lambda: model(x)) for name in variants}, n, warmup,
-            _stderr_progress(f"{label} (batch {bs})") if progress else None,
-            setup=lambda name: (model.cpu(), variants[name](), model.to(dev)), sync=device_sync(dev),
+            _stderr_progress(f"{label} (batch {bs})") if progress else None, setup=setup, sync=device_sync(dev),
         )
     unpatch(model).to(original)
 

@@ -74,17 +74,17 @@ def _remove(tmp: Path) -> None:
         pass
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    _atomic(Path(path), lambda f: f.write(text.encode()))
-
-
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write ``state`` as safetensors, atomically; weights holding NaN or inf are refused."""
     bad = first_non_finite(state)
     if bad:
         raise ValueError(f"refusing to write {path}: the weights hold NaN or inf ({bad})")
     _atomic(Path(path), lambda f: f.write(safetensors_bytes(state)))
+
+
+def save_text(text: str, path: Path) -> None:
+    """Write ``text`` to ``path``, atomically."""
+    _atomic(Path(path), lambda f: f.write(text.encode()))
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -125,7 +125,7 @@ def save(directory: Path, step: int, model: nn.Module, extra: dict[str, Any], ke
     save_weights(model, weights)
     _atomic(state, lambda f: torch.save({**extra, "step": step, "rng": rng_state()}, f))
     pointer = {"step": step, "weights": weights.name, "state": state.name}
-    write_text(directory / POINTER, json.dumps(pointer))
+    save_text(json.dumps(pointer), directory / POINTER)
     _prune(directory, step, keep)
     return weights
 

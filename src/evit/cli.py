@@ -65,6 +65,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="'bundled' (the embedded subset; default with the embedded models), "
                                   "'fashion-mnist' (full test set) or a folder with val/")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--workers", type=int, default=2, help="processes loading a folder's images (default: %(default)s)")
     _add_device_arg(p)
 
 
@@ -121,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-warmup-start", type=float, help="epochs before the keep rate leaves 1")
     p.add_argument("--distill", metavar="WEIGHTS",
                    help="also match the predictions of the unpatched model with these weights (soft targets)")
-    p.add_argument("--train-subset", type=_positive, help="use only the first N training images")
+    p.add_argument("--train-subset", type=int, help="train on N images (Fashion-MNIST: the first N; a folder: a "
+                                                    "seeded draw)")
+    p.add_argument("--val-split", type=float, metavar="FRACTION",
+                   help="validate on this share of train/ (a seeded draw) instead of val/ or the test set")
+    p.add_argument("--eval-every", type=int, metavar="N", help="validate every N steps (default: each epoch end)")
+    p.add_argument("--workers", type=int, help="processes loading a folder's images (default: 2; 0: this one)")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--bf16", action="store_true", default=None, help="autocast to bfloat16")
     _add_device_arg(p)

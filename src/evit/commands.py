@@ -21,7 +21,7 @@ def _train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("model", "pretrained", "init", "data", "data_root", "download", "epochs",
                                               "max_steps", "batch_size", "lr", "keep_rate", "keep_rate_min", "keep_warmup_epochs",
                                               "keep_warmup_start", "train_subset", "ema_decay", "bf16", "device", "distill", "out",
-                                              "save_every")}
+                                              "save_every", "val_split", "eval_every", "workers")}
     if args.recipe:
         cfg = TrainConfig.from_file(str(recipe_path(args.recipe)), **overrides)
     elif args.model:
@@ -58,7 +58,7 @@ def _eval(args) -> int:
         if choice.img_size != choice.native_size:  # the first row: what the budget is spent against
             label = f"{names[0]} at {choice.native_size[0]}x{choice.native_size[1]}"
             models, settings = {label: native, **models}, [(label, 1.0)] + settings
-    data, batches = _eval_data(args, not (args.model or args.recipe))
+    data, batches = _eval_data(args, not (args.model or args.recipe), list(models.values()))
     rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps, device=str(device))
     return _print_eval(args, rows, data, format_rows, choice)
 
@@ -207,25 +207,25 @@ def _show(args) -> int:
     return 0
 
 
-def _eval_data(args, embedded_default: bool):
+def _eval_data(args, embedded_default: bool, models):
     """(data label, function giving fresh (images, labels) batches) for eval and compare. Fashion-MNIST
-    comes at 28 px (evaluation resizes it to each model's input size); a folder's val/ at --img-size."""
+    comes at 28 px (evaluation resizes it to each model's input size); a folder's val/ is read through
+    timm's transforms at each model's own input size, its classes matched by name to the class list of
+    the checkpoint's run (its config.json) or of the folder's train/."""
+    from pathlib import Path
+
     from . import embedded
     from .data import TensorLoader, load_fashion_mnist
 
+    from .folders import check_workers, eval_batches, run_class_names
+
+    check_workers(args.workers)
     data = args.data or ("bundled" if embedded_default else "fashion-mnist")
     if data in ("bundled", "fashion-mnist"):
         images, labels = embedded.test_subset() if data == "bundled" else load_fashion_mnist("test", args.data_root)
         loader = TensorLoader(images, labels, args.batch_size)
         return data, lambda: loader.batches(0)
-    from types import SimpleNamespace
-
-    from .folders import folder_loaders
-
-    cfg = SimpleNamespace(data=data, model=args.model, model_kwargs={}, batch_size=args.batch_size)
-    img_size = getattr(args, "img_size", None)
-    val = folder_loaders(cfg, input_size=(3, img_size, img_size) if img_size else None)[1]
-    return data, lambda: val.batches(0)
+    return data, eval_batches(Path(data), models, args.batch_size, args.workers, run_class_names(args.checkpoint))
 
 
 def _calibration_images(data: str, batches, model, count: int = 512):
@@ -272,7 +272,7 @@ def _compare(args) -> int:
     for method in skipped:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
-    data, batches = _eval_data(args, default)
+    data, batches = _eval_data(args, default, list(models.values()))
     rows = compare(models, settings, batches, speed_reps=args.speed_reps,
                    images=_calibration_images(data, batches, models["baseline"]),
                    device=str(device))

@@ -73,6 +73,35 @@ def load_fashion_mnist(split: str = "train", root: Optional[str] = None, downloa
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
+def held_out(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(kept, held out): indices of ``n`` items with ``round(fraction * n)`` of them drawn (seeded) for
+    validation, each part in its original order. The draw depends only on ``n`` and ``seed``, so a
+    resumed run holds out the same images."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-split must lie strictly between 0 and 1 (a share of train/ held out for "
+                         f"validation), got {fraction}")
+    k = round(fraction * n)
+    if not 0 < k < n:
+        raise ValueError(f"--val-split {fraction} of {n} training images leaves {'no image to validate on' if k == 0 else 'none to train on'}; "
+                         "choose a share that leaves both")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[k:].sort().values, order[:k].sort().values
+
+
+def check_head(outputs: int, classes: int, source: str) -> None:
+    """Refuse a model whose head is not as wide as the data's class list (both numbers named)."""
+    if outputs != classes:
+        raise ValueError(f"the model's head has {outputs} outputs but {source} has {classes} classes; "
+                         "build the model with num_classes equal to the class count (model_kwargs)")
+
+
+def check_subset(size: Optional[int], available: int, where: str) -> None:
+    """Refuse a --train-subset that is not a positive count no larger than the ``available`` images."""
+    if size is not None and not 0 < size <= available:
+        raise ValueError(f"--train-subset {size} asks for more images than the {available} in {where}"
+                         if size > available else f"--train-subset must be a positive count, got {size}")
+
+
 def normalize(images: Tensor) -> Tensor:
     """uint8 (B, 1, H, W) to the float input the models are trained on."""
     return (images.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD

@@ -154,6 +154,13 @@ def sized(batches: Iterable, model: nn.Module) -> Iterator:
     return resize_batches(batches, tuple(hw) if hw else None)
 
 
+def fresh_batches(batches_fn, model: nn.Module) -> Iterable:
+    """Fresh batches for ``model``: at its own input size from a source that prepares images per size
+    (``batches_fn.at_size``, e.g. a folder through timm's transforms), else ``batches_fn()``."""
+    at_size = getattr(batches_fn, "at_size", None)
+    return at_size(native_input_size(model)) if at_size is not None else batches_fn()
+
+
 def evaluate(
     models: dict[str, nn.Module],
     settings: Sequence[tuple[str, Setting]],
@@ -168,7 +175,8 @@ def evaluate(
     top-1's gap to the first row with its 95% interval (``top1_gap``, ``top1_gap_ci``; same images).
 
     A setting is a keep rate (EViT; 1.0 is the unpatched model) or ``evit.patch`` arguments such as
-    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches, resized to each
+    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches (at each model's own size
+    from a source with ``at_size``: :func:`fresh_batches`), resized to each
     model's input size where they differ (:func:`sized`). Speed is over the first model unpatched,
     timed once per input size and setting (:func:`speedups`). ``images``: calibration images for
     methods that need them (Patch Slimming), at the models' input size.
@@ -187,7 +195,7 @@ def evaluate(
         apply_setting(model, setting, locations, images)
         macs = count_macs(model) / 1e9
         what = f"model {name!r} ({_label(patch_spec(setting))})"
-        right, right5 = hits(model.to(dev), sized(batches_fn(), model), what)
+        right, right5 = hits(model.to(dev), sized(fresh_batches(batches_fn, model), model), what)
         reference = right if reference is None else reference
         gap, gap_ci = paired_gap(right, reference) or (None, None)
         release(model.cpu())

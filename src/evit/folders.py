@@ -1,54 +1,391 @@
-"""ImageNet-style folders (``train/`` and ``val/``, one sub-folder per class) through ``timm.data``.
+"""ImageNet-style folders (``train/`` and ``val/``, one sub-folder per class) at the model's own input size.
 
-timm's dataset reports an unreadable image by its path (a warning naming the file) and
-moves to the next sample, so one corrupt file does not end a run deep in a worker.
+Images are decoded and cropped straight to the size the model was built for, through timm's
+transforms for that size (``timm.data.create_transform``): a model built at ``img_size`` 32 gets
+32 px crops, not 224 px ones shrunk afterwards. The listing is evit's own rather than timm's
+dataset, for three reasons that each hide a wrong number or a hang:
+
+* labels come from one class list (``train/``'s sub-folders, or a run's ``config.json``) and every
+  split is mapped onto it *by name*: a ``val/`` with a class missing is still scored against the
+  right labels, and a class the model does not know is refused;
+* a named pipe, socket, device or broken link is skipped when listed, never opened (opening a
+  pipe blocks a worker for ever);
+* an image that fails to decode is dropped from its batch and named once, not replaced by its
+  neighbour (timm's ``ImageDataset`` retries the next index, so that image is scored twice).
+
+Order and augmentation are drawn per (seed, epoch, image), so a run resumed mid-epoch sees the same
+batches without decoding the ones before its checkpoint, with any number of workers.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .cost import native_input_size
+from .data import check_head
+
+LAYOUT = ("an ImageNet-style data set is a folder with train/ and val/, each holding one sub-folder "
+          "of images per class")
+
+
+def _extensions() -> tuple[str, ...]:
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    return tuple(get_img_extensions())
+
+
+def _natural(text: str):
+    from timm.utils.misc import natural_key  # timm's class order, so a model trained by timm maps the same
+
+    return natural_key(text)
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(_extensions())
+
+
+def warn(text: str) -> None:
+    """One plain line on stderr (also from a loader's worker processes)."""
+    print(f"evit: warning: {text}", file=sys.stderr, flush=True)
+
+
+def check_folder(path: Path) -> None:
+    """Refuse a split path that is missing or not a folder, naming it."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {LAYOUT}")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a folder: {LAYOUT}")
+
+
+def _scan(folder: Path):
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: _natural(e.name))
+    except OSError as e:
+        raise ValueError(f"cannot read folder {folder}: {e.strerror or e}") from None
+
+
+def class_folders(split: Path) -> dict[str, Path]:
+    """{class name: sub-folder} of ``split`` in timm's (natural) order, hidden folders aside. An image
+    lying in ``split`` itself has no class: refused, naming it."""
+    check_folder(split)
+    folders, loose = {}, []
+    for entry in _scan(split):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            folders[entry.name] = Path(entry.path)
+        elif _is_image_name(entry.name):
+            loose.append(entry.name)
+    if loose:
+        more = f" (and {len(loose) - 1} more)" if len(loose) > 1 else ""
+        raise ValueError(f"{split / loose[0]}{more} lies directly in {split}, not in a class sub-folder; "
+                         "move each image into the sub-folder named after its class")
+    return folders
+
+
+def _images_under(folder: Path, skipped: list[str]) -> list[str]:
+    """Image files under ``folder`` (sub-folders included, each linked folder once); files that are not
+    regular (pipes, sockets, devices, broken links) go to ``skipped`` unopened."""
+    found, seen, todo = [], set(), [folder]
+    while todo:
+        here = todo.pop()
+        status = here.stat()
+        key = (status.st_dev, status.st_ino)
+        if key in seen:
+            continue
+        seen.add(key)
+        for entry in _scan(here):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                todo.append(Path(entry.path))
+            elif _is_image_name(entry.name):
+                (found if entry.is_file() else skipped).append(entry.path)
+    return sorted(found, key=_natural)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split's images as (path, label) pairs, labelled by class name against ``classes``."""
+
+    root: Path
+    samples: list[tuple[str, int]]
+    classes: tuple[str, ...]
+
+    def subset(self, indices: Tensor) -> "Split":
+        return Split(self.root, [self.samples[i] for i in indices.tolist()], self.classes)
+
+
+def read_split(split: Path, classes: Sequence[str], source: str) -> Split:
+    """The images of ``split``, each labelled by its class folder's position in ``classes`` (the class
+    list of ``source``). A class folder ``classes`` lacks is refused; a class with no folder here is
+    simply not scored; non-regular files are skipped and named."""
+    folders = class_folders(split)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in folders if name not in index]
+    if unknown:
+        shown = ", ".join(list(classes)[:5]) + (", ..." if len(classes) > 5 else "")
+        raise ValueError(f"{split / unknown[0]}: class {unknown[0]!r} is not one of the {len(classes)} classes of "
+                         f"{source} ({shown})" + (f"; {len(unknown) - 1} more unknown" if len(unknown) > 1 else "")
+                         + "; rename or remove it")
+    samples, skipped = [], []
+    for name, folder in folders.items():
+        samples += [(path, index[name]) for path in _images_under(folder, skipped)]
+    for path in skipped:
+        warn(f"skipped {path}: not a regular file (a named pipe, socket, device or broken link); not counted")
+    if not samples:
+        raise ValueError(f"{split} holds no images ({', '.join(_extensions())} files in class sub-folders)")
+    return Split(split, samples, tuple(classes))
+
+
+def run_class_names(weights: Optional[str]) -> Optional[tuple[list[str], str]]:
+    """(class names, where from) recorded in the ``config.json`` of the run that wrote ``weights``
+    (beside it, or one folder up for a file in ``checkpoints/``); None when there is none."""
+    if not weights:
+        return None
+    for folder in (Path(weights).parent, Path(weights).parent.parent):
+        config = folder / "config.json"
+        try:
+            names = json.loads(config.read_text()).get("class_names")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if names:
+            return list(names), f"the run config {config}"
+    return None
+
+
+def class_list(root: Path, num_outputs: int, given: Optional[tuple[list[str], str]] = None) -> tuple[list[str], str]:
+    """(class names in label order, where they come from) for a model with ``num_outputs`` outputs:
+    ``given`` (a run's config), else ``root/train``'s sub-folders, else ``root/val``'s when they are
+    exactly as many as the outputs. A head of another width is refused with both numbers."""
+    if given is not None:
+        names, source = given
+    elif (root / "train").is_dir():
+        names, source = list(class_folders(root / "train")), str(root / "train")
+    else:
+        names, source = list(class_folders(root / "val")), str(root / "val")
+        if len(names) != num_outputs:
+            raise ValueError(f"{source} has {len(names)} class folders but the model has {num_outputs} outputs, and "
+                             f"there is no {root / 'train'} nor a run config (class_names) beside the checkpoint "
+                             "to match them by name; add train/ or evaluate the weights of an evit run")
+        return names, source
+    check_head(num_outputs, len(names), source)
+    return names, source
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int]):
+    """Run with torch's, Python's and NumPy's global generators seeded by ``seed`` (timm's transforms draw
+    from all of them), restoring them afterwards so the training stream is not disturbed."""
+    if seed is None:
+        yield
+        return
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)  # the CPU's alone: a GPU's stream is not touched
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A split's images through one transform. An image that cannot be read comes back as
+    (path, reason): the loader drops it from the batch and names it, nothing stands in for it."""
+
+    def __init__(self, split: Split, transform, mode: str) -> None:
+        self.samples, self.transform, self.mode = split.samples, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, Optional[int]]):
+        from PIL import Image
+
+        index, seed = key
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return path, str(e).splitlines()[0] if str(e) else type(e).__name__
+        with seeded(seed):
+            return self.transform(image), label
+
+
+def _collate(items):
+    """(images, labels, [(path, reason) of the images that failed]); images None when all failed."""
+    from torch.utils.data import default_collate
+
+    good = [item for item in items if not isinstance(item[0], str)]
+    failed = [item for item in items if isinstance(item[0], str)]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, failed
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """(image index, augmentation seed) pairs of one epoch from position ``skip`` on: shuffled by
+    (seed, epoch) and sharded per rank for training, in order (and unseeded) for evaluation."""
+
+    def __init__(self, n: int, epoch: int, seed: int, train: bool, rank: int = 0, world: int = 1, skip: int = 0):
+        self.n, self.epoch, self.seed, self.train, self.rank, self.world, self.skip = n, epoch, seed, train, rank, world, skip
+
+    def indices(self) -> Tensor:
+        if not self.train:
+            return torch.arange(self.n)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        per_rank = self.n // self.world
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.skip)
+
+    def __iter__(self):
+        for i in self.indices()[self.skip:].tolist():
+            yield i, (((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**62 if self.train else None)
 
 
 class FolderLoader:
-    """Wraps a timm loader with the ``batches(epoch, start)`` interface of :class:`evit.data.TensorLoader`."""
+    """Batches of one split with the ``batches(epoch, start)`` interface of :class:`evit.data.TensorLoader`.
+    A failed image is named once per run (one line) and not counted."""
 
-    def __init__(self, loader) -> None:
-        self.loader = loader
+    def __init__(self, dataset: FolderDataset, batch_size: int, train: bool, seed: int = 0, workers: int = 2,
+                 rank: int = 0, world: int = 1) -> None:
+        self.dataset, self.batch_size, self.train, self.seed = dataset, batch_size, train, seed
+        self.workers, self.rank, self.world = workers, rank, world
+        self.named: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self.loader)
+        n = len(self.dataset) // self.world if self.train else len(self.dataset)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def batches(self, epoch: int, start: int = 0):
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        for i, batch in enumerate(self.loader):
-            if i >= start:
-                yield batch
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        order = EpochOrder(len(self.dataset), epoch, self.seed, self.train, self.rank, self.world,
+                           skip=start * self.batch_size)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.workers, collate_fn=_collate,
+            drop_last=self.train, generator=torch.Generator().manual_seed(self.seed))  # leaves the global RNG alone
+        for images, labels, failed in loader:
+            for path, reason in failed:
+                if path not in self.named:
+                    self.named.add(path)
+                    warn(f"skipped {path}: cannot read it as an image ({reason}); not counted")
+            if images is None:
+                if self.train:
+                    raise ValueError(f"none of the {len(failed)} images of a training batch could be read "
+                                     f"(e.g. {failed[0][0]}); check the data set")
+                continue
+            yield images, labels
 
 
-def folder_loaders(cfg, rank: int = 0, world: int = 1, input_size=None):
-    """(train, val) loaders over ``cfg.data`` with timm's transforms for ``cfg.model``'s input size."""
-    from timm.data import create_dataset, create_loader, resolve_data_config
+def _transform(model: nn.Module, size: Sequence[int], train: bool):
+    """timm's train or eval transform for ``size`` (C, H, W), with ``model``'s mean, std, interpolation
+    and crop share (from its pretrained config, one value per channel), and the PIL mode to decode to."""
+    from timm.data import create_transform, resolve_data_config
 
-    root = Path(cfg.data)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(
-                f"{root / split} is not a folder: an ImageNet-style data set has {root}/train and {root}/val, "
-                "each with one sub-folder of images per class"
-            )
-    from .models import create_model
+    channels = int(size[0])
+    if channels not in (1, 3):
+        raise ValueError(f"the model takes {channels} input channels; image folders give RGB (3) or grayscale (1)")
+    cfg = resolve_data_config({"input_size": tuple(int(s) for s in size)}, model=model)
+    mean, std = (tuple(cfg[k]) if len(cfg[k]) == channels else (sum(cfg[k]) / len(cfg[k]),) * channels
+                 for k in ("mean", "std"))
+    transform = create_transform(cfg["input_size"], is_training=train, interpolation=cfg["interpolation"], mean=mean,
+                                 std=std, crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode"))
+    return transform, "L" if channels == 1 else "RGB"
 
-    data_cfg = resolve_data_config({"input_size": input_size} if input_size else {},
-                                   model=create_model(cfg.model, **cfg.model_kwargs))
-    loaders = []
-    for split, training in (("train", True), ("val", False)):
-        ds = create_dataset("", root=str(root / split), is_training=training)
-        if len(ds) == 0:
-            raise ValueError(f"{root / split} holds no images")
-        loaders.append(FolderLoader(create_loader(
-            ds, input_size=data_cfg["input_size"], batch_size=cfg.batch_size, is_training=training,
-            mean=data_cfg["mean"], std=data_cfg["std"], interpolation=data_cfg["interpolation"],
-            crop_pct=data_cfg["crop_pct"], num_workers=2, distributed=world > 1, use_prefetcher=False,
-        )))
-    return tuple(loaders)
+
+def split_loader(split: Split, model: nn.Module, batch_size: int, train: bool, size: Optional[Sequence[int]] = None,
+                 seed: int = 0, workers: int = 2, rank: int = 0, world: int = 1) -> FolderLoader:
+    """A loader over ``split`` at ``size`` (C, H, W; default: ``model``'s own input size as built)."""
+    transform, mode = _transform(model, size or native_input_size(model), train)
+    return FolderLoader(FolderDataset(split, transform, mode), batch_size, train, seed, workers, rank, world)
+
+
+def check_workers(workers: int) -> None:
+    if workers < 0:
+        raise ValueError(f"--workers must be 0 (load in this process) or more, got {workers}")
+
+
+class FolderEval:
+    """Evaluation batches of a folder's ``val/``, made for each model's own input size (:meth:`at_size`,
+    which :func:`evit.evaluate.evaluate` asks for), so no model sees images resized from another's."""
+
+    def __init__(self, split: Split, model: nn.Module, batch_size: int, workers: int = 2) -> None:
+        self.split, self.model, self.batch_size, self.workers = split, model, batch_size, workers
+        self.loaders: dict[tuple, FolderLoader] = {}
+
+    def at_size(self, size: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
+        key = tuple(int(s) for s in size)
+        if key not in self.loaders:
+            self.loaders[key] = split_loader(self.split, self.model, self.batch_size, False, key, workers=self.workers)
+        return self.loaders[key].batches(0)
+
+    def __call__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.at_size(native_input_size(self.model))
+
+
+def eval_batches(root: Path, models: Sequence[nn.Module], batch_size: int, workers: int = 2,
+                 run_classes: Optional[tuple[list[str], str]] = None) -> FolderEval:
+    """``root/val`` for evaluating ``models``, mapped by class name onto the class list (a run's, else
+    ``root/train``'s); every model's head must be as wide as that list."""
+    check_workers(workers)
+    check_folder(root)
+    check_folder(root / "val")
+    widths = {getattr(m, "num_classes", None) for m in models}
+    if len(widths) != 1:
+        raise ValueError(f"the models have heads of different widths {sorted(map(str, widths))}; evaluate them apart")
+    names, source = class_list(root, widths.pop(), run_classes)
+    return FolderEval(read_split(root / "val", names, source), models[0], batch_size, workers)
+
+
+@dataclass
+class FolderData:
+    """What training reads from a folder: its loaders and the class list they are labelled by."""
+
+    train: FolderLoader
+    val: FolderLoader
+    class_names: list[str]
+
+
+def train_data(root: Path, model: nn.Module, batch_size: int, *, seed: int = 0, workers: int = 2,
+               val_split: Optional[float] = None, subset: Optional[int] = None, size: Optional[Sequence[int]] = None,
+               class_names: Optional[Sequence[str]] = None, rank: int = 0, world: int = 1) -> FolderData:
+    """Training and validation loaders over ``root`` at ``model``'s input size (or ``size``): labels by
+    class name from ``class_names`` or ``root/train``'s sub-folders; validation on ``root/val``, or on
+    a seeded ``val_split`` share of ``train/``; ``subset`` images drawn (seeded) from the rest."""
+    from .data import check_subset, held_out
+
+    check_workers(workers)
+    check_folder(root)
+    check_folder(root / "train")
+    if val_split is None:
+        check_folder(root / "val")
+    given = (list(class_names), "the recipe's class_names") if class_names else None
+    names, source = class_list(root, getattr(model, "num_classes", 0), given)
+    train = read_split(root / "train", names, source)
+    if val_split is not None:
+        kept, held = held_out(len(train.samples), val_split, seed)
+        train, val = train.subset(kept), train.subset(held)
+    else:
+        val = read_split(root / "val", names, source)
+    if subset is not None:
+        check_subset(subset, len(train.samples), str(root / "train"))
+        train = train.subset(torch.randperm(len(train.samples), generator=torch.Generator().manual_seed(seed))[:subset]
+                             .sort().values)
+    size = size or native_input_size(model)
+    return FolderData(split_loader(train, model, batch_size, True, size, seed, workers, rank, world),
+                      split_loader(val, model, batch_size, False, size, seed, workers), names)

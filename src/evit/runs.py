@@ -1,7 +1,8 @@
 """A training run's folder, kept safe: nothing of a run is lost to another run, a signal or a full disk.
 
-- A fresh run into a folder that holds a run is refused; ``--resume`` continues it, ``--overwrite``
-  moves it aside to a sibling folder (never deletes it) and says where.
+- A fresh run into a folder that holds a run is refused (before anything is built or written);
+  ``--resume`` continues it, ``--overwrite`` moves it aside to a sibling folder (never deletes it)
+  and says where.
 - A lock file (``.lock``, holding the owner's pid and host, created with ``O_EXCL``) keeps a second
   run out of a folder in use; the lock of a process that no longer runs on this host is taken over.
 - SIGINT and SIGTERM ask the run to stop after the current step: it writes a checkpoint and ends
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 #: what a folder holding a run contains (any one of them)
-RUN_FILES = ("config.json", "checkpoints", "model.safetensors", "summary.csv")
+RUN_FILES = ("config.json", "checkpoints", "model.safetensors", "best.safetensors", "summary.csv")
 LOCK = ".lock"
 #: errors of a disk that cannot take what the run writes
 DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
@@ -79,22 +80,28 @@ class RunLock:
         self.path = Path(out) / LOCK
         self.held = False
 
+    def check(self) -> bool:
+        """Refuse (RunFolderError) when a live process holds the lock; True when a stale one lies there."""
+        if not self.path.exists():
+            return False
+        pid, host = _owner(self.path)
+        if pid is not None and host == socket.gethostname() and pid != os.getpid() and not _alive(pid):
+            return True  # the lock of a process that no longer runs: to be taken over
+        who = f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "") \
+            if pid is not None else "another process"
+        raise RunFolderError(f"{self.path.parent} is in use by {who} (lock {self.path}); wait for that run "
+                             f"to end, or delete {self.path} if no run uses the folder")
+
     def acquire(self) -> "RunLock":
-        me = f"{os.getpid()} {socket.gethostname()}\n"
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                pid, host = _owner(self.path)
-                if pid is not None and host == socket.gethostname() and pid != os.getpid() and not _alive(pid):
+                if self.check():
                     self.path.unlink(missing_ok=True)  # a stale lock of a dead process: take it over
-                    continue
-                who = f"process {pid}" + (f" on {host}" if host and host != socket.gethostname() else "") \
-                    if pid is not None else "another process"
-                raise RunFolderError(f"{self.path.parent} is in use by {who} (lock {self.path}); wait for that run "
-                                     f"to end, or delete {self.path} if no run uses the folder") from None
+                continue
             with os.fdopen(fd, "w") as f:
-                f.write(me)
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.held = True
             return self
         raise RunFolderError(f"cannot take the lock {self.path}: it keeps coming back")
@@ -124,34 +131,48 @@ def _aside(out: Path) -> Path:
     raise RunFolderError(f"cannot find a free name beside {out} to move the earlier run to")
 
 
-def claim(out: Path, resume: bool = False, overwrite: bool = False) -> tuple[RunLock, Optional[Path]]:
-    """Take ``out`` for a run: (its lock, where an earlier run was moved with ``overwrite``, else None).
+class RunFolder:
+    """The folder of one run: checked before anything is built (:meth:`check` writes nothing, so a run
+    refused for its data or options makes no folder), claimed just before the first write (:meth:`claim`:
+    locked, an earlier run moved aside with ``overwrite``), released when the run ends."""
 
-    Refused: a folder in use (its lock held by a live process); a fresh run (neither ``resume`` nor
-    ``overwrite``) into a folder that holds a run. With ``overwrite``, everything in ``out`` is moved
-    to a new sibling folder, never deleted."""
-    if resume and overwrite:
-        raise RunFolderError("give --resume (continue the run in --out) or --overwrite (move it aside), not both")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {out} is a file, not a folder: give a folder for the run")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out).acquire()
-    try:
-        found = holds_run(out)
-        if found and not (resume or overwrite):
-            raise RunFolderError(f"{out} already holds a run ({', '.join(found)}); use --resume to continue it "
+    def __init__(self, out: Path, resume: bool = False, overwrite: bool = False) -> None:
+        self.out, self.resume, self.overwrite = Path(out), resume, overwrite
+        self.lock: Optional[RunLock] = None
+
+    def check(self) -> None:
+        """Refuse --resume with --overwrite, an --out that is a file, a folder in use by a live process, and a
+        fresh run (neither ``resume`` nor ``overwrite``) into a folder that holds a run."""
+        if self.resume and self.overwrite:
+            raise RunFolderError("give --resume (continue the run in --out) or --overwrite (move it aside), not both")
+        if self.out.exists() and not self.out.is_dir():
+            raise RunFolderError(f"--out {self.out} is a file, not a folder: give a folder for the run")
+        if self.lock is None:  # held by this run once claimed
+            RunLock(self.out).check()
+        found = holds_run(self.out)
+        if found and not (self.resume or self.overwrite):
+            raise RunFolderError(f"{self.out} already holds a run ({', '.join(found)}); use --resume to continue it "
                                  "or --overwrite to move it aside")
-        moved = None
-        if found and overwrite:
-            moved = _aside(out)
-            for entry in out.iterdir():
-                if entry.name != LOCK:
-                    shutil.move(str(entry), str(moved / entry.name))
-        return lock, moved
-    except BaseException:
-        lock.release()
-        raise
+
+    def claim(self) -> Optional[Path]:
+        """Lock the folder (made if need be) and check it again under the lock; with ``overwrite``, move
+        everything in it to a new sibling folder, never deleting it. Returns where it went, else None."""
+        self.check()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out).acquire()
+        self.check()  # what another process may have done since
+        if not (self.overwrite and holds_run(self.out)):
+            return None
+        moved = _aside(self.out)
+        for entry in self.out.iterdir():
+            if entry.name != LOCK:
+                shutil.move(str(entry), str(moved / entry.name))
+        return moved
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def kept(out: Path, advice: str = "resume with --resume") -> str:

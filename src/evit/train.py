@@ -1,6 +1,7 @@
 """Training and fine-tuning with EViT: keep rate warmed up per iteration, checkpoints, resume, DDP.
 
-Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA). With
+Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA); validated at each epoch end
+(or every N steps) into the run's summary.csv and best checkpoint (:mod:`evit.validation`). With
 ``torchrun`` it trains data-parallel (NCCL on GPU, gloo on CPU); only rank 0 writes.
 A run loses nothing (:mod:`evit.runs`): its folder is locked, an earlier run there is never
 overwritten, and a signal, a full disk or a diverging loss ends it with its last complete
@@ -14,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,10 +26,12 @@ from torch import nn
 
 from . import checkpoint, runs
 from .budget import resize_images
+from .cost import native_input_size
 from .models import load_model, resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .weights import first_non_finite
 from .schedule import drawn_keep_rate, keep_rate_at
+from .validation import Validation, line
 
 
 @dataclass
@@ -40,8 +43,12 @@ class TrainConfig:
     data: str = "fashion-mnist"  # or a folder with train/ and val/ (ImageNet style)
     data_root: Optional[str] = None
     download: bool = False
-    train_subset: Optional[int] = None  # first N training images (quick runs, tests)
-    img_size: Optional[int] = None  # resize batches to N x N px (higher-resolution fine-tuning)
+    train_subset: Optional[int] = None  # N training images (Fashion-MNIST: the first N; a folder: a seeded draw)
+    val_split: Optional[float] = None  # validate on this share of the training images (seeded), not val/ or the test set
+    eval_every: Optional[int] = None  # validate every N steps (default: at each epoch end)
+    workers: int = 2  # processes loading a folder's images (0: this one)
+    class_names: Optional[list] = None  # the class list in label order; read from the data, kept in config.json
+    img_size: Optional[int] = None  # data at N x N px (Fashion-MNIST: resized batches; default: the model's own size)
     epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimizer steps in all
     batch_size: int = 128
@@ -125,20 +132,42 @@ def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor)
     return F.kl_div(logits.float().log_softmax(dim=-1), target, log_target=True, reduction="batchmean")
 
 
-def make_loaders(cfg: TrainConfig, rank: int = 0, world: int = 1):
-    """(train loader, validation loader) for ``cfg.data``."""
-    from .data import TensorLoader, load_fashion_mnist
+def check_data_options(cfg: TrainConfig) -> None:
+    """Refuse data options no run can use, before anything is built."""
+    if cfg.eval_every is not None and cfg.eval_every < 1:
+        raise ValueError(f"--eval-every must be a positive number of steps, got {cfg.eval_every}")
+    if cfg.workers < 0:
+        raise ValueError(f"--workers must be 0 (load in this process) or more, got {cfg.workers}")
+    if cfg.val_split is not None and not 0 < cfg.val_split < 1:
+        raise ValueError(f"--val-split must lie strictly between 0 and 1 (a share of the training images), "
+                         f"got {cfg.val_split}")
+
+
+def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int = 1):
+    """(train loader, validation loader, class names) for ``cfg.data``; a folder's images at ``model``'s
+    input size as built (or ``cfg.img_size``), labelled by class name."""
+    from .data import FASHION_MNIST_CLASSES, TensorLoader, check_head, check_subset, held_out, load_fashion_mnist
 
     if cfg.data != "fashion-mnist":
-        from .folders import folder_loaders
+        from .folders import train_data
 
-        return folder_loaders(cfg, rank, world)
+        size = None if cfg.img_size is None else (native_input_size(model)[0], cfg.img_size, cfg.img_size)
+        data = train_data(Path(cfg.data), model, cfg.batch_size, seed=cfg.seed, workers=cfg.workers,
+                          val_split=cfg.val_split, subset=cfg.train_subset, size=size, class_names=cfg.class_names,
+                          rank=rank, world=world)
+        return data.train, data.val, data.class_names
+    check_head(getattr(model, "num_classes", 0), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
     x, y = load_fashion_mnist("train", cfg.data_root, cfg.download)
+    if cfg.val_split is not None:
+        kept, held = held_out(len(y), cfg.val_split, cfg.seed)
+        (x, y), (vx, vy) = (x[kept], y[kept]), (x[held], y[held])
+    else:
+        vx, vy = load_fashion_mnist("test", cfg.data_root, cfg.download)
+    check_subset(cfg.train_subset, len(y), "the Fashion-MNIST training set")
     if cfg.train_subset:
         x, y = x[: cfg.train_subset], y[: cfg.train_subset]
-    vx, vy = load_fashion_mnist("test", cfg.data_root, cfg.download)
     train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world, drop_last=True)
-    return train, TensorLoader(vx, vy, 256)
+    return train, TensorLoader(vx, vy, 256), list(FASHION_MNIST_CLASSES)
 
 
 def _distributed() -> tuple[int, int]:
@@ -166,19 +195,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     """Train per ``cfg``; with ``resume``, continue from the newest checkpoint in ``cfg.out``.
 
     A fresh run into a ``cfg.out`` holding a run is refused unless ``overwrite`` (the earlier run is
-    moved aside, :func:`evit.runs.claim`). SIGINT/SIGTERM stop the run after the current step with a
+    moved aside, :class:`evit.runs.RunFolder`). SIGINT/SIGTERM stop the run after the current step with a
     checkpoint (:class:`evit.runs.Interrupted`); a non-finite loss or weights stop it without one
     (:class:`Diverged`); a disk refusing a write ends it with :class:`evit.runs.DiskError`. Each says
     which checkpoint is intact. ``on_step(step)`` is called after every optimizer step (e.g. by tests
     that kill the process mid-run)."""
-    out, lock = Path(cfg.out), None
+    check_data_options(cfg)
+    out = Path(cfg.out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    folder = runs.RunFolder(out, resume, overwrite) if rank0 else None
     try:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
-            lock, moved = runs.claim(out, resume, overwrite)
-            if moved is not None:
-                print(f"evit train: moved the earlier run in {out} to {moved}", file=sys.stderr)
+        if folder is not None:
+            folder.check()  # writes nothing: a refused run makes no folder
         with runs.StopSignals() as signals:
-            return _run(cfg, resume, progress, signals, on_step)
+            return _run(cfg, resume, progress, signals, on_step, folder)
     except OSError as e:
         error = runs.disk_error(e, out)
         if error is None:
@@ -189,12 +219,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     except Diverged as e:
         raise Diverged(f"{e}; the diverged weights were not saved, {runs.kept(out, advice='')}") from None
     finally:
-        if lock is not None:
-            lock.release()
+        if folder is not None:
+            folder.release()
 
 
 def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSignals,
-         on_step: Optional[Callable[[int], None]]) -> dict:
+         on_step: Optional[Callable[[int], None]], folder: Optional[runs.RunFolder]) -> dict:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -206,10 +236,15 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
-    loader, _ = make_loaders(cfg, rank, world)
+    loader, val_loader, class_names = make_loaders(cfg, model, rank, world)
+    cfg = replace(cfg, class_names=class_names)  # recorded in config.json: eval maps a val/ by these names
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training set; lower --batch-size")
+    if folder is not None:  # model and data are good: lock the folder before its first read or write
+        moved = folder.claim()
+        if moved is not None:
+            print(f"evit train: moved the earlier run in {out} to {moved}", file=sys.stderr)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -233,9 +268,11 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
             ema.module.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
         step = state["step"]
+    validation = Validation(val_loader, out, per_epoch, cfg.eval_every, step if resume else None,
+                            state.get("validation") if resume else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+        checkpoint.save_text(json.dumps(asdict(cfg), indent=2), out / "config.json")
     ddp_devices = [device] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
 
@@ -243,16 +280,25 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     model.train()
     seen, t0, loss_avg, keep = 0, time.perf_counter(), None, 1.0
 
+    def finite() -> None:  # before weights are validated or written: NaN or inf never is
+        bad = first_non_finite(model.state_dict())
+        if bad:
+            raise Diverged(f"the weights hold NaN or inf after step {step} ({bad}): training diverged (lower --lr)")
+
     def save() -> None:
         if rank == 0:
-            bad = first_non_finite(model.state_dict())
-            if bad:
-                raise Diverged(f"the weights hold NaN or inf after step {step} ({bad}): training diverged (lower --lr)")
-            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep}
+            finite()
+            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep,
+                     "validation": validation.state()}
             if ema is not None:
                 extra["ema"] = ema.module.state_dict()
             checkpoint.save(out / "checkpoints", step, model, extra)
 
+    from tqdm import tqdm
+
+    show = progress and rank == 0
+    bar = tqdm(total=total, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not (show and sys.stderr.isatty()))  # to a file: one plain line per validation instead
     signals.defer()  # from here a signal stops the run after the current step, with a checkpoint
     while step < total:
         epoch, start = divmod(step, per_epoch)
@@ -276,30 +322,41 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
                     loss = loss + aux  # e.g. DynamicViT's keep-ratio loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if _agreed(not math.isfinite(loss.item()), world, device):  # before the update: the weights stay finite
-                raise Diverged(f"the loss is {loss.item()} at step {step + 1}: training diverged (lower --lr)")
+            value = loss.item()
+            if _agreed(not math.isfinite(value), world, device):  # before the update: the weights stay finite
+                bar.close()
+                raise Diverged(f"the loss is {value} at step {step + 1}: training diverged (lower --lr)")
             optimizer.step()
             step += 1
             scheduler.step_update(step)
             if ema is not None:
                 ema.update(model, step=step)
             seen += len(x)
-            loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-            if progress and rank == 0 and (step % 10 == 0 or step == total):
-                rate = seen * world / (time.perf_counter() - t0)
-                print(f"\rep {epoch + 1}/{cfg.epochs} step {step}/{total} loss {loss_avg:.4f} keep {keep:.3f} "
-                      f"lr {optimizer.param_groups[0]['lr']:.2e} {rate:.0f} img/s", end="", file=sys.stderr, flush=True)
+            loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
+            validation.record(value, len(x) * world)
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                bar.set_postfix_str(f"ep {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} keep {keep:.3f} "
+                                    f"lr {optimizer.param_groups[0]['lr']:.2e} "
+                                    f"{seen * world / (time.perf_counter() - t0):.0f} img/s", refresh=False)
             if on_step is not None:
                 on_step(step)
+            if rank == 0 and validation.due(step, total):  # before the checkpoint: a resume never skips a row
+                finite()
+                checked = ema.module if ema is not None else model
+                row = validation.run(checked, step, optimizer.param_groups[0]["lr"],
+                                     keep_rate_at(step, cfg.keep_rate, warm_start, warm_span) if cfg.keep_rate < 1 else None)
+                if show:
+                    bar.write(line(row, cfg.epochs, total), file=sys.stderr)
             stop = int(_agreed(signals.received or 0, world, device))
             if step % cfg.save_every == 0 or step % per_epoch == 0 or step == total or stop:
                 save()
             if stop:
+                bar.close()  # the message goes on a line of its own
                 raise runs.Interrupted(stop, f"stopped by {signal.Signals(stop).name} after step {step}")
             if step >= total:
                 break
-    if progress and rank == 0:
-        print(file=sys.stderr)
+    bar.close()
     final = ema.module if ema is not None else model
     if rank == 0:
         checkpoint.save_weights(final, out / "model.safetensors")

@@ -1,0 +1,123 @@
+"""A user's own folder: 32x32 JPEGs of 10 classes and a model built at img_size 32 through its
+model_kwargs (no top-level size). It trains at that size, validates every epoch, is scored by
+`evit eval --recipe R --checkpoint W --data DIR`, and a killed, resumed run ends bit-identical."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evit.train
+from evit.cli import main
+from evit.train import TrainConfig, make_loaders, train
+
+TINY32 = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
+RECIPE = {"model": "vit_tiny_patch16_224", "model_kwargs": TINY32, "lr": 0.003, "warmup_epochs": 0, "epochs": 2,
+          "batch_size": 32, "label_smoothing": 0.0, "keep_rate": 0.5, "keep_warmup_epochs": 1, "save_every": 5}
+
+
+@pytest.fixture(scope="module")
+def data(jpeg_folder):
+    return jpeg_folder(40, 20)  # 400 training images (12 steps of 32 an epoch), 200 to validate on
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "tiny32.json"
+    path.write_text(json.dumps(RECIPE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, recipe, tmp_path_factory):
+    """A run in this process, loading in it (--workers 0), every batch checked on its way to the model."""
+    seen, resize = [], evit.train.resize_images
+
+    def unchanged(x, size):
+        seen.append(tuple(x.shape))
+        out = resize(x, size)
+        assert out is x, f"a {tuple(x.shape)} batch was resized to {size}"
+        return out
+
+    out, threads = tmp_path_factory.mktemp("runs") / "full", torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed run's process (OMP_NUM_THREADS=1): the same sums in the same order
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(evit.train, "resize_images", unchanged)
+            result = train(TrainConfig.from_file(str(recipe), data=str(data), out=str(out), workers=0), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out, result, seen
+
+
+def _rows(run):
+    with open(run / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_images_come_in_at_the_models_own_size(data, recipe, uninterrupted):
+    out, result, seen = uninterrupted
+    assert result["step"] == 24 and len(seen) == 24
+    assert {shape[1:] for shape in seen} == {(3, 32, 32)}  # decoded and cropped at 32, never resized after
+    cfg = TrainConfig.from_file(str(recipe), data=str(data), workers=0)
+    model = evit.train.build_model(cfg)
+    loader, val, names = make_loaders(cfg, model)
+    crop = loader.dataset.transform.transforms[0]
+    assert tuple(crop.size) == (32, 32), crop  # timm's transform made for 32 px, not 224
+    assert next(val.batches(0))[0].shape == (32, 3, 32, 32)
+    assert names == [f"c{i}" for i in range(10)]
+    assert json.loads((out / "config.json").read_text())["class_names"] == names
+
+
+def test_summary_and_best_checkpoint(uninterrupted):
+    out, _, _ = uninterrupted
+    rows = _rows(out)
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "12"), ("2", "24")]
+    assert all(0 <= float(r["val_top1"]) <= float(r["val_top5"]) <= 100 for r in rows)
+    assert float(rows[-1]["keep_rate"]) == 0.5 and float(rows[0]["lr"]) > float(rows[1]["lr"])
+    best = max(rows, key=lambda r: float(r["val_top1"]))
+    assert (out / "best.safetensors").is_file()
+    if best is rows[-1]:  # the best is the last: the same weights
+        assert (out / "best.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_eval_scores_the_folder_by_the_runs_classes(data, recipe, uninterrupted, tmp_path, capsys):
+    out, _, _ = uninterrupted
+    args = ["eval", "--recipe", str(recipe), "--checkpoint", str(out / "model.safetensors"), "--keep-rates", "1",
+            "0.5", "--speed-reps", "1", "--workers", "0", "--json"]
+    assert main(args + ["--data", str(data)]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["images"] for r in rows] == [200, 200]
+    # the last validation ran at keep 0.5 on the same images with the same weights
+    assert rows[1]["top1"] == pytest.approx(float(_rows(out)[-1]["val_top1"]), abs=1e-4)
+    shutil.copytree(data / "val", tmp_path / "val")  # no train/: the classes come from the run's config.json
+    assert main(args + ["--data", str(tmp_path)]) == 0
+    assert [r["top1"] for r in json.loads(capsys.readouterr().out)["rows"]] == [r["top1"] for r in rows]
+
+
+def test_killed_and_resumed_run_ends_bit_identical(data, recipe, uninterrupted, tmp_path):
+    full, _, _ = uninterrupted
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "evit.cli", "train", "--recipe", str(recipe), "--data", str(data), "--out", str(cut)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    kill = [sys.executable, str(Path(__file__).with_name("signal_at_step.py")), "SIGKILL", "17"]  # a real SIGKILL
+    killed = subprocess.run(kill + cmd[3:] + ["--workers", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == -9, "the run was meant to be killed"
+    assert json.loads((cut / "checkpoints" / "latest.json").read_text())["step"] == 15
+    resumed = subprocess.run(cmd + ["--workers", "1", "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "\r" not in resumed.stderr  # to a file: plain lines, one per validation
+    assert [l for l in resumed.stderr.splitlines() if l.startswith("epoch ")] == [resumed.stderr.splitlines()[0]]
+    for name in ("model.safetensors", "best.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(cut / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{name}: {k} differs after resume")
+    a, b = ([{k: v for k, v in row.items() if k != "img_per_s"} for row in _rows(run)] for run in (full, cut))
+    assert a == b and len(b) == 2  # one row per epoch, none twice

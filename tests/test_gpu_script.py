@@ -1,0 +1,74 @@
+"""benchmarks/gpu.py, the one prepared GPU run, checked here in its --quick CPU mode: every step runs
+and writes its results, so the script is known to work before a GPU is ever lent."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu") / "results"
+    proc = _run("--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_every_step_runs_and_is_written(quick):
+    results, out = quick
+    assert set(results["steps"]) == {"env", "accuracy", "train", "bench", "compile"}
+    assert all(s["ok"] for s in results["steps"].values()), results["steps"]
+    assert results["env"]["torch"] and results["env"]["device"] == "cpu"
+    report = (out / "report.txt").read_text()
+    assert "## bench" in report and "every step ran" in report
+    assert (out / "compare.png").stat().st_size > 0
+
+
+def test_bench_rows_give_speed_against_the_ideal(quick):
+    rows = quick[0]["bench"]
+    reduced = [r for r in rows if r["variant"] != "unpatched"]
+    assert {r["variant"] for r in reduced} == {"evit", "tome"}
+    assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
+    for r in reduced:
+        for key in ("speedup", "ideal_speedup", "of_ideal", "latency_speedup", "latency_of_ideal"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["tokens"][-1] < r["tokens"][0]  # it really reduced
+
+
+def test_compile_rows_cover_eager_and_compiled_at_both_batches(quick):
+    rows = quick[0]["compile"]
+    assert {(r["batch_size"], r["backend"], r["variant"]) for r in rows} == {
+        (b, k, v) for b in (4, 1) for k in ("eager", "compiled") for v in ("unpatched", "evit", "ideal")}
+    assert all(math.isfinite(r["of_ideal"]) for r in rows if r["variant"] == "evit")
+
+
+def test_accuracy_on_the_same_device_changes_no_prediction(quick):
+    acc = quick[0]["accuracy"]
+    assert [r["keep_rate"] for r in acc["eval"]["rows"]] == [1.0, 0.7, 0.5, 0.7, 0.5]
+    assert any(r["method"] == "tome" for r in acc["compare"]["rows"])
+    for r in acc["prediction_changes"]:  # CPU against CPU: the check itself must find nothing
+        assert r["changed"] == 0 and r["max_abs_logit_diff"] == 0.0, r
+        assert 50 < r["top1_cpu"] <= 100
+
+
+def test_training_is_killed_resumed_and_exact(quick):
+    train = quick[0]["train"]
+    assert train["killed_exit"] == -9  # a real SIGKILL mid-run
+    assert train["resume_exact"] and train["control_two_runs_max_diff"] == 0.0
+    assert train["runs"]["resumed"]["step"] == train["steps"]
+
+
+def test_full_mode_without_a_gpu_is_refused_in_one_line(tmp_path):
+    proc = _run("--out", str(tmp_path / "r"), timeout=120)
+    assert proc.returncode == 2 and "no CUDA" in proc.stderr and "Traceback" not in proc.stderr
