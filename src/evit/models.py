@@ -127,7 +127,7 @@ def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretra
         built = embedded.load_model(kind)
         if before_weights is not None:
             before_weights(built)
-        return f"{EMBEDDED_LABEL} ({kind} weights)", built
+        return EMBEDDED_LABEL if kind == "baseline" else f"{EMBEDDED_LABEL} ({kind} weights)", built
     name, kwargs = architecture(model, recipe)
     kwargs = {**kwargs, **(model_kwargs or {})}
     if embedded_default and img_size:

@@ -10,6 +10,7 @@ inf are refused naming the first such tensor, so they are never evaluated into a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import re
 from pathlib import Path
@@ -69,8 +70,11 @@ def read_state(path: str) -> dict[str, Tensor]:
             raise ValueError(f"checkpoint {path} is not a readable safetensors file ({p.stat().st_size} bytes: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); it is damaged or "
                              "truncated: write it again") from None
-    try:  # argparse.Namespace: the ``args`` DeiT-style training stores beside the weights, plain data
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    # argparse.Namespace: the ``args`` DeiT-style training stores beside the weights, plain data (torch >= 2.5
+    # can be told so; an older torch refuses such a file, naming the Namespace)
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext():
             loaded = torch.load(str(p), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"checkpoint {path} cannot be read safely: {_torch_reason(e)}; save the model's "
