@@ -38,6 +38,10 @@ def test_eval_on_bundled_subset_reproduces_readme(capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     got = {(r["model"], r["keep_rate"]): (round(r["top1"], 2), r["images"]) for r in rows}
     assert got == expected
+    # off the shelf EViT fuses as the authors do; the EViT-trained model as it was trained (its metadata)
+    fusions = {(r["model"], r["keep_rate"]): r["settings"].get("fusion") for r in rows if r["keep_rate"] < 1}
+    assert fusions == {("baseline", 0.7): "sum", ("baseline", 0.5): "sum",
+                       ("evit-trained", 0.7): "mean", ("evit-trained", 0.5): "mean"}
 
 
 def test_bench_defaults_to_the_embedded_model(capsys):

@@ -65,6 +65,7 @@ def test_accuracy_on_the_same_device_changes_no_prediction(quick):
 def test_training_is_killed_resumed_and_exact(quick):
     train = quick[0]["train"]
     assert train["killed_exit"] == -9  # a real SIGKILL mid-run
+    assert train["loss_falls"], (train["loss_first"], train["loss_last"])
     assert train["resume_exact"] and train["control_two_runs_max_diff"] == 0.0
     assert train["runs"]["resumed"]["step"] == train["steps"]
 

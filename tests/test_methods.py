@@ -56,22 +56,48 @@ def _seen_keys(keys):
 
 
 def test_tome_matching_and_merging_by_hand():
-    """1 class token + 4 image tokens; A = image tokens 1, 3, B = 2, 4 (positions in the sequence).
-    Token 1's key points like token 4's, token 3's is far from both B tokens: r=1 merges 1 into 4."""
+    """1 class token + 4 image tokens. The sets alternate over the whole sequence: A = positions 0 (the
+    class token, never merged), 2, 4; B = 1, 3. Token 4's key points like token 1's, token 2's is
+    orthogonal to both B tokens: r=1 merges 4 into 1. Then: prefix, unmerged A (2), B (1+4, 3)."""
     method = ToMe(r=1)
     keys = [[9, 9], [1, 0], [0, 1], [-1, -0.1], [2, 0.1]]
     x = torch.arange(5 * 3, dtype=torch.float32).view(1, 5, 3)
     out = method(x, _seen_keys(keys))
-    expected = torch.stack([x[0, 0], x[0, 3], x[0, 2], (x[0, 1] + x[0, 4]) / 2]).unsqueeze(0)
+    expected = torch.stack([x[0, 0], x[0, 2], (x[0, 1] + x[0, 4]) / 2, x[0, 3]]).unsqueeze(0)
     torch.testing.assert_close(out, expected)
-    assert method.state.size.tolist() == [[1, 1, 1, 2]]
-    # next merge is weighted by size: the size-2 token counts twice
-    method.state.size = torch.tensor([[1.0, 1, 1, 2]])
-    out2 = method(out, _seen_keys([[9, 9], [0, 1], [1, 0], [1, 0.1]]))  # A = {3, 1+4}, B = {2}: 3 into 2?
-    sizes = method.state.size.tolist()[0]
-    assert sorted(sizes) == [1, 1, 3] and out2.shape == (1, 3, 3)
-    merged = out2[0, [i for i, s in enumerate(sizes) if s == 3][0]]
-    torch.testing.assert_close(merged, (x[0, 2] + x[0, 1] + x[0, 4]) / 3)
+    assert method.state.size.tolist() == [[1, 1, 2, 1]]
+    # the next merge is weighted by size: A = {class, 1+4}, B = {2, 3}; 1+4 goes into 2, counting twice
+    out2 = method(out, _seen_keys([[9, 9], [1, 0.05], [1, 0], [0, 1]]))
+    assert method.state.size.tolist() == [[1, 3, 1]]
+    torch.testing.assert_close(out2, torch.stack([x[0, 0], (x[0, 1] + x[0, 2] + x[0, 4]) / 3, x[0, 3]]).unsqueeze(0))
+
+
+def test_tome_keeps_unmerged_tokens_in_their_order_and_prefix_tokens_in_front():
+    """The best edges rank A's tokens 6, 4, 2; the unmerged ones stay in their original order (2, 4),
+    as the authors' code sorts them, and that order decides the next block's sets."""
+    keys = [[9, 9], [1, 0], [1, 2], [0, 1], [1, 0.2], [-1, 0], [-1, 0.01]]
+    x = torch.randn(1, 7, 3)
+    t = x[0]
+    out = ToMe(r=1)(x, _seen_keys(keys))
+    torch.testing.assert_close(out[0], torch.stack([t[0], t[2], t[4], t[1], t[3], (t[5] + t[6]) / 2]))
+    out = ToMe(r=2)(x, _seen_keys(keys))
+    torch.testing.assert_close(out[0], torch.stack([t[0], t[2], (t[1] + t[4]) / 2, t[3], (t[5] + t[6]) / 2]))
+    # a distillation token (position 1, B's first) neither merges nor receives, and stays second,
+    # even where its key is the best partner of every image token
+    method = ToMe(r=1)
+    method.num_prefix_tokens = 2
+    x = torch.randn(1, 6, 3)
+    t = x[0]
+    out = method(x, _seen_keys([[9, 9], [1, 0], [1, 0], [0, 1], [0.1, 1], [-1, 0]]))
+    torch.testing.assert_close(out[0], torch.stack([t[0], t[1], t[2], (t[3] + t[4]) / 2, t[5]]))
+    # without prefix tokens (average-pooled models) the unmerged ones stay in score order, as in the
+    # authors' code when there is no class token: A = 0, 2, 4 ranked 4, 2, 0
+    x = torch.randn(1, 6, 3)
+    t = x[0]
+    method = ToMe(r=1)
+    method.num_prefix_tokens = 0
+    out = method(x, _seen_keys([[0, 1], [1, 0], [1, 0.5], [0, -1], [-1, 0.01], [-1, 0]]))
+    torch.testing.assert_close(out[0], torch.stack([t[2], t[0], t[1], t[3], (t[4] + t[5]) / 2]))
 
 
 def test_proportional_attention_is_duplicated_tokens():

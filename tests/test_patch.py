@@ -65,8 +65,9 @@ def test_attend_class_row_is_the_attention_matrix_row():
     torch.testing.assert_close(out, attn(x))
 
 
-def reference_evit(model, x, keep_rate, locations, fuse=True):
-    """A plain, obviously correct EViT forward: explicit attention matrix, sort, weighted average."""
+def reference_evit(model, x, keep_rate, locations, fuse=True, fusion="sum"):
+    """A plain, obviously correct EViT forward: explicit attention matrix, sort, the rest weighted by
+    the class token's attention (summed, or with ``fusion="mean"`` averaged)."""
     import math
 
     p = model.num_prefix_tokens
@@ -90,7 +91,7 @@ def reference_evit(model, x, keep_rate, locations, fuse=True):
                 keep, drop = order[:kk], order[kk:]
                 parts = [t[b, :p], t[b, p:][keep]]
                 if fuse and len(drop):
-                    w = score[drop] / score[drop].sum()
+                    w = score[drop] / (score[drop].sum() if fusion == "mean" else 1.0)
                     parts.append((w[:, None] * t[b, p:][drop]).sum(0, keepdim=True))
                 rows.append(torch.cat(parts))
             t = torch.stack(rows)
@@ -99,14 +100,14 @@ def reference_evit(model, x, keep_rate, locations, fuse=True):
 
 
 @pytest.mark.parametrize("variant_name", ["deit", "deit_distilled", "dinov2_registers", "deit3_layerscale", "qk_norm"])
-@pytest.mark.parametrize("keep_rate,fuse", [(0.7, True), (0.5, True), (0.6, False)])
-def test_matches_reference(variant_name, keep_rate, fuse):
+@pytest.mark.parametrize("keep_rate,fuse,fusion", [(0.7, True, "sum"), (0.5, True, "mean"), (0.6, False, "sum")])
+def test_matches_reference(variant_name, keep_rate, fuse, fusion):
     model = make_model(variant_name)
     x = input_for(model, batch=3)
     locations = (1, 2)
     with torch.no_grad():
-        ref = reference_evit(model, x, keep_rate, locations, fuse)
-        evit.patch(model, keep_rate, locations, fuse=fuse)
+        ref = reference_evit(model, x, keep_rate, locations, fuse, fusion)
+        evit.patch(model, keep_rate, locations, fuse=fuse, fusion=fusion)
         torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
         off = model(x)
     with torch.enable_grad():  # the training path (no in-place reuse) gives the same result
@@ -245,6 +246,17 @@ def test_refuses_locations_outside_depth(locations):
     with pytest.raises(ValueError, match="4 blocks"):
         evit.patch(model, 0.7, locations)
     assert not evit.reductions(model)
+
+
+def test_fusion_is_one_of_two():
+    model = make_model("deit")
+    with pytest.raises(ValueError, match="'sum', 'mean'"):
+        evit.patch(model, 0.7, fusion="avg")
+    with pytest.raises(TypeError, match="settings"):
+        evit.patch(model, 0.7, method="topk", fusion="sum")  # Top-K fuses nothing
+    assert not evit.reductions(model)
+    evit.patch(model, 0.7, fusion="mean")
+    assert "fusion='mean'" in repr(evit.reductions(model)[1])
 
 
 def test_set_keep_rate_needs_a_patch():

@@ -102,7 +102,7 @@ def test_truncated_data_file_is_named(tmp_path):
 def test_training_learns_with_evit(toy_fashion, tiny_recipe, tmp_path):
     out = tmp_path / "run"
     proc = _run_train(_train_cmd(toy_fashion, out, "--recipe", str(tiny_recipe), "--keep-rate", "0.5",
-                                 "--keep-warmup-epochs", "1"))
+                                 "--keep-warmup-epochs", "1", "--fusion", "mean"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["step"] == 12 * 16 and result["keep_rate"] == pytest.approx(0.5)
@@ -110,10 +110,25 @@ def test_training_learns_with_evit(toy_fashion, tiny_recipe, tmp_path):
     import timm
 
     import evit
+    from evit.checkpoint import latest, recorded_settings
     from evit.data import normalize
+    from evit.evaluate import apply_setting
+    from evit.models import create_model
+
+    # the weights, and every checkpoint, record how they were trained; the run's config too
+    trained_with = {"method": "evit", "fuse": True, "fusion": "mean", "keep_rate": 0.5}
+    assert recorded_settings(out / "model.safetensors") == trained_with
+    assert recorded_settings(latest(out / "checkpoints")["weights"]) == trained_with
+    assert recorded_settings(out / "best.safetensors") == trained_with
+    assert json.loads((out / "config.json").read_text())["fusion"] == "mean"
+    loaded = create_model("vit_tiny_patch16_224", checkpoint=str(out / "model.safetensors"), **TINY)
+    apply_setting(loaded, 0.5)  # evaluated as trained: the recorded fusion, unless a setting says otherwise
+    assert {m.fusion for m in evit.reductions(loaded).values()} == {"mean"}
+    apply_setting(loaded, {"keep_rate": 0.5, "fusion": "sum"})
+    assert {m.fusion for m in evit.reductions(loaded).values()} == {"sum"}
 
     torch.manual_seed(0)  # as `evit train` seeds it (recipe seed 0): the weights the run started from
-    model = evit.patch(timm.create_model("vit_tiny_patch16_224", **TINY), 0.5).eval()  # as trained
+    model = evit.patch(timm.create_model("vit_tiny_patch16_224", **TINY), 0.5, fusion="mean").eval()  # as trained
     x, y = load_fashion_mnist("test", str(toy_fashion))
 
     def held_out_loss():
@@ -209,6 +224,33 @@ def test_saved_weights_get_the_mode_of_a_plain_file(tmp_path):
     save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").stat().st_mode == plain.stat().st_mode
     assert load_file(str(tmp_path / "w.safetensors"))["weight"].shape == (2, 2)
+
+
+def test_recorded_settings_of_weights_configs_and_older_runs(tmp_path):
+    """Weights record their training settings; a run's model.safetensors from before they were recorded
+    is read from its config.json, where no fusion means evit's only fusion then, the renormalised mean."""
+    from dataclasses import asdict
+
+    from evit.checkpoint import config_settings, recorded_settings, save_weights
+
+    model = torch.nn.Linear(2, 2)
+    save_weights(model, tmp_path / "plain.safetensors")
+    assert recorded_settings(tmp_path / "plain.safetensors") == {}
+    assert config_settings(asdict(TrainConfig())) == {}  # trained unpatched: nothing to record
+    assert config_settings(asdict(TrainConfig(keep_rate=0.7))) == {
+        "method": "evit", "fuse": True, "fusion": "sum", "keep_rate": 0.7, "keep_rate_min": None, "locations": None}
+    assert config_settings({"method": "tome", "method_settings": {"r": [4, 2]}, "keep_rate": 1.0})["r"] == [4, 2]
+    save_weights(model, tmp_path / "w.safetensors", {"method": "evit", "fuse": False, "locations": [1, 2]})
+    assert recorded_settings(tmp_path / "w.safetensors") == {"method": "evit", "fuse": False, "locations": [1, 2]}
+    run = tmp_path / "old_run"
+    run.mkdir()
+    save_weights(model, run / "model.safetensors")
+    old = {k: v for k, v in asdict(TrainConfig(keep_rate=0.7)).items() if k != "fusion"}
+    (run / "config.json").write_text(json.dumps(old))
+    assert recorded_settings(run / "model.safetensors")["fusion"] == "mean"
+    (run / "config.json").write_text(json.dumps(asdict(TrainConfig(keep_rate=0.7))))
+    assert recorded_settings(run / "model.safetensors")["fusion"] == "sum"
+    assert recorded_settings(tmp_path / "weights.pth") == {}  # the authors' .pth files record nothing
 
 
 def test_device_is_chosen_and_checked(monkeypatch):

@@ -5,6 +5,11 @@ checkpoint. A run killed at any moment resumes from the last one named there.
 Writes go through Python's own file I/O, so a full or read-only disk is an ``OSError`` naming the
 file (torch and safetensors report it as a generic error of their own), and a failed write leaves
 no temporary file behind. Weights holding NaN or inf are never written.
+
+Weights written here carry, in their safetensors metadata (``"evit.method"``, ``"evit.fusion"``,
+...), the token-reduction settings they were trained with, so a model is later run the way it
+was trained (:func:`recorded_settings`, :func:`trained_settings`): EViT's fusion changes what
+the weights compute.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -74,12 +79,13 @@ def _remove(tmp: Path) -> None:
         pass
 
 
-def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``state`` as safetensors, atomically; weights holding NaN or inf are refused."""
+def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """Write ``state`` as safetensors (with string ``metadata``), atomically; weights holding NaN or inf
+    are refused."""
     bad = first_non_finite(state)
     if bad:
         raise ValueError(f"refusing to write {path}: the weights hold NaN or inf ({bad})")
-    _atomic(Path(path), lambda f: f.write(safetensors_bytes(state)))
+    _atomic(Path(path), lambda f: f.write(safetensors_bytes(state, metadata=metadata)))
 
 
 def save_text(text: str, path: Path) -> None:
@@ -87,8 +93,80 @@ def save_text(text: str, path: Path) -> None:
     _atomic(Path(path), lambda f: f.write(text.encode()))
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``model``'s weights with the token-reduction ``settings`` they were trained with
+    (default: those recorded where the model's weights were loaded from, :data:`TRAINED_WITH`)."""
+    settings = getattr(model, TRAINED_WITH, {}) if settings is None else settings
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path,
+                 metadata=settings_metadata(settings) or None)
+
+
+#: metadata keys are this prefix and a setting's name
+PREFIX = "evit."
+#: the attribute in which :func:`evit.models.load_checkpoint` leaves a model the settings its file recorded
+TRAINED_WITH = "evit_trained_with"
+#: recorded for the record, not re-applied: the keep rate is chosen at each evaluation
+NOT_APPLIED = ("method", "keep_rate", "keep_rate_min", "locations")
+
+
+def settings_metadata(settings: Mapping[str, Any]) -> dict[str, str]:
+    """Token-reduction settings as safetensors metadata: ``{"evit.method": "evit", "evit.fusion": "sum",
+    "evit.fuse": "true", ...}`` (strings as they are, other values as JSON)."""
+    return {PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in settings.items() if v is not None}
+
+
+def config_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The token-reduction settings of a training configuration (``TrainConfig`` as a dict, a run's
+    config.json): {} for a run that trained unpatched. A configuration without ``fusion`` comes from
+    evit before fusion was a choice, when EViT always fused by the renormalised average: "mean"."""
+    method = config.get("method", "evit")
+    if method == "evit" and config.get("keep_rate", 1.0) >= 1.0:
+        return {}
+    settings: dict[str, Any] = {"method": method}
+    if method == "evit":
+        fuse = config.get("fuse", True)
+        settings.update(fuse=fuse, **({"fusion": config.get("fusion", "mean")} if fuse else {}))
+    settings.update(config.get("method_settings") or {})
+    settings.update({k: config.get(k) for k in ("keep_rate", "keep_rate_min", "locations")})
+    return settings
+
+
+def recorded_settings(path: Path) -> dict[str, Any]:
+    """The token-reduction settings weights file ``path`` was trained with: its safetensors metadata;
+    for a training run's ``model.safetensors`` written before evit recorded them there, the run's
+    ``config.json`` beside it; else {} (e.g. a torch ``.pth`` file: none recorded)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    found = {k[len(PREFIX):]: _decode(v) for k, v in metadata.items() if k.startswith(PREFIX)}
+    config = path.with_name("config.json")
+    if not found and path.name == "model.safetensors" and config.is_file():
+        try:
+            found = config_settings(json.loads(config.read_text()))
+        except (OSError, ValueError, AttributeError):
+            return {}
+    return found
+
+
+def _decode(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def trained_settings(model: nn.Module, method: str = "evit") -> dict[str, Any]:
+    """The settings of ``method`` (by name) that ``model``'s weights were trained with, as their file
+    recorded (EViT's ``fuse`` and ``fusion``): defaults for patching it with that method; {} when the
+    file recorded none, or another method."""
+    recorded = getattr(model, TRAINED_WITH, {})
+    if recorded.get("method") != method:
+        return {}
+    return {k: v for k, v in recorded.items() if k not in NOT_APPLIED}
 
 
 def rng_state() -> dict:
@@ -116,13 +194,15 @@ def _files(directory: Path, step: int) -> tuple[Path, Path]:
     return directory / f"step{step:08d}.safetensors", directory / f"step{step:08d}.pt"
 
 
-def save(directory: Path, step: int, model: nn.Module, extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` (model weights as safetensors, the rest as a torch file), then name it in
-    ``latest.json``, then delete this run's checkpoints older than the newest ``keep``."""
+def save(directory: Path, step: int, model: nn.Module, extra: dict[str, Any], keep: int = 2,
+         settings: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write checkpoint ``step`` (model weights as safetensors, with ``settings`` as in :func:`save_weights`;
+    the rest as a torch file), then name it in ``latest.json``, then delete this run's checkpoints older
+    than the newest ``keep``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights, state = _files(directory, step)
-    save_weights(model, weights)
+    save_weights(model, weights, settings)
     _atomic(state, lambda f: torch.save({**extra, "step": step, "rng": rng_state()}, f))
     pointer = {"step": step, "weights": weights.name, "state": state.name}
     save_text(json.dumps(pointer), directory / POINTER)

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .methods.evit import FUSIONS
+
 
 def _keep_rate(text: str) -> float:
     from .methods.base import check_keep_rate
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on keep rates drawn per step from [this, --keep-rate] (one model for the range)")
     p.add_argument("--keep-warmup-epochs", type=float, help="cosine warm-up of the keep rate from 1 (0: none)")
     p.add_argument("--keep-warmup-start", type=float, help="epochs before the keep rate leaves 1")
+    p.add_argument("--fusion", choices=FUSIONS, help="EViT's fused token: the authors' attention-weighted 'sum' "
+                                                     "(default) or its renormalised 'mean'; recorded in the weights")
     p.add_argument("--distill", metavar="WEIGHTS",
                    help="also match the predictions of the unpatched model with these weights (soft targets)")
     p.add_argument("--train-subset", type=int, help="train on N images (Fashion-MNIST: the first N; a folder: a "
@@ -143,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     _add_budget_args(p, help="default: 1.0 0.7 0.5")
     p.add_argument("--locations", type=int, nargs="+")
+    p.add_argument("--fusion", choices=FUSIONS, help="EViT's fused token for every row: 'sum' (the authors') or "
+                                                     "'mean' (default: what each checkpoint recorded, else 'sum')")
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--speed-reps", type=_positive, default=10)
     p.add_argument("--json", action="store_true")
@@ -165,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--keep-rate", type=_keep_rate, default=0.7, help="1 exports the unpatched model (default: %(default)s)")
     p.add_argument("--method", choices=["evit", "topk"], default="evit", help="topk: drop instead of fuse")
+    p.add_argument("--fusion", choices=FUSIONS, help="EViT's fused token: 'sum' (the authors') or 'mean' "
+                                                     "(default: what the checkpoint recorded, else 'sum')")
     p.add_argument("--batch-size", type=_positive, default=1, help="batch of the trace and the check (default: %(default)s)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis at --batch-size (default: dynamic)")
     p.add_argument("--opset", type=_positive, help="ONNX opset (default: the exporter's)")

@@ -21,7 +21,7 @@ def _train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("model", "pretrained", "init", "data", "data_root", "download", "epochs",
                                               "max_steps", "batch_size", "lr", "keep_rate", "keep_rate_min", "keep_warmup_epochs",
                                               "keep_warmup_start", "train_subset", "ema_decay", "bf16", "device", "distill", "out",
-                                              "save_every", "val_split", "eval_every", "workers")}
+                                              "save_every", "val_split", "eval_every", "workers", "fusion")}
     if args.recipe:
         cfg = TrainConfig.from_file(str(recipe_path(args.recipe)), **overrides)
     elif args.model:
@@ -58,6 +58,8 @@ def _eval(args) -> int:
         if choice.img_size != choice.native_size:  # the first row: what the budget is spent against
             label = f"{names[0]} at {choice.native_size[0]}x{choice.native_size[1]}"
             models, settings = {label: native, **models}, [(label, 1.0)] + settings
+    if args.fusion:  # every EViT row fuses this way, whatever the checkpoints recorded
+        settings = [(n, {"keep_rate": r, "fusion": args.fusion} if r < 1 else r) for n, r in settings]
     data, batches = _eval_data(args, not (args.model or args.recipe), list(models.values()))
     rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps, device=str(device))
     return _print_eval(args, rows, data, format_rows, choice)
@@ -150,6 +152,7 @@ def _export(args) -> int:
     disagrees is reported as a failure (exit 1), not silently written."""
     import torch
 
+    from .checkpoint import trained_settings
     from .cost import native_input_size
     from .export import export_onnx, onnx_runner
     from .models import load_model
@@ -160,8 +163,13 @@ def _export(args) -> int:
     if args.checkpoint:
         label = f"{label} from {args.checkpoint}"
     model.eval()
+    settings = trained_settings(model, args.method)  # e.g. the fusion the weights were trained with
+    if args.fusion:
+        if args.method != "evit":
+            raise ValueError(f"--fusion is EViT's choice of fused token; --method {args.method} has none")
+        settings["fusion"] = args.fusion
     if args.keep_rate < 1:
-        patch(model, args.keep_rate, args.locations, method=args.method)
+        patch(model, args.keep_rate, args.locations, method=args.method, **settings)
     path = export_onnx(model, args.onnx, batch_size=args.batch_size, opset=args.opset,
                        dynamic_batch=not args.static_batch)
     x = torch.randn(args.batch_size, *native_input_size(model))

@@ -1,6 +1,7 @@
 """The embedded default: a small ViT trained by this project on Fashion-MNIST, and test images.
 
-Bundled in ``evit/assets``: the baseline weights, the weights trained with EViT (keep rates 0.5 to 0.7),
+Bundled in ``evit/assets``: the baseline weights, the weights trained with EViT (keep rates 0.5 to 0.7,
+fusion by the renormalised average, as their metadata records),
 a subset of the Fashion-MNIST test set (MIT licence, notice in ``assets/FASHION_MNIST_LICENSE``)
 and the recipes that made the weights (``assets/recipes``), so ``evit eval`` and
 ``evit bench`` show real accuracy beside speed with no network.
@@ -52,6 +53,7 @@ def load_model(kind: str = "baseline") -> nn.Module:
     patched with its predictors at keep 1.0."""
     from safetensors.torch import load_file
 
+    from .checkpoint import TRAINED_WITH, recorded_settings
     from .models import create_model
 
     path = ASSETS / WEIGHTS[kind]
@@ -64,6 +66,7 @@ def load_model(kind: str = "baseline") -> nn.Module:
 
         patch(model, 1.0, method="dynamicvit")
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    setattr(model, TRAINED_WITH, recorded_settings(path))  # the EViT model: trained with fusion="mean"
     return model.eval()
 
 
@@ -77,12 +80,13 @@ def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def export(weights: Path, kind: str) -> Path:
-    """Write trained ``weights`` into the package as the embedded ``kind`` model (fp16, to stay small)."""
+    """Write trained ``weights`` into the package as the embedded ``kind`` model (fp16, to stay small),
+    with the token-reduction settings they recorded (:func:`evit.checkpoint.recorded_settings`)."""
     from safetensors.torch import load_file
 
-    from .checkpoint import save_tensors
+    from .checkpoint import recorded_settings, save_tensors, settings_metadata
 
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     out = ASSETS / WEIGHTS[kind]
-    save_tensors(state, out)
+    save_tensors(state, out, metadata=settings_metadata(recorded_settings(weights)) or None)
     return out

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .bench import device_sync, paired_ratio, steady_allocator, text_table, time_interleaved
+from .checkpoint import trained_settings
 from .cost import count_macs, native_input_size
 from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate, unpatch
@@ -92,6 +93,8 @@ def learned(model: nn.Module) -> bool:
 def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequence[int]] = None,
                   images: Optional[torch.Tensor] = None) -> None:
     """Patch ``model`` for ``setting``; a model with a learned reduction only has its keep rate changed.
+    Settings the model's checkpoint recorded for that method (EViT's fusion) apply unless ``setting``
+    gives its own (:func:`evit.checkpoint.trained_settings`).
     ``images``: sample (training) images for methods that choose their tokens from data (Patch Slimming)."""
     spec = patch_spec(setting)
     if learned(model):
@@ -102,7 +105,8 @@ def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequen
     elif spec is None:
         unpatch(model)
     else:
-        patch(model, **{"locations": locations, **spec}, images=images)
+        recorded = trained_settings(model, str(spec.get("method", "evit")))
+        patch(model, **{"locations": locations, **recorded, **spec}, images=images)
         if next(iter(reductions(model).values())).needs_images and images is None:
             unpatch(model)
             raise ValueError(f"{spec['method']} chooses its tokens from sample images: give calibration images "
@@ -194,6 +198,8 @@ def evaluate(
         model = models[name].cpu()
         apply_setting(model, setting, locations, images)
         macs = count_macs(model) / 1e9
+        fusion = next((m.fusion for m in reductions(model).values() if getattr(m, "fuse", False)
+                       and hasattr(m, "fusion")), None)  # what EViT ran with: the setting's, the checkpoint's or the default
         what = f"model {name!r} ({_label(patch_spec(setting))})"
         right, right5 = hits(model.to(dev), sized(fresh_batches(batches_fn, model), model), what)
         reference = right if reference is None else reference
@@ -202,7 +208,8 @@ def evaluate(
         spec = patch_spec(setting) or {}
         rows.append(dict(model=name, method=str(spec.get("method", "evit" if spec else "none")),
                          keep_rate=spec.get("keep_rate", 1.0 if not spec else None),
-                         settings={k: v for k, v in spec.items() if k != "method"},
+                         settings={**{k: v for k, v in spec.items() if k != "method"},
+                                   **({"fusion": fusion} if fusion else {})},
                          top1=percent(right), top5=percent(right5),
                          images=len(right), gmacs=macs, images_per_s=ips, speedup=up,
                          top1_gap=gap, top1_gap_ci=gap_ci))

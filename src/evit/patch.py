@@ -253,7 +253,9 @@ def patch(
     In each block of ``locations`` (default: the paper's 3, 6, 9 for depth 12), after attention
     and before the MLP, the ``ceil(keep_rate * n)`` image tokens the class token attends to most
     are kept, and with ``fuse`` the rest are fused into one token. Prefix tokens are always kept.
-    Patching again replaces the earlier patch.
+    Patching again replaces the earlier patch. EViT's ``fusion`` setting: ``"sum"`` (default; the
+    authors' attention-weighted sum, what their released weights were trained with) or ``"mean"``
+    (renormalised to a weighted average); see :mod:`evit.methods.evit`.
 
     ``method`` picks another token-reduction method, by class or name (``evit.methods.METHODS``:
     'evit', 'topk', 'random', 'tome', 'dynamicvit', 'stvit', 'patchslimming', 'slice'); ``settings``

@@ -67,6 +67,7 @@ class TrainConfig:
     keep_warmup_epochs: float = 0.0  # cosine from 1 to keep_rate over this many epochs (0: none)
     locations: Optional[list] = None
     fuse: bool = True
+    fusion: str = "sum"  # EViT: 'sum' (the authors' attention-weighted sum) or 'mean' (renormalised); recorded in the weights
     bf16: bool = False  # autocast to bfloat16 (on a CPU fast only with AVX512-BF16 or AMX)
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None: the GPU when there is one
     ema_decay: float = 0.0  # 0: no EMA
@@ -105,7 +106,7 @@ class TrainConfig:
 def build_model(cfg: TrainConfig) -> nn.Module:
     def patched(model: nn.Module) -> None:  # patched first: a learned method's weights load with it
         if cfg.keep_rate < 1.0 or cfg.method != "evit":
-            settings = {"fuse": cfg.fuse} if cfg.method == "evit" else {}
+            settings = {"fuse": cfg.fuse, "fusion": cfg.fusion} if cfg.method == "evit" else {}
             patch(model, 1.0, cfg.locations, method=cfg.method, **settings, **cfg.method_settings)
 
     return load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init, model_kwargs=cfg.model_kwargs,
@@ -236,6 +237,9 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
+    # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
+    trained_with = checkpoint.config_settings(asdict(cfg))
+    setattr(model, checkpoint.TRAINED_WITH, trained_with)
     loader, val_loader, class_names = make_loaders(cfg, model, rank, world)
     cfg = replace(cfg, class_names=class_names)  # recorded in config.json: eval maps a val/ by these names
     per_epoch = len(loader)
@@ -292,7 +296,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
                      "validation": validation.state()}
             if ema is not None:
                 extra["ema"] = ema.module.state_dict()
-            checkpoint.save(out / "checkpoints", step, model, extra)
+            checkpoint.save(out / "checkpoints", step, model, extra, settings=trained_with)
 
     from tqdm import tqdm
 
@@ -359,7 +363,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     bar.close()
     final = ema.module if ema is not None else model
     if rank == 0:
-        checkpoint.save_weights(final, out / "model.safetensors")
+        checkpoint.save_weights(final, out / "model.safetensors", trained_with)
     if world > 1:
         dist.barrier()
     return {"step": step, "keep_rate": keep, "loss": loss_avg, "weights": str(out / "model.safetensors")}

@@ -116,7 +116,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load weights from a ``.safetensors`` file or a torch checkpoint into ``model``, or refuse in one line.
 
     A ViT trained at another input size loads with its position embeddings resampled (timm's filter),
-    for fine-tuning at a higher resolution."""
+    for fine-tuning at a higher resolution. The token-reduction settings the file recorded (EViT's
+    fusion, :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches
+    it the way it was trained."""
     state = read_state(path)
     bad = first_non_finite(state)
     if bad:
@@ -132,3 +134,6 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     if problem:
         raise ValueError(problem)
     model.load_state_dict(state, strict=False)
+    from .checkpoint import TRAINED_WITH, recorded_settings
+
+    setattr(model, TRAINED_WITH, recorded_settings(Path(path)))

@@ -2,14 +2,25 @@
 
 Image tokens are ranked by the class token's attention to them (mean over
 heads). The top ``keep_rate`` share is kept; with ``fuse`` the rest become one
-token, their attention-weighted average, appended after the kept ones. At a
-later location that fused token is ranked like any other image token.
+token appended after the kept ones. At a later location that fused token is
+ranked like any other image token.
 
-Fusion weights are renormalised to sum to one: the paper calls the fused token
-a weighted average, and a plain weighted sum (the original code) shrinks it by
-the small total attention of the dropped tokens, so its residual stream starts
-off-scale relative to every other token. Renormalising keeps it a token of the
-same kind as the ones it replaces.
+``fusion`` says how the rest become one token:
+
+- ``"sum"`` (default): the class token's attention to each of them times the token,
+  summed; the weights are not renormalised. This is what the authors' code computes,
+  and their released checkpoints were trained with it: evit gives those weights the
+  outputs they were trained to give.
+- ``"mean"``: the same weights divided by their total, a weighted average. It keeps the
+  fused token on the scale of the tokens it replaces (the plain sum is shrunk by the
+  small total attention of the inattentive tokens), but it is a different model from
+  the paper's: use it for weights trained with it (evit's embedded EViT model was;
+  its checkpoint records so, and evit runs it that way).
+
+The kept count is ``ceil(keep_rate * n)`` of the ``n`` image tokens, as in the authors'
+code (``ceil(keep_rate * (N - 1))`` with one class token); their code keeps the tokens in
+score order, evit in ``topk``'s unsorted order: the same set, and attention does not
+depend on the order.
 """
 from __future__ import annotations
 
@@ -20,11 +31,19 @@ from ..attention import Seen
 from .base import KeepRateReduction, kept_count
 
 
+#: how the inattentive tokens are fused: the authors' attention-weighted sum, or its renormalised average
+FUSIONS = ("sum", "mean")
+
+
 class EViT(KeepRateReduction):
     needs_cls_attn = True
 
-    def __init__(self, keep_rate: float = 0.7, fuse: bool = True) -> None:
+    def __init__(self, keep_rate: float = 0.7, fuse: bool = True, fusion: str = "sum") -> None:
         super().__init__(keep_rate, fuse)
+        if fusion not in FUSIONS:
+            raise ValueError(f"EViT's fusion must be one of {', '.join(map(repr, FUSIONS))}, got {fusion!r}: "
+                             "'sum' is the authors' (their released weights'), 'mean' the renormalised average")
+        self.fusion = fusion
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         p, N = self.num_prefix_tokens, x.shape[1]
@@ -42,15 +61,20 @@ class EViT(KeepRateReduction):
         if torch.is_grad_enabled():  # training: out of place, for autograd
             weight = score.scatter(1, keep, 0.0).unsqueeze(1)
             weight = weight.to(x.dtype)
-            fused = torch.bmm(weight, x[:, p:]) / _total(weight)
+            fused = torch.bmm(weight, x[:, p:])
+            fused = fused / _total(weight) if self.fusion == "mean" else fused
             return torch.cat([x[:, :p], select_tokens(x, keep, p), fused], dim=1)
         # inference: one gather fills (prefix, kept, a spare slot); the fused token overwrites the slot
         weight = score.scatter_(1, keep, 0.0).unsqueeze(1)
         weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         keep = keep + p
         out = select_tokens(x, torch.cat([prefix_index(keep, p), keep, keep[:, :1]], dim=1))
-        out[:, -1:] = torch.bmm(weight, x[:, p:]).div_(_total(weight))
+        fused = torch.bmm(weight, x[:, p:])
+        out[:, -1:] = fused.div_(_total(weight)) if self.fusion == "mean" else fused
         return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", fusion={self.fusion!r}" if self.fuse else "")
 
     def _follow(self, x: Tensor, keep: Tensor) -> None:
         """Tell the shared state which tokens were kept and, with ``fuse``, which were fused."""
@@ -63,7 +87,7 @@ class EViT(KeepRateReduction):
 
 
 def _total(weight: Tensor) -> Tensor:
-    """Sum of fusion weights, kept away from zero: the fused token is their weighted average."""
+    """Sum of fusion weights, kept away from zero: with ``fusion="mean"`` the fused token is their weighted average."""
     return weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
 
 
