@@ -84,7 +84,7 @@ def attend(
     if keys:
         seen.keys = k.mean(dim=1)
 
-    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)  # explicit: B may be 0
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
@@ -97,7 +97,8 @@ def _heads(attn: nn.Module, x: Tensor, part: slice) -> Tensor:
     rows = slice(part.start * attn.qkv.out_features // 3, part.stop * attn.qkv.out_features // 3)
     weight, bias = attn.qkv.weight[rows], None if attn.qkv.bias is None else attn.qkv.bias[rows]
     B, N, _ = x.shape
-    return F.linear(x, weight, bias).reshape(B, N, -1, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    heads = F.linear(x, weight, bias).reshape(B, N, part.stop - part.start, attn.num_heads, attn.head_dim)
+    return heads.permute(2, 0, 3, 1, 4)
 
 
 def cross_attend(attn: nn.Module, queries: Tensor, context: Tensor) -> Tensor:
@@ -107,7 +108,7 @@ def cross_attend(attn: nn.Module, queries: Tensor, context: Tensor) -> Tensor:
     q = attn.q_norm(_heads(attn, queries, slice(0, 1))[0])
     k, v = _heads(attn, context, slice(1, 3)).unbind(0)
     out = F.scaled_dot_product_attention(q, attn.k_norm(k), v, scale=attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1))
+    out = attn.norm(out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], attn.num_heads * attn.head_dim))
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(queries).sigmoid()
     return attn.proj(out)

@@ -1,4 +1,5 @@
-"""Building models: timm names, ``--pretrained`` through timm, and local checkpoints.
+"""Building models: timm names, ``--pretrained`` through timm, local checkpoints, the embedded default;
+:func:`load_model` is the one way every command turns its flags into a model.
 
 Pretrained weights come through timm from the Hugging Face Hub. Offline, the hub
 client retries for most of a minute before failing; evit checks the hub first
@@ -7,13 +8,15 @@ answer is quick and says what to do.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from .weights import load_checkpoint
 
 HUB_HOST = "huggingface.co"
 
@@ -76,39 +79,66 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights from a ``.safetensors`` file or a torch checkpoint (``model`` key or bare state dict).
+EMBEDDED_LABEL = "embedded Fashion-MNIST ViT"
 
-    A ViT trained at another input size loads with its position embeddings resampled (timm's filter),
-    for fine-tuning at a higher resolution. The token-reduction settings the file recorded (EViT's
-    fusion, :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches
-    it the way it was trained."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
-        state = load_file(str(p))
-    else:
-        import torch
+def architecture(model: Optional[str] = None, recipe: Optional[str] = None) -> tuple[str, dict]:
+    """(timm model name, its keyword arguments): --model, with --recipe's ``model_kwargs`` when both are
+    given; --recipe's model alone; else the embedded default's architecture."""
+    from . import embedded
 
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-    if isinstance(model, VisionTransformer):  # the timm way: position embeddings resampled to this input size
-        state = checkpoint_filter_fn(state, model)
+    if not recipe:
+        return embedded.architecture() if model is None else (model, {})
+    path = embedded.recipe_path(recipe)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-    missing = [k for k in missing if ".reduction." not in k]  # a learned method's fresh modules may start untrained
-    if missing or unexpected:
-        hint = " (it holds a token-reduction method's weights: patch the model with that method first)" \
-            if any(".reduction." in k for k in unexpected) else ""
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}{hint}")
-    from .checkpoint import TRAINED_WITH, recorded_settings
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read recipe {path}: {e}") from None
+    if not isinstance(values, dict) or not (model or values.get("model")):
+        raise ValueError(f"recipe {path} names no model (a JSON object with \"model\": a timm model name)")
+    return model or values["model"], dict(values.get("model_kwargs") or {})
 
-    setattr(model, TRAINED_WITH, recorded_settings(p))
+
+def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretrained: bool = False,
+               checkpoint: Optional[str] = None, img_size: Optional[int] = None, kind: str = "baseline",
+               model_kwargs: Optional[dict] = None,
+               before_weights: Optional[Callable[[nn.Module], object]] = None) -> tuple[str, nn.Module]:
+    """(label, model) for a command's --model, --recipe, --pretrained and --checkpoint: the one path every
+    command takes, so no flag is ignored.
+
+    The architecture: --model (a timm name; with --recipe, the recipe's ``model_kwargs``), --recipe's
+    model, else the embedded default's. The weights: --pretrained (timm's, for a named model only),
+    --checkpoint (any file :func:`evit.weights.load_checkpoint` reads; refused in one line when it does
+    not fit), else for the embedded default its bundled ``kind`` weights ('baseline', 'evit',
+    'dynamicvit'), else timm's random initialisation. ``img_size``: build the embedded architecture at
+    this size, for a checkpoint trained there. ``model_kwargs`` add to the recipe's.
+    ``before_weights(model)`` runs before the checkpoint loads (patch a learned method in first, so its
+    weights have modules to load into).
+    """
+    if pretrained and checkpoint:
+        raise ValueError("give either --pretrained or --checkpoint, not both")
+    embedded_default = model is None and recipe is None
+    if pretrained and embedded_default:
+        raise ValueError("--pretrained needs --model (or a --recipe naming one): the embedded default model has "
+                         "its own weights")
+    if embedded_default and checkpoint is None:
+        from . import embedded
+
+        built = embedded.load_model(kind)
+        if before_weights is not None:
+            before_weights(built)
+        return EMBEDDED_LABEL if kind == "baseline" else f"{EMBEDDED_LABEL} ({kind} weights)", built
+    name, kwargs = architecture(model, recipe)
+    kwargs = {**kwargs, **(model_kwargs or {})}
+    if embedded_default and img_size:
+        kwargs["img_size"] = img_size
+    built = create_model(name, pretrained=pretrained, **kwargs)
+    if before_weights is not None:
+        before_weights(built)
+    if checkpoint:
+        load_checkpoint(built, checkpoint)
+    if not (embedded_default and checkpoint):
+        return name.split("/")[-1], built
+    path = os.path.normpath(checkpoint)  # the run's folder for a run's model.safetensors, else the file's stem
+    parent, base = os.path.split(path)
+    return (os.path.basename(parent) if base == "model.safetensors" else os.path.splitext(base)[0]) or name, built

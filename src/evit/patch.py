@@ -32,10 +32,28 @@ def _timm_classes():
     return VisionTransformer, Block, Attention
 
 
+def _reduce_patched(self, protocol: int):
+    """Pickling for modules whose class :func:`_subclass` made at patch time: such a class cannot be
+    imported by name, so the module pickles as (mixin, timm class) and the class is made again on loading
+    (``torch.save(model)``, ``pickle``, ``copy.deepcopy``)."""
+    cls = type(self)
+    reduced = object.__reduce_ex__(self, protocol)
+    if _SUBCLASSES.get(cls.__bases__) is not cls:  # a class of the user's own, importable as it is
+        return reduced
+    return (_patched_instance, cls.__bases__, *reduced[2:])
+
+
+def _patched_instance(mixin: type, base: type) -> nn.Module:
+    """An empty instance of ``base`` patched with ``mixin``; unpickling then restores its state."""
+    cls = _subclass(mixin, base)
+    return cls.__new__(cls)
+
+
 class ReducingBlock(nn.Module):
     """Mixin placed in front of a timm ``Block`` class by :func:`apply`."""
 
     reduction: TokenReduction
+    __reduce_ex__ = _reduce_patched
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         method = self.reduction
@@ -69,6 +87,7 @@ class SizeWeightedNorm(nn.Module):
 
     token_state: TokenState
     num_prefix_tokens: int
+    __reduce_ex__ = _reduce_patched
 
     def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
@@ -91,6 +110,14 @@ def _subclass(mixin: type, cls: type) -> type:
     return _SUBCLASSES[mixin, cls]
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers (``.module``), else ``model``:
+    the patch works on the timm model, whatever runs it."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def _name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__
@@ -104,6 +131,7 @@ def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None]
     average their image tokens (``global_pool='avg'``).
     """
     VisionTransformer, Block, Attention = _timm_classes()
+    model = unwrapped(model)
     name = _name(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"evit.patch expects a timm VisionTransformer, got {type(model).__name__}")
@@ -151,9 +179,13 @@ def default_locations(depth: int) -> tuple[int, ...]:
 def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = "model") -> tuple[int, ...]:
     if locations is None:
         return default_locations(depth)
+    import operator
+
     try:
-        locs = tuple(sorted({int(i) for i in locations}))
-    except (TypeError, ValueError):
+        if isinstance(locations, (str, bytes)) or any(isinstance(i, bool) for i in locations):
+            raise TypeError
+        locs = tuple(sorted({operator.index(i) for i in locations}))  # ints only: 3.5, '3' and True are refused
+    except TypeError:
         raise TypeError(f"locations must be block indices (ints), got {locations!r}") from None
     bad = [i for i in locs if not 0 <= i < depth]
     if bad or not locs:
@@ -166,6 +198,7 @@ def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore every patched block of ``model`` to its timm class (in place)."""
+    wrapper, model = model, unwrapped(model)
     for block in getattr(model, "blocks", []):
         base = getattr(type(block), "_evit_base", None)
         if base is not None:
@@ -175,11 +208,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     if isinstance(norm, SizeWeightedNorm):
         norm.__class__ = type(norm)._evit_base
         del norm.token_state, norm.num_prefix_tokens
-    return model
+    return wrapper
 
 
 def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     """Place ``methods[i]`` in block ``i`` of ``model`` (in place); earlier patches are removed first."""
+    wrapper, model = model, unwrapped(model)
     for i, method in methods.items():
         if not isinstance(method, TokenReduction):
             raise TypeError(f"methods[{i}] must be an evit TokenReduction, got {type(method).__name__}")
@@ -202,7 +236,7 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     if model.global_pool == "avg" and any(m.tracks_size for m in methods.values()):
         model.norm.__class__ = _subclass(SizeWeightedNorm, type(model.norm))
         model.norm.token_state, model.norm.num_prefix_tokens = state, model.num_prefix_tokens
-    return model
+    return wrapper
 
 
 def patch(
@@ -231,6 +265,7 @@ def patch(
     forward).
     """
     cls = _method_class(method)
+    wrapper, model = model, unwrapped(model)
     check_model(model, cls)
     depth = len(model.blocks)
     locs = check_locations(locations, depth, _name(model)) if locations is not None else cls.default_locations(depth)
@@ -241,7 +276,7 @@ def patch(
     apply(model, methods)
     if cls.needs_images and images is not None:
         cls.prepare(model, images)
-    return model
+    return wrapper
 
 
 def _method_class(method: Union[str, type]) -> type:
@@ -256,7 +291,8 @@ def _method_class(method: Union[str, type]) -> type:
 
 def reductions(model: nn.Module) -> dict[int, TokenReduction]:
     """The reduction method of each patched block, by block index."""
-    return {i: b.reduction for i, b in enumerate(getattr(model, "blocks", [])) if isinstance(b, ReducingBlock)}
+    blocks = getattr(unwrapped(model), "blocks", [])
+    return {i: b.reduction for i, b in enumerate(blocks) if isinstance(b, ReducingBlock)}
 
 
 def set_keep_rate(model: nn.Module, keep_rate: float) -> None:

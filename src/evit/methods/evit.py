@@ -80,7 +80,7 @@ class EViT(KeepRateReduction):
         """Tell the shared state which tokens were kept and, with ``fuse``, which were fused."""
         p, (B, N, _) = self.num_prefix_tokens, x.shape
         rest = torch.ones(B, N - p, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
-        rest = torch.arange(N - p, device=x.device).expand(B, -1)[rest].view(B, -1)
+        rest = torch.arange(N - p, device=x.device).expand(B, -1)[rest].view(B, N - p - keep.shape[1])
         order = torch.cat([prefix_index(keep, p), keep + p, rest + p], dim=1)
         self.state.follow(x, order if self.fuse else order[:, :p + keep.shape[1]],
                           fused_from=p + keep.shape[1] if self.fuse else None)
@@ -101,7 +101,7 @@ def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
     if B == 1:
         return x[:, offset:].index_select(1, index.view(-1))
     flat = (index + (torch.arange(B, device=index.device).unsqueeze(1) * N + offset)).flatten()
-    return x.reshape(B * N, C).index_select(0, flat).view(B, -1, C)
+    return x.reshape(B * N, C).index_select(0, flat).view(B, index.shape[1], C)  # explicit: B may be 0
 
 
 def prefix_index(index: Tensor, p: int) -> Tensor:
