@@ -313,9 +313,11 @@ def train_step(run: Run, device: torch.device, cfg: dict, root: Path) -> dict:
         for name in ("a", "b"):
             proc = _cli(*_train_args(root, recipe, tmp / name, device, steps), env=env)
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        killed = subprocess.run([sys.executable, "-m", "evit.cli", *_train_args(root, recipe, tmp / "k", device, steps)],
+        kill = [sys.executable, str(Path(__file__).resolve().parents[1] / "tests" / "signal_at_step.py"), "SIGKILL",
+                str(steps // 2)]  # a real SIGKILL at half way, sent through evit.train.train's on_step hook
+        killed = subprocess.run([*kill, *_train_args(root, recipe, tmp / "k", device, steps)],
                                 capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "EVIT_KILL_AT_STEP": str(steps // 2), **env})
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
         proc = _cli(*_train_args(root, recipe, tmp / "k", device, steps), "--resume", env=env)
         results["resumed"] = json.loads(proc.stdout.strip().splitlines()[-1])
         weights = {n: load_file(str(tmp / n / "model.safetensors")) for n in ("a", "b", "k")}

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,9 +106,9 @@ def test_killed_and_resumed_run_ends_bit_identical(data, recipe, uninterrupted, 
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "evit.cli", "train", "--recipe", str(recipe), "--data", str(data), "--out", str(cut)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(cmd + ["--workers", "2"], capture_output=True, text=True, timeout=300,
-                            env={**env, "EVIT_KILL_AT_STEP": "17"})
-    assert killed.returncode != 0, "the run was meant to be killed"
+    kill = [sys.executable, str(Path(__file__).with_name("signal_at_step.py")), "SIGKILL", "17"]  # a real SIGKILL
+    killed = subprocess.run(kill + cmd[3:] + ["--workers", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == -9, "the run was meant to be killed"
     assert json.loads((cut / "checkpoints" / "latest.json").read_text())["step"] == 15
     resumed = subprocess.run(cmd + ["--workers", "1", "--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -149,8 +149,9 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_fashion, tiny_recipe, t
     full = _run_train(_train_cmd(toy_fashion, tmp_path / "full", *common))
     assert full.returncode == 0, full.stderr[-2000:]
 
-    killed = _run_train(_train_cmd(toy_fashion, tmp_path / "cut", *common), EVIT_KILL_AT_STEP="23")
-    assert killed.returncode != 0, "the run was meant to be killed"
+    killed = _run_train([sys.executable, str(Path(__file__).with_name("signal_at_step.py")), "SIGKILL", "23",
+                         *_train_cmd(toy_fashion, tmp_path / "cut", *common)[3:]])
+    assert killed.returncode == -9, "the run was meant to be killed (SIGKILL)"
     latest = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 20  # the last checkpoint before the kill
     assert not list((tmp_path / "cut" / "checkpoints").glob("*.tmp"))

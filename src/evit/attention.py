@@ -89,7 +89,7 @@ def attend(
     if keys:
         seen.keys = k.mean(dim=1)
 
-    return view.finish(out.transpose(1, 2).reshape(B, N, -1), x), seen
+    return view.finish(out.transpose(1, 2).reshape(B, N, view.num_heads * view.head_dim), x), seen  # B may be 0
 
 
 def cross_attend(attn: Union[AttentionView, nn.Module], queries: Tensor, context: Tensor) -> Tensor:
@@ -99,7 +99,8 @@ def cross_attend(attn: Union[AttentionView, nn.Module], queries: Tensor, context
     q = view.queries(queries)
     k, v = view.keys_values(context)
     out = F.scaled_dot_product_attention(q, k, v, scale=view.scale)
-    return view.finish(out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1), queries)
+    out = out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], view.num_heads * view.head_dim)
+    return view.finish(out, queries)
 
 
 def attention_probs(attn: Union[AttentionView, nn.Module], x: Tensor) -> Tensor:

@@ -1,6 +1,10 @@
-"""Checkpoints that survive a kill: every file is written to a temporary name, flushed and
-renamed into place, and ``latest.json`` (itself replaced atomically) names the newest
-complete checkpoint. A run killed at any moment resumes from the last one named there.
+"""Checkpoints that survive a kill: every file is serialised, written to a temporary name, flushed and
+renamed into place, and ``latest.json`` (itself replaced atomically) names the newest complete
+checkpoint. A run killed at any moment resumes from the last one named there.
+
+Writes go through Python's own file I/O, so a full or read-only disk is an ``OSError`` naming the
+file (torch and safetensors report it as a generic error of their own), and a failed write leaves
+no temporary file behind. Weights holding NaN or inf are never written.
 
 Weights written here carry, in their safetensors metadata (``"evit.method"``, ``"evit.fusion"``,
 ...), the token-reduction settings they were trained with, so a model is later run the way it
@@ -9,43 +13,84 @@ the weights compute.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import re
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Mapping, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .weights import first_non_finite, mismatch, read_state
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+POINTER = "latest.json"
 
 
-def _atomic(path: Path, write) -> None:
+class _File(io.FileIO):
+    """A file that remembers the OSError of a failed write: torch wraps it in a RuntimeError of its own."""
+
+    error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        view, done = memoryview(data).cast("B"), 0
+        try:
+            while done < len(view):
+                done += super().write(view[done:])
+        except OSError as e:
+            self.error = e
+            raise
+        return done
+
+
+def _atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` into ``path`` atomically: a temporary file, fsync, rename. New files get the mode a
+    plain open() gives (the umask's), so weights can be shared, installed as package data or read by
+    another user."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    # safetensors creates its files 0600; give every file the mode a plain open() would, so
-    # weights can be shared, installed as package data, or read by another user.
-    os.chmod(tmp, 0o666 & ~_umask())
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with _File(tmp, "w") as f:
+            try:
+                write(f)
+            except Exception:
+                if f.error is not None:
+                    raise f.error from None
+                raise
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write() names no file: name the one being written
+            e.filename = str(path)
+        _remove(tmp)
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:  # a read-only disk: nothing was written there either
+        pass
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """Write ``state`` as safetensors (with string ``metadata``), atomically."""
-    _atomic(Path(path), lambda p: save_file(state, str(p), metadata=metadata))
+    """Write ``state`` as safetensors (with string ``metadata``), atomically; weights holding NaN or inf
+    are refused."""
+    bad = first_non_finite(state)
+    if bad:
+        raise ValueError(f"refusing to write {path}: the weights hold NaN or inf ({bad})")
+    _atomic(Path(path), lambda f: f.write(safetensors_bytes(state, metadata=metadata)))
 
 
 def save_text(text: str, path: Path) -> None:
     """Write ``text`` to ``path``, atomically."""
-    _atomic(Path(path), lambda p: p.write_text(text))
+    _atomic(Path(path), lambda f: f.write(text.encode()))
 
 
 def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, Any]] = None) -> None:
@@ -139,30 +184,58 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def _steps(directory: Path) -> list[int]:
+    """Steps of the checkpoints in ``directory`` (by number, not by name), ascending."""
+    found = (re.fullmatch(r"step(\d+)\.pt", p.name) for p in directory.glob("step*.pt"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _files(directory: Path, step: int) -> tuple[Path, Path]:
+    return directory / f"step{step:08d}.safetensors", directory / f"step{step:08d}.pt"
+
+
 def save(directory: Path, step: int, model: nn.Module, extra: dict[str, Any], keep: int = 2,
          settings: Optional[Mapping[str, Any]] = None) -> Path:
     """Write checkpoint ``step`` (model weights as safetensors, with ``settings`` as in :func:`save_weights`;
-    the rest as a torch file)."""
+    the rest as a torch file), then name it in ``latest.json``, then delete this run's checkpoints older
+    than the newest ``keep``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights, state = directory / f"step{step:08d}.safetensors", directory / f"step{step:08d}.pt"
+    weights, state = _files(directory, step)
     save_weights(model, weights, settings)
-    _atomic(state, lambda p: torch.save({**extra, "step": step, "rng": rng_state()}, str(p)))
+    _atomic(state, lambda f: torch.save({**extra, "step": step, "rng": rng_state()}, f))
     pointer = {"step": step, "weights": weights.name, "state": state.name}
-    _atomic(directory / "latest.json", lambda p: p.write_text(json.dumps(pointer)))
-    old = sorted(directory.glob("step*.pt"))[:-keep]
-    for f in old:
-        for g in (f, f.with_suffix(".safetensors")):
-            g.unlink(missing_ok=True)
+    save_text(json.dumps(pointer), directory / POINTER)
+    _prune(directory, step, keep)
     return weights
 
 
+def _prune(directory: Path, step: int, keep: int) -> None:
+    """Delete checkpoints older than the newest ``keep`` up to ``step`` (the one ``latest.json`` names).
+    Checkpoints of a later step are left alone: they are not older than this one, whoever wrote them."""
+    older = [s for s in _steps(directory) if s < step]
+    for s in older[:max(0, len(older) - (keep - 1))]:
+        for f in _files(directory, s):
+            f.unlink(missing_ok=True)
+
+
 def latest(directory: Path) -> Optional[dict]:
-    pointer = Path(directory) / "latest.json"
+    """The checkpoint ``latest.json`` in ``directory`` names ({step, weights, state}), or None when there is
+    none; a damaged pointer, or one naming a missing file, is a clear error."""
+    pointer = Path(directory) / POINTER
     if not pointer.is_file():
         return None
-    info = json.loads(pointer.read_text())
-    return {"step": info["step"], "weights": Path(directory) / info["weights"], "state": Path(directory) / info["state"]}
+    try:
+        info = json.loads(pointer.read_text())
+        found = {"step": int(info["step"]), "weights": Path(directory) / info["weights"],
+                 "state": Path(directory) / info["state"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{pointer} is damaged ({type(e).__name__}: {e}); it should name the newest checkpoint") \
+            from None
+    missing = [p.name for p in (found["weights"], found["state"]) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{pointer} names {', '.join(missing)}, which is missing from {directory}")
+    return found
 
 
 def load(directory: Path, model: nn.Module) -> Optional[dict]:
@@ -170,5 +243,10 @@ def load(directory: Path, model: nn.Module) -> Optional[dict]:
     found = latest(directory)
     if found is None:
         return None
-    model.load_state_dict(load_file(str(found["weights"])))
+    state = read_state(str(found["weights"]))
+    problem = mismatch(str(found["weights"]), model, state)
+    if problem:
+        raise ValueError(f"{problem}: resume with the run's own configuration")
+    model.load_state_dict(state)
+    # the run's own file (optimizer, scheduler, RNG states: numpy arrays and Python tuples)
     return torch.load(str(found["state"]), map_location="cpu", weights_only=False)

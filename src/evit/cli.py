@@ -52,8 +52,10 @@ def _add_budget_args(p: argparse.ArgumentParser, **keep_rates) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="timm model name (default: the embedded Fashion-MNIST ViT)")
+    p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the network or a cache)")
-    p.add_argument("--checkpoint", help="load weights from a local .safetensors or torch checkpoint")
+    p.add_argument("--checkpoint", help="load weights from a local .safetensors or torch checkpoint (a state dict, "
+                                        "or a training checkpoint with one under 'model')")
     p.add_argument("--locations", type=int, nargs="+", help="0-based blocks that reduce (default: 1/4, 1/2, 3/4 of depth)")
 
 
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder: checkpoints, config.json, model.safetensors")
     p.add_argument("--save-every", type=_positive, help="checkpoint every N steps (also at each epoch end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a run already in --out aside (to OUT.old-<time>) and start afresh")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("eval", help="top-1/top-5 with GMACs, speed-up and top-1 gap to the first row (paired 95%% "
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .commands import COMMANDS
+    from .runs import Interrupted
 
     try:
         parser = build_parser()
@@ -192,9 +197,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"evit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGINT / SIGTERM during training: 130 / 143, as the shell reports a signal
+        print(f"evit {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"evit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

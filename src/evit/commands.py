@@ -31,39 +31,26 @@ def _train(args) -> int:
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     else:
         raise ValueError("give --recipe (e.g. fashion_mnist_baseline) or --model")
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns; one answer is printed
         print(json.dumps(result))
     return 0
 
 
-def _architecture(args) -> tuple[str, dict]:
-    """(timm model name, its keyword arguments) from --model and/or --recipe."""
-    from . import embedded
-
-    if not args.recipe:
-        return args.model, {}
-    recipe = json.loads(embedded.recipe_path(args.recipe).read_text())
-    return args.model or recipe["model"], recipe.get("model_kwargs", {})
-
-
 def _eval(args) -> int:
     import copy
 
-    from . import embedded
     from .evaluate import evaluate, format_rows
-    from .models import create_model, resolve_device
+    from .loading import load_model
+    from .models import resolve_device
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     if args.model or args.recipe:
-        name, kwargs = _architecture(args)
-        label = name.split("/")[-1]
-        models = {label: create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
+        label, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint)
+        models = {label: model}
         settings = [(label, r) for r in (args.keep_rates or [1.0, 0.7, 0.5])]
-    elif args.pretrained:
-        raise ValueError("--pretrained needs --model (the embedded models have their own weights)")
     else:
-        models = {"baseline": embedded.load_model("baseline"), **_trained_model(args)}
+        models = {"baseline": load_model(pretrained=args.pretrained)[1], **_trained_model(args)}
         rates, trained = args.keep_rates or [0.7, 0.5], list(models)[1]
         settings = [("baseline", 1.0)] + [("baseline", r) for r in rates if r < 1] + \
                    [(trained, r) for r in rates if r < 1]
@@ -86,18 +73,10 @@ def _trained_model(args) -> dict:
     """{label: model} beside the embedded baseline: the bundled EViT-trained model, or --checkpoint's
     weights (trained from a bundled recipe: the embedded architecture), built at --img-size when given
     so weights trained at that size load as they are."""
-    from pathlib import Path
+    from .loading import load_model
 
-    from . import embedded
-    from .models import create_model
-
-    if not args.checkpoint:
-        return {"evit-trained": embedded.load_model("evit")}
-    name, kwargs = embedded.architecture()
-    path = Path(args.checkpoint)
-    label = path.parent.name if path.name == "model.safetensors" else path.stem
-    size = {"img_size": args.img_size} if args.img_size else {}
-    return {label: create_model(name, checkpoint=args.checkpoint, **{**kwargs, **size}).eval()}
+    label, model = load_model(checkpoint=args.checkpoint, img_size=args.img_size, kind="evit")
+    return {label if args.checkpoint else "evit-trained": model.eval()}
 
 
 def _print_eval(args, rows, data, format_rows, choice=None) -> int:
@@ -125,18 +104,14 @@ def _bench(args) -> int:
     import torch
 
     from .bench import bench, format_table
-    from .models import create_model, device_text, resolve_device
+    from .loading import load_model
+    from .models import device_text, resolve_device
     from .registry import method_class
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device if args.backends is None else "cpu")  # a bad --device fails first
-    if args.model:
-        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
-    else:
-        from . import embedded
-
-        model, args.model = embedded.load_model("baseline"), "embedded Fashion-MNIST ViT"
+    args.model, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint)
     choice = _fit_budget(args, [model])
     rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else \
         None if args.keep_rates is BENCH_KEEP_RATES else args.keep_rates  # None: the method's own bench_grid
@@ -184,23 +159,17 @@ def _export(args) -> int:
     disagrees is reported as a failure (exit 1), not silently written."""
     import torch
 
-    from . import embedded, hosts
+    from . import hosts
     from .checkpoint import trained_settings
     from .cost import native_input_size
     from .export import export_onnx, onnx_runner
-    from .models import create_model
+    from .loading import load_model
     from .patch import patch, token_counts
 
-    if args.model:
-        model, label = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint), args.model
-    elif args.pretrained:
-        raise ValueError("--pretrained needs --model (the embedded model has its own weights)")
-    elif args.checkpoint:  # weights trained from a bundled recipe: the embedded architecture
-        name, kwargs = embedded.architecture()
-        model, label = create_model(name, checkpoint=args.checkpoint, **kwargs), f"{name} from {args.checkpoint}"
-    else:
-        kind = "evit" if args.keep_rate < 1 else "baseline"
-        model, label = embedded.load_model(kind), f"embedded Fashion-MNIST ViT ({kind} weights)"
+    label, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint,
+                              kind="evit" if args.keep_rate < 1 else "baseline")
+    if args.checkpoint:
+        label = f"{label} from {args.checkpoint}"
     model.eval()
     settings = trained_settings(model, args.method)  # e.g. the fusion the weights were trained with
     if args.fusion:
@@ -231,19 +200,22 @@ def _show(args) -> int:
     from . import embedded
     from .data import FASHION_MNIST_CLASSES
     from .evaluate import apply_setting
-    from .models import create_model
+    from .loading import load_model
+    from .patch import patch
     from .registry import method_class
     from .show import fashion_images, load_images, show
 
     class_names = None
-    if args.model:
-        model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint).eval()
+    learned = (lambda m: patch(m, 1.0, method=args.method)) if method_class(args.method).learned else None
+    kind = args.method if args.method in embedded.WEIGHTS else "baseline"  # bundled weights trained with it
+    model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint, kind=kind,
+                       before_weights=learned)[1].eval()
+    if args.model or args.recipe:
         if not args.images:
             raise ValueError("give image files to show with --model (the bundled images are Fashion-MNIST)")
         images, display = load_images(args.images, model)
-    else:
-        kind = args.method if args.method in embedded.WEIGHTS else "baseline"  # bundled weights trained with it
-        model, class_names = embedded.load_model(kind), FASHION_MNIST_CLASSES
+    else:  # the embedded architecture (its bundled weights or --checkpoint's)
+        class_names = FASHION_MNIST_CLASSES
         images, display = fashion_images(args.images, args.count)
     setting = method_class(args.method).setting
     settings = {setting: {"r": args.r, "keep_rate": args.keep_rate}[setting]}
@@ -302,19 +274,15 @@ def _compare(args) -> int:
     from . import embedded
     from .compare import compare, grid, load_trained, plot
     from .evaluate import format_rows
-    from .models import create_model, device_text, resolve_device
+    from .loading import architecture, load_model
+    from .models import device_text, resolve_device
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     default = not (args.model or args.recipe)
-    if default:
-        name, kwargs = embedded.architecture()
-        models = {"baseline": embedded.load_model("baseline")}
-        trained = {m: embedded.ASSETS / w for m, w in embedded.WEIGHTS.items()
-                   if m != "baseline" and (embedded.ASSETS / w).is_file()}
-    else:
-        name, kwargs = _architecture(args)
-        models = {"baseline": create_model(name, pretrained=args.pretrained, checkpoint=args.checkpoint, **kwargs)}
-        trained = {}
+    models = {"baseline": load_model(args.model, args.recipe, args.pretrained, args.checkpoint)[1]}
+    name, kwargs = architecture(args.model, args.recipe)
+    trained = {m: embedded.ASSETS / w for m, w in embedded.WEIGHTS.items()
+               if m != "baseline" and default and (embedded.ASSETS / w).is_file()}
     for item in args.trained:
         method, _, path = item.partition("=")
         if not path:

@@ -49,15 +49,13 @@ def grid(methods: Sequence[str], keep_rates: Optional[Sequence[float]] = None,
 def load_trained(name: str, kwargs: dict, trained: dict[str, str]) -> dict[str, nn.Module]:
     """{"<method>-trained": model} for weights trained with each method (a learned method's modules
     are created by patching before its weights load)."""
-    from .models import create_model, load_checkpoint
+    from .loading import load_model
     from .patch import patch
 
     models = {}
     for method, path in trained.items():
-        model = create_model(name, **kwargs)
-        if method_class(method).learned:
-            patch(model, 1.0, method=method)
-        load_checkpoint(model, str(path))
+        learned = (lambda m, method=method: patch(m, 1.0, method=method)) if method_class(method).learned else None
+        model = load_model(name, model_kwargs=kwargs, checkpoint=str(path), before_weights=learned)[1]
         models[f"{method}-trained"] = model.eval()
     return models
 

@@ -18,19 +18,29 @@ from .timing import device_sync, paired_ratio, steady_allocator, text_table, tim
 
 
 @torch.inference_mode()
-def hits(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+def hits(model: nn.Module, batches: Iterable, what: str = "the model") -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, in order: (top-1 right, top-5 right), two bool CPU tensors over all ``batches``,
-    each batch run on the device of ``model``'s weights."""
+    each batch run on the device of ``model``'s weights.
+
+    Weights or logits holding NaN or inf are refused (ValueError naming ``what``), never scored:
+    ``topk`` over NaN ranks classes arbitrarily, a plausible and wrong number."""
+    from .weights import check_finite
+
+    check_finite(model, what)
     model.eval()
     host = hosts.find(model)
     forward = model if host is None else host.forward  # a classifier's logits, whatever its library returns
     weight = next(model.parameters(), None)
-    top1, top5 = [], []
+    top1, top5, bad, total = [], [], 0, 0
     for x, y in batches:
         logits = forward(x if weight is None else x.to(weight.device, non_blocking=True)).cpu()
+        bad += int((~torch.isfinite(logits)).any(dim=-1).sum())
+        total += len(logits)
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top1.append(best[:, 0] == y)
         top5.append((best == y[:, None]).any(dim=1))
+    if bad:
+        raise ValueError(f"{what} gave non-finite logits (NaN or inf) for {bad} of {total} images; not scored")
     if not top1:
         raise ValueError("the evaluation data set is empty")
     return torch.cat(top1), torch.cat(top5)
@@ -72,6 +82,11 @@ def patch_spec(setting: Setting) -> Optional[dict]:
 
 def _key(spec: Optional[dict]) -> str:
     return "unpatched" if spec is None else json.dumps(spec, sort_keys=True)
+
+
+def _label(spec: Optional[dict]) -> str:
+    """'unpatched' or 'method=tome, r=4': a setting, for messages."""
+    return "unpatched" if spec is None else ", ".join(f"{k}={v}" for k, v in spec.items())
 
 
 def learned(model: nn.Module) -> bool:
@@ -173,7 +188,11 @@ def evaluate(
     ``device``: where the models run (:func:`evit.models.resolve_device`: default the GPU when there
     is one); each model is patched and its GMACs counted on the CPU, then moved there and back.
     """
+    from .weights import check_finite
+
     dev = resolve_device(device)
+    for name in dict.fromkeys(n for n, _ in settings):  # before anything runs: NaN weights score plausibly
+        check_finite(models[name], f"model {name!r}")
     speed = speedups([(models[n], s) for n, s in settings], speed_batch, speed_reps, locations, dev)
     rows, reference = [], None
     for (name, setting), (ips, up) in zip(settings, speed):
@@ -182,7 +201,8 @@ def evaluate(
         macs = count_macs(model) / 1e9
         fusion = next((m.fusion for m in reductions(model).values() if getattr(m, "fuse", False)
                        and hasattr(m, "fusion")), None)  # what EViT ran with: the setting's, the checkpoint's or the default
-        right, right5 = hits(model.to(dev), sized(fresh_batches(batches_fn, model), model))
+        what = f"model {name!r} ({_label(patch_spec(setting))})"
+        right, right5 = hits(model.to(dev), sized(fresh_batches(batches_fn, model), model), what)
         reference = right if reference is None else reference
         gap, gap_ci = paired_gap(right, reference) or (None, None)
         release(model.cpu())

@@ -1,4 +1,5 @@
-"""Building models: timm names, ``--pretrained`` through timm, ``hf:`` transformers models, and local checkpoints.
+"""Building models: timm names, ``--pretrained`` through timm, ``hf:`` transformers models, and local
+checkpoints (:mod:`evit.loading` turns a command's flags into a model through these).
 
 Pretrained weights come through timm from the Hugging Face Hub. Offline, the hub
 client retries for most of a minute before failing; evit checks the hub first
@@ -14,6 +15,10 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from . import hosts
+from .checkpoint import TRAINED_WITH, recorded_settings
+from .weights import first_non_finite, mismatch, read_state
 
 HUB_HOST = "huggingface.co"
 HF_PREFIX = "hf:"  # --model hf:CONFIG_OR_ID: a transformers model
@@ -105,39 +110,24 @@ def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Modu
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights from a ``.safetensors`` file or a torch checkpoint (``model`` key or bare state dict).
+    """Load weights from a ``.safetensors`` file or a torch checkpoint into ``model``, or refuse in one line.
 
-    A ViT trained at another input size loads with its position embeddings resampled (timm's filter),
+    A ViT trained at another input size loads with its position embeddings resampled (its host's filter: timm's),
     for fine-tuning at a higher resolution. The token-reduction settings the file recorded (EViT's
     fusion, :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches
     it the way it was trained."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(p))
-    else:
-        import torch
-
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
-    from . import hosts
-
+    state = read_state(path)
+    bad = first_non_finite(state)
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite weights: {bad}; refusing to use them")
     host = hosts.find(model)
     if host is not None:  # its host's way: timm resamples the position embeddings to this input size
-        state = host.adapt_state_dict(state)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-    missing = [k for k in missing if ".reduction." not in k]  # a learned method's fresh modules may start untrained
-    if missing or unexpected:
-        hint = " (it holds a token-reduction method's weights: patch the model with that method first)" \
-            if any(".reduction." in k for k in unexpected) else ""
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}{hint}")
-    from .checkpoint import TRAINED_WITH, recorded_settings
-
-    setattr(model, TRAINED_WITH, recorded_settings(p))
+        try:
+            state = host.adapt_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    problem = mismatch(path, model, state)
+    if problem:
+        raise ValueError(problem)
+    model.load_state_dict(state, strict=False)
+    setattr(model, TRAINED_WITH, recorded_settings(Path(path)))

@@ -21,8 +21,25 @@ from torch import Tensor, nn
 
 from . import hosts
 from .attention import attend
-from .reduction import Keep, TokenReduction, TokenState, check_keep_rate
+from .reduction import Keep, TokenReduction, TokenState, check_keep_rate, default_locations
 from .registry import method_class, names
+
+
+def _reduce_patched(self, protocol: int):
+    """Pickling for modules whose class :func:`_subclass` made at patch time: such a class cannot be
+    imported by name, so the module pickles as (mixin, host class) and the class is made again on loading
+    (``torch.save(model)``, ``pickle``, ``copy.deepcopy``)."""
+    cls = type(self)
+    reduced = object.__reduce_ex__(self, protocol)
+    if _SUBCLASSES.get(cls.__bases__) is not cls:  # a class of the user's own, importable as it is
+        return reduced
+    return (_patched_instance, cls.__bases__, *reduced[2:])
+
+
+def _patched_instance(mixin: type, base: type) -> nn.Module:
+    """An empty instance of ``base`` patched with ``mixin``; unpickling then restores its state."""
+    cls = _subclass(mixin, base)
+    return cls.__new__(cls)
 
 
 class ReducingBlock(nn.Module):
@@ -31,6 +48,7 @@ class ReducingBlock(nn.Module):
 
     reduction: TokenReduction
     _evit_view: type
+    __reduce_ex__ = _reduce_patched
 
     def forward(self, *args, **kwargs):
         view = self._evit_view(self)
@@ -62,6 +80,7 @@ class SizeWeightedNorm(nn.Module):
 
     token_state: TokenState
     num_prefix_tokens: int
+    __reduce_ex__ = _reduce_patched
 
     def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
@@ -76,11 +95,13 @@ class SizeWeightedNorm(nn.Module):
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def _subclass(mixin: type, cls: type, **attributes) -> type:
-    """``cls`` with ``mixin`` in front; ``_evit_base`` names ``cls`` for :func:`unpatch`."""
+def _subclass(mixin: type, cls: type) -> type:
+    """``cls`` with ``mixin`` in front; ``_evit_base`` names ``cls`` for :func:`unpatch`, and a reducing block's
+    ``_evit_view`` is its host's view class."""
     if (mixin, cls) not in _SUBCLASSES:
         prefix = "Reducing" if mixin is ReducingBlock else "SizeWeighted"
-        _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"_evit_base": cls, **attributes})
+        view = {"_evit_view": hosts.view_class(cls)} if mixin is ReducingBlock else {}
+        _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"_evit_base": cls, **view})
     return _SUBCLASSES[mixin, cls]
 
 
@@ -114,9 +135,13 @@ def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None]
 def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = "model") -> tuple[int, ...]:
     if locations is None:
         return default_locations(depth)
+    import operator
+
     try:
-        locs = tuple(sorted({int(i) for i in locations}))
-    except (TypeError, ValueError):
+        if isinstance(locations, (str, bytes)) or any(isinstance(i, bool) for i in locations):
+            raise TypeError
+        locs = tuple(sorted({operator.index(i) for i in locations}))  # ints only: 3.5, '3' and True are refused
+    except TypeError:
         raise TypeError(f"locations must be block indices (ints), got {locations!r}") from None
     bad = [i for i in locs if not 0 <= i < depth]
     if bad or not locs:
@@ -129,7 +154,7 @@ def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore every patched block of ``model`` to its host's class (in place)."""
-    host = hosts.find(model)
+    wrapper, host = model, hosts.find(model)
     if host is None:
         return model
     for block in host.blocks:
@@ -141,11 +166,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     if isinstance(norm, SizeWeightedNorm):
         norm.__class__ = type(norm)._evit_base
         del norm.token_state, norm.num_prefix_tokens
-    return model
+    return wrapper
 
 
 def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     """Place ``methods[i]`` in block ``i`` of ``model`` (in place); earlier patches are removed first."""
+    wrapper, model = model, hosts.unwrapped(model)
     for i, method in methods.items():
         if not isinstance(method, TokenReduction):
             raise TypeError(f"methods[{i}] must be an evit TokenReduction, got {type(method).__name__}")
@@ -165,13 +191,13 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
         method.state, method.first, method.block = state, j == 0, i
         method.bind(model)
         block = blocks[i]
-        block.__class__ = _subclass(ReducingBlock, type(block), _evit_view=host.view_class(block))
+        block.__class__ = _subclass(ReducingBlock, type(block))
         block.reduction = method
     norm = host.final_norm
     if host.pooling in ("avg", "token+avg") and norm is not None and any(m.tracks_size for m in methods.values()):
         norm.__class__ = _subclass(SizeWeightedNorm, type(norm))
         norm.token_state, norm.num_prefix_tokens = state, host.num_prefix_tokens
-    return model
+    return wrapper
 
 
 def patch(
@@ -200,6 +226,7 @@ def patch(
     forward).
     """
     cls = method_class(method)
+    wrapper, model = model, hosts.unwrapped(model)
     host = check_model(model, cls)
     depth = len(host.blocks)
     locs = check_locations(locations, depth, host.name) if locations is not None else cls.default_locations(depth)
@@ -210,7 +237,7 @@ def patch(
     apply(model, methods)
     if cls.needs_images and images is not None:
         cls.prepare(model, images)
-    return model
+    return wrapper
 
 
 def reductions(model: nn.Module) -> dict[int, TokenReduction]:

@@ -8,6 +8,8 @@ import random
 def keep_rate_at(step: int, target: float, start_step: int = 0, span_steps: int = 0) -> float:
     """Keep rate at optimizer ``step``: 1 before ``start_step``, ``target`` after
     ``start_step + span_steps``, a half cosine between. ``span_steps`` 0 means no warm-up."""
+    if start_step < 0 or span_steps < 0:
+        raise ValueError(f"keep-rate warm-up lengths must be >= 0, got start {start_step}, span {span_steps} steps")
     if span_steps <= 0:
         return target if step >= start_step else 1.0
     t = min(max((step - start_step) / span_steps, 0.0), 1.0)

@@ -3,30 +3,36 @@
 Built on timm's factories (optimizer, scheduler, Mixup/CutMix, losses, EMA); validated at each epoch end
 (or every N steps) into the run's summary.csv and best checkpoint (:mod:`evit.validation`). With
 ``torchrun`` it trains data-parallel (NCCL on GPU, gloo on CPU); only rank 0 writes.
+A run loses nothing (:mod:`evit.runs`): its folder is locked, an earlier run there is never
+overwritten, and a signal, a full disk or a diverging loss ends it with its last complete
+checkpoint intact and one line saying so.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, hosts
+from . import checkpoint, hosts, runs
 from .cost import native_input_size
-from .models import create_model, load_checkpoint, resolve_device
+from .loading import load_model
+from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
 from .validation import Validation, line
+from .weights import first_non_finite
 
 
 @dataclass
@@ -73,6 +79,17 @@ class TrainConfig:
     out: str = "runs/train"
     save_every: int = 200  # steps; also at every epoch end
 
+    def __post_init__(self) -> None:
+        for name in ("warmup_epochs", "keep_warmup_start", "keep_warmup_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number of epochs >= 0, got {value!r}")
+        if self.keep_rate_min is not None and not 0 < self.keep_rate_min <= self.keep_rate:
+            raise ValueError(f"keep_rate_min {self.keep_rate_min} must lie in (0, keep_rate={self.keep_rate}]")
+        if self.distill_img_size and (self.mixup or self.cutmix):
+            raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed "
+                             "images")
+
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":
         try:
@@ -88,13 +105,13 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_kwargs)
-    if cfg.keep_rate < 1.0 or cfg.method != "evit":  # patched first: a learned method's weights load with it
-        settings = {"fusion": cfg.fusion} if cfg.method == "evit" else {}  # EViT's own setting
-        patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **settings, **cfg.method_settings)
-    if cfg.init:
-        load_checkpoint(model, cfg.init)
-    return model
+    def patched(model: nn.Module) -> None:  # patched first: a learned method's weights load with it
+        if cfg.keep_rate < 1.0 or cfg.method != "evit":
+            settings = {"fusion": cfg.fusion} if cfg.method == "evit" else {}  # EViT's own setting
+            patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **settings, **cfg.method_settings)
+
+    return load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init, model_kwargs=cfg.model_kwargs,
+                      before_weights=patched)[1]
 
 
 def build_teacher(cfg: TrainConfig) -> nn.Module:
@@ -102,8 +119,7 @@ def build_teacher(cfg: TrainConfig) -> nn.Module:
     if not Path(cfg.distill).is_file():
         raise FileNotFoundError(f"distill: teacher weights {cfg.distill} not found; train the baseline first")
     kwargs = dict(cfg.model_kwargs, **({"img_size": cfg.distill_img_size} if cfg.distill_img_size else {}))
-    teacher = create_model(cfg.model, **kwargs)
-    load_checkpoint(teacher, cfg.distill)
+    teacher = load_model(cfg.model, checkpoint=cfg.distill, model_kwargs=kwargs)[1]
     return teacher.eval().requires_grad_(False)
 
 
@@ -163,19 +179,60 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train per ``cfg``; with ``resume``, continue from the newest checkpoint in ``cfg.out``."""
+class Diverged(ValueError):
+    """The loss or the weights became NaN or inf: the run stops without saving them."""
+
+
+def _agreed(flag: float, world: int, device: torch.device) -> float:
+    """The largest of every process's ``flag``: under DDP all processes stop at the same step."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
+          on_step: Optional[Callable[[int], None]] = None) -> dict:
+    """Train per ``cfg``; with ``resume``, continue from the newest checkpoint in ``cfg.out``.
+
+    A fresh run into a ``cfg.out`` holding a run is refused unless ``overwrite`` (the earlier run is
+    moved aside, :class:`evit.runs.RunFolder`). SIGINT/SIGTERM stop the run after the current step with a
+    checkpoint (:class:`evit.runs.Interrupted`); a non-finite loss or weights stop it without one
+    (:class:`Diverged`); a disk refusing a write ends it with :class:`evit.runs.DiskError`. Each says
+    which checkpoint is intact. ``on_step(step)`` is called after every optimizer step (e.g. by tests
+    that kill the process mid-run)."""
+    check_data_options(cfg)
+    out = Path(cfg.out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    folder = runs.RunFolder(out, resume, overwrite) if rank0 else None
+    try:
+        if folder is not None:
+            folder.check()  # writes nothing: a refused run makes no folder
+        with runs.StopSignals() as signals:
+            return _run(cfg, resume, progress, signals, on_step, folder)
+    except OSError as e:
+        error = runs.disk_error(e, out)
+        if error is None:
+            raise
+        raise error from None
+    except runs.Interrupted as e:
+        raise runs.Interrupted(e.signum, f"{e}; {runs.kept(out)}") from None
+    except Diverged as e:
+        raise Diverged(f"{e}; the diverged weights were not saved, {runs.kept(out, advice='')}") from None
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSignals,
+         on_step: Optional[Callable[[int], None]], folder: Optional[runs.RunFolder]) -> dict:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    if cfg.keep_rate_min is not None and not 0 < cfg.keep_rate_min <= cfg.keep_rate:
-        raise ValueError(f"keep_rate_min {cfg.keep_rate_min} must lie in (0, keep_rate={cfg.keep_rate}]")
-    if cfg.distill_img_size and (cfg.mixup or cfg.cutmix):
-        raise ValueError("distill_img_size with Mixup/CutMix is not supported: the teacher would see unmixed images")
-    check_data_options(cfg)
     rank, world = _distributed()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
@@ -189,6 +246,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     per_epoch = len(loader)
     if per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training set; lower --batch-size")
+    if folder is not None:  # model and data are good: lock the folder before its first read or write
+        moved = folder.claim()
+        if moved is not None:
+            print(f"evit train: moved the earlier run in {out} to {moved}", file=sys.stderr)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -216,7 +277,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                             state.get("validation") if resume else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        checkpoint.save_text(json.dumps(asdict(cfg), indent=2), out / "config.json")
     ddp_devices = [device] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
 
@@ -224,8 +285,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model.train()
     seen, t0, loss_avg, keep = 0, time.perf_counter(), None, 1.0
 
+    def finite() -> None:  # before weights are validated or written: NaN or inf never is
+        bad = first_non_finite(model.state_dict())
+        if bad:
+            raise Diverged(f"the weights hold NaN or inf after step {step} ({bad}): training diverged (lower --lr)")
+
     def save() -> None:
         if rank == 0:
+            finite()
             extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep,
                      "validation": validation.state()}
             if ema is not None:
@@ -237,6 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     show = progress and rank == 0
     bar = tqdm(total=total, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not (show and sys.stderr.isatty()))  # to a file: one plain line per validation instead
+    signals.defer()  # from here a signal stops the run after the current step, with a checkpoint
     while step < total:
         epoch, start = divmod(step, per_epoch)
         for images, y in loader.batches(epoch, start):
@@ -259,13 +327,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     loss = loss + aux  # e.g. DynamicViT's keep-ratio loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            value = loss.item()
+            if _agreed(not math.isfinite(value), world, device):  # before the update: the weights stay finite
+                bar.close()
+                raise Diverged(f"the loss is {value} at step {step + 1}: training diverged (lower --lr)")
             optimizer.step()
             step += 1
             scheduler.step_update(step)
             if ema is not None:
                 ema.update(model, step=step)
             seen += len(x)
-            value = loss.item()
             loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
             validation.record(value, len(x) * world)
             bar.update(1)
@@ -273,16 +344,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 bar.set_postfix_str(f"ep {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} keep {keep:.3f} "
                                     f"lr {optimizer.param_groups[0]['lr']:.2e} "
                                     f"{seen * world / (time.perf_counter() - t0):.0f} img/s", refresh=False)
-            if os.environ.get("EVIT_KILL_AT_STEP") == str(step):  # tests: a real kill, mid-run
-                os.kill(os.getpid(), signal.SIGKILL)
+            if on_step is not None:
+                on_step(step)
             if rank == 0 and validation.due(step, total):  # before the checkpoint: a resume never skips a row
+                finite()
                 checked = ema.module if ema is not None else model
                 row = validation.run(checked, step, optimizer.param_groups[0]["lr"],
                                      keep_rate_at(step, cfg.keep_rate, warm_start, warm_span) if cfg.keep_rate < 1 else None)
                 if show:
                     bar.write(line(row, cfg.epochs, total), file=sys.stderr)
-            if step % cfg.save_every == 0 or step % per_epoch == 0 or step == total:
+            stop = int(_agreed(signals.received or 0, world, device))
+            if step % cfg.save_every == 0 or step % per_epoch == 0 or step == total or stop:
                 save()
+            if stop:
+                bar.close()  # the message goes on a line of its own
+                raise runs.Interrupted(stop, f"stopped by {signal.Signals(stop).name} after step {step}")
             if step >= total:
                 break
     bar.close()

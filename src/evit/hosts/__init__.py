@@ -21,7 +21,7 @@ from . import timm as timm_host
 from .base import AttentionView, BlockView, Host, base_class
 
 __all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "data_config", "find",
-           "head_outputs"]
+           "head_outputs", "model_name", "unwrapped", "view_class"]
 
 
 def _transformers():
@@ -33,8 +33,17 @@ def _transformers():
     return hf_host
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers (``.module``), else ``model``:
+    evit works on the host's model, whatever runs it."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def find(model: nn.Module) -> Optional[Host]:
-    """The host adapter for ``model``, or None when no host serves its family."""
+    """The host adapter for ``model`` (or the model a DDP wrapper holds), or None when no host serves its family."""
+    model = unwrapped(model)
     if timm_host.serves(model):
         return timm_host.TimmHost(model)
     hf = _transformers()
@@ -45,6 +54,7 @@ def adapter(model: nn.Module) -> Host:
     """:func:`find`, raising a TypeError that names what is served when nothing serves ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"evit.patch expects a timm VisionTransformer or a transformers ViT, got {type(model).__name__}")
+    model = unwrapped(model)
     found = find(model)
     if found is None:
         raise TypeError(
@@ -53,6 +63,17 @@ def adapter(model: nn.Module) -> Host:
             "vision models are supported, not Swin, EVA, ConvNeXt or other families"
         )
     return found
+
+
+def view_class(block_class: type) -> type:
+    """The :class:`BlockView` class for blocks of ``block_class`` (a served host's block class)."""
+    if timm_host.serves_block(block_class):
+        return timm_host.TimmBlock
+    hf = _transformers()
+    view = hf.view_class(block_class) if hf is not None else None
+    if view is None:
+        raise TypeError(f"evit does not know block class {block_class.__name__}")
+    return view
 
 
 def attention_view(module: nn.Module) -> AttentionView:
@@ -76,3 +97,9 @@ def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     """Preprocessing for ``model``'s images (timm's keys), at ``input_size``: its host's, else timm's for any timm model."""
     found = find(model)
     return found.data_config(input_size) if found is not None else timm_host.data_config(model, input_size)
+
+
+def model_name(model: nn.Module) -> str:
+    """How messages name ``model``: its host's name for it, else timm's architecture name or its class name."""
+    found = find(model)
+    return found.name if found is not None else timm_host.model_name(unwrapped(model))

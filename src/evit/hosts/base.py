@@ -67,8 +67,8 @@ class AttentionView:
     @staticmethod
     def heads(t: Tensor, num_heads: int) -> Tensor:
         """(B, N, heads * d) -> (B, heads, N, d)."""
-        B, N, _ = t.shape
-        return t.view(B, N, num_heads, -1).transpose(1, 2)
+        B, N, C = t.shape
+        return t.view(B, N, num_heads, C // num_heads).transpose(1, 2)  # explicit: B may be 0
 
 
 class BlockView:

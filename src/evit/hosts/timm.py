@@ -29,6 +29,10 @@ def serves(model: nn.Module) -> bool:
     return isinstance(model, _classes()[0])
 
 
+def serves_block(block_class: type) -> bool:
+    return issubclass(block_class, _classes()[1])
+
+
 def serves_attention(module: nn.Module) -> bool:
     return isinstance(module, _classes()[2])
 
@@ -62,7 +66,8 @@ class TimmAttention(AttentionView):
         rows = slice(start * qkv.out_features // 3, stop * qkv.out_features // 3)
         bias = None if qkv.bias is None else qkv.bias[rows]
         B, N, _ = x.shape
-        return F.linear(x, qkv.weight[rows], bias).reshape(B, N, -1, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        heads = F.linear(x, qkv.weight[rows], bias).reshape(B, N, stop - start, self.num_heads, self.head_dim)
+        return heads.permute(2, 0, 3, 1, 4)  # explicit shapes: B may be 0
 
     def queries(self, x: Tensor) -> Tensor:
         return self.module.q_norm(self._rows(x, 0, 1)[0])

@@ -217,6 +217,14 @@ def host(model: nn.Module) -> "TransformersHost":
     return TransformersHost(model)
 
 
+def view_class(block_class: type) -> Optional[type]:
+    """The view class for a served family's layer class, else None."""
+    for family in FAMILIES.values():
+        if block_class is getattr(_modeling(family), family.layer):
+            return family.view
+    return None
+
+
 def attention_view(module: nn.Module) -> Optional[AttentionView]:
     for family in FAMILIES.values():
         if type(module) is getattr(_modeling(family), family.attention):

@@ -28,7 +28,7 @@ def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
     if B == 1:
         return x[:, offset:].index_select(1, index.view(-1))
     flat = (index + (torch.arange(B, device=index.device).unsqueeze(1) * N + offset)).flatten()
-    return x.reshape(B * N, C).index_select(0, flat).view(B, -1, C)
+    return x.reshape(B * N, C).index_select(0, flat).view(B, index.shape[1], C)  # explicit: B may be 0
 
 
 def prefix_index(index: Tensor, p: int) -> Tensor:

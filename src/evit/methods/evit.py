@@ -83,7 +83,7 @@ class EViT(KeepRateReduction):
         """Tell the shared state which tokens were kept and, with ``fuse``, which were fused."""
         p, (B, N, _) = self.num_prefix_tokens, x.shape
         rest = torch.ones(B, N - p, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
-        rest = torch.arange(N - p, device=x.device).expand(B, -1)[rest].view(B, -1)
+        rest = torch.arange(N - p, device=x.device).expand(B, -1)[rest].view(B, N - p - keep.shape[1])
         order = torch.cat([prefix_index(keep, p), keep + p, rest + p], dim=1)
         self.state.follow(x, order if self.fuse else order[:, :p + keep.shape[1]],
                           fused_from=p + keep.shape[1] if self.fuse else None)

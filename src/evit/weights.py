@@ -1,0 +1,114 @@
+"""Reading weight files: one way for every command, one clear line for every file that cannot serve.
+
+A checkpoint is a ``.safetensors`` file or a torch file (``torch.load`` with ``weights_only``: a
+file never runs code). A torch file holds a state dict, or a training checkpoint with the state dict
+under ``model`` (DeiT's and the official EViT's, whose ``args`` is an ``argparse.Namespace``: allowed
+as data) or ``state_dict``. A file that is damaged, holds something else, or does not fit the model
+is refused naming the file and the first keys that differ with their shapes; weights holding NaN or
+inf are refused naming the first such tensor, so they are never evaluated into a plausible number.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pickle
+import re
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import hosts
+
+#: keys under which training scripts store the model's state dict (DeiT, EViT: 'model'; Lightning: 'state_dict')
+STATE_KEYS = ("model", "state_dict")
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def first_non_finite(state: Mapping[str, Tensor]) -> Optional[str]:
+    """'name (k of n values NaN or inf)' for the first floating tensor of ``state`` that is not all finite."""
+    for name, t in state.items():
+        if isinstance(t, Tensor) and t.is_floating_point():
+            bad = (~torch.isfinite(t)).sum().item()
+            if bad:
+                return f"{name} ({bad} of {t.numel()} values NaN or inf)"
+    return None
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Raise ValueError when ``model`` holds a NaN or inf weight: it would score a plausible, wrong number."""
+    bad = first_non_finite(model.state_dict())
+    if bad:
+        raise ValueError(f"{what} holds non-finite weights: {bad}; refusing to use them")
+
+
+def _torch_reason(e: Exception) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to turn the safety off."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds pickled Python objects ({found.group(1)}), not only tensors and plain data"
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = found.group(1) if found else text.splitlines()[0] if text else type(e).__name__
+    return f"it is not a torch checkpoint ({reason.strip()[:120]})"
+
+
+def read_state(path: str) -> dict[str, Tensor]:
+    """The state dict in ``path`` (see the module docstring), or a one-line error naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file ({p.stat().st_size} bytes: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); it is damaged or "
+                             "truncated: write it again") from None
+    # argparse.Namespace: the ``args`` DeiT-style training stores beside the weights, plain data (torch >= 2.5
+    # can be told so; an older torch refuses such a file, naming the Namespace)
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext():
+            loaded = torch.load(str(p), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"checkpoint {path} cannot be read safely: {_torch_reason(e)}; save the model's "
+                         "state_dict() with torch.save or safetensors") from None
+    if isinstance(loaded, Mapping):
+        inner = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), Mapping)), None)
+        loaded = inner if inner is not None else loaded
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(loaded).__name__}, not a state dict (parameter names "
+                         f"to tensors, or a training checkpoint with one under {' or '.join(map(repr, STATE_KEYS))})")
+    odd = next((k for k, v in loaded.items() if not isinstance(v, Tensor)), None)
+    if odd is not None:
+        raise ValueError(f"checkpoint {path} is not a state dict: entry {odd!r} is a {type(loaded[odd]).__name__}, "
+                         f"not a tensor (keys: {', '.join(map(str, list(loaded)[:5]))})")
+    return dict(loaded)
+
+
+def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor]) -> Optional[str]:
+    """One line naming the first keys whose shapes differ and the missing / unexpected keys; None if it fits."""
+    own = model.state_dict()
+    shapes = [f"{k} (checkpoint {_shape(v)}, model {_shape(own[k])})" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    # a learned method's fresh modules may start untrained
+    missing = [k for k in own if k not in state and ".reduction." not in k]
+    unexpected = [k for k in state if k not in own]
+    if not (shapes or missing or unexpected):
+        return None
+    parts = []
+    for label, keys in (("shapes differ for", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
+    hint = (" (it holds a token-reduction method's weights: patch the model with that method first)"
+            if any(".reduction." in k for k in unexpected) else "")
+    name = hosts.model_name(model)
+    return f"checkpoint {path} does not fit this model ({name}): {'; '.join(parts)}{hint}"

@@ -1,0 +1,456 @@
+"""Bad inputs and faults, one case each: every one ends in one clear line (exit 2, or 130/143 for a
+signal) or its documented recovery, and no file of an earlier run changes.
+
+Runs that lose nothing (an existing --out, locks, a read-only or full disk, SIGINT/SIGTERM, a diverging
+loss), checkpoints (damaged, foreign, mismatched or non-finite files, --pretrained without a model,
+DeiT-style training checkpoints) and the library's edge cases (empty batches, locations, wrappers,
+warm-ups, pickling). Commands run in this process through ``evit.cli.main`` where that is the same code
+path (an uncaught exception fails the test as a traceback would); signals, kills, a read-only mount
+and a file-size limit run in a child process.
+"""
+import argparse
+import copy
+import hashlib
+import io
+import json
+import os
+import pickle
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import evit
+from evit.cli import main
+from evit.evaluate import evaluate
+from evit.schedule import keep_rate_at
+from evit.train import TrainConfig
+from test_train import TINY, toy_fashion  # noqa: F401 - the fixture, shared
+
+HELPER = Path(__file__).with_name("signal_at_step.py")
+RUN_ARGS = ("--batch-size", "32", "--no-progress", "--save-every", "5")
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def recipe(toy_fashion):
+    """A tiny ViT trained with EViT on real Fashion-MNIST images (512: 16 steps an epoch; 256 to test)."""
+    path = toy_fashion / "tiny.json"
+    path.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": TINY, "lr": 0.004, "epochs": 2,
+                                "warmup_epochs": 0, "label_smoothing": 0.0, "keep_rate": 0.5,
+                                "keep_warmup_epochs": 1, "data_root": str(toy_fashion)}))
+    return path
+
+
+def _train(recipe, out, *extra) -> list[str]:
+    return ["train", "--recipe", str(recipe), "--out", str(out), *RUN_ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def prior(recipe, tmp_path_factory):
+    """A complete earlier run (32 steps), trained once on one thread (as the child processes are)."""
+    out = tmp_path_factory.mktemp("prior") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_train(recipe, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """The same tensors, bit for bit, and the same recorded settings (the safetensors header lists the
+    metadata in no fixed order, so the files' bytes may differ)."""
+    from safetensors import safe_open
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        same_metadata = fa.metadata() == fb.metadata()
+    return same_metadata and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture
+def run(prior, tmp_path):
+    """A copy of the earlier run, and its files' hashes, to check that a case changed none of them."""
+    out = tmp_path / "run"
+    shutil.copytree(prior, out)
+    return out, _hashes(out)
+
+
+def _one_line(err: str, code: int, returned: int, pattern: str) -> None:
+    assert returned == code, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("evit ")]
+    assert len(lines) == 1, err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def _env(**extra):
+    src = str(Path(evit.__file__).parents[1])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+def _child(args, preexec_fn=None, wrap=()):
+    return subprocess.run([*wrap, sys.executable, *args], capture_output=True, text=True, timeout=300, env=_env(),
+                          preexec_fn=preexec_fn)
+
+
+# ------------------------------------------------------------------- runs and checkpoints: refused
+
+@pytest.fixture(scope="module")
+def bad_files(prior, tmp_path_factory):
+    """Damaged, foreign and mismatched weight files beside the earlier run's good ones."""
+    d = tmp_path_factory.mktemp("bad")
+    good = load_file(str(prior / "model.safetensors"))
+    raw = (prior / "model.safetensors").read_bytes()
+    (d / "empty.safetensors").write_bytes(b"")
+    (d / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    (d / "random.safetensors").write_bytes(os.urandom(4096))
+    (d / "random.pth").write_bytes(os.urandom(4096))
+    torch.save([torch.zeros(3)], d / "list.pth")
+    torch.save(timm.create_model("vit_tiny_patch16_224", **TINY), d / "whole_model.pth")
+    wider = timm.create_model("vit_tiny_patch16_224", **{**TINY, "embed_dim": 48})
+    save_file({k: v.contiguous() for k, v in wider.state_dict().items()}, str(d / "shapes.safetensors"))
+    keys = dict(good)
+    del keys["head.bias"]
+    keys["extra.weight"] = torch.zeros(2)
+    save_file(keys, str(d / "keys.safetensors"))
+    for name, key, value in (("nan", "blocks.1.mlp.fc1.weight", float("nan")), ("inf", "head.bias", float("inf"))):
+        state = {k: v.clone() for k, v in good.items()}
+        state[key].view(-1)[3] = value
+        save_file(state, str(d / f"{name}.safetensors"))
+    huge = dict(good, **{"head.weight": torch.full_like(good["head.weight"], 3e38)})  # finite, but logits overflow
+    save_file(huge, str(d / "huge.safetensors"))
+    return d
+
+
+def _eval(recipe, checkpoint):
+    return ["eval", "--recipe", str(recipe), "--checkpoint", str(checkpoint), "--data", "fashion-mnist",
+            "--data-root", str(recipe.parent), "--keep-rates", "1.0", "--speed-reps", "1"]
+
+
+REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code, what the one line says)
+    "existing_out_refused": (lambda r, run, b, t: _train(r, run), 2,
+                             r"already holds a run \(config.json, checkpoints, model.safetensors, best.safetensors, "
+                             r"summary.csv\); use --resume "
+                             r"to continue it or --overwrite to move it aside"),
+    "resume_and_overwrite_together": (lambda r, run, b, t: _train(r, run, "--resume", "--overwrite"), 2,
+                                      r"give --resume .* or --overwrite .*, not both"),
+    "out_is_a_file": (lambda r, run, b, t: _train(r, run / "config.json"), 2, r"config.json is a file, not a folder"),
+    "non_finite_loss_lr_1e6": (lambda r, run, b, t: _train(r, t / "diverged", "--lr", "1e6"), 2,
+                               r"the loss is nan at step \d+: training diverged \(lower --lr\); the diverged "
+                               r"weights were not saved"),
+    "negative_keep_warmup": (lambda r, run, b, t: _train(r, t / "w", "--keep-warmup-epochs", "-1"), 2,
+                             r"keep_warmup_epochs \(--keep-warmup-epochs\) must be a number of epochs >= 0, got -1"),
+    "empty_safetensors": (lambda r, run, b, t: _eval(r, b / "empty.safetensors"), 2,
+                          r"empty.safetensors is not a readable safetensors file \(0 bytes: .*header too small"),
+    "truncated_safetensors": (lambda r, run, b, t: _eval(r, b / "truncated.safetensors"), 2,
+                              r"truncated.safetensors is not a readable safetensors file .*damaged or truncated"),
+    "random_safetensors": (lambda r, run, b, t: _eval(r, b / "random.safetensors"), 2,
+                           r"random.safetensors is not a readable safetensors file"),
+    "random_pth": (lambda r, run, b, t: _eval(r, b / "random.pth"), 2,
+                   r"random.pth cannot be read safely: it is not a torch checkpoint \((?!.*weights_only).*\); save"),
+    "pth_holding_a_list": (lambda r, run, b, t: _eval(r, b / "list.pth"), 2,
+                           r"list.pth holds a list, not a state dict"),
+    "pth_holding_a_whole_model": (lambda r, run, b, t: _eval(r, b / "whole_model.pth"), 2,
+                                  r"holds pickled Python objects \(timm.models.vision_transformer.VisionTransformer\)"),
+    "mismatched_shapes": (lambda r, run, b, t: _eval(r, b / "shapes.safetensors"), 2,
+                          r"does not fit this model \(vit_tiny_patch16_224\): shapes differ for blocks.0.attn.proj.bias"
+                          r" \(checkpoint \[48\], model \[32\]\), .* and \d+ more"),
+    "missing_and_unexpected_keys": (lambda r, run, b, t: _eval(r, b / "keys.safetensors"), 2,
+                                    r"missing head.bias; unexpected extra.weight$"),
+    "nan_weights_refused": (lambda r, run, b, t: _eval(r, b / "nan.safetensors"), 2,
+                            r"nan.safetensors holds non-finite weights: blocks.1.mlp.fc1.weight \(1 of 4096 values"),
+    "inf_weights_refused": (lambda r, run, b, t: _eval(r, b / "inf.safetensors"), 2,
+                            r"inf.safetensors holds non-finite weights: head.bias \(1 of 10 values NaN or inf\)"),
+    "non_finite_logits_reported": (lambda r, run, b, t: _eval(r, b / "huge.safetensors"), 2,
+                                   r"model 'vit_tiny_patch16_224' \(unpatched\) gave non-finite logits \(NaN or inf\) "
+                                   r"for 256 of 256 images; not scored"),
+    "missing_checkpoint_file": (lambda r, run, b, t: _eval(r, b / "nothere.pth"), 2, r"nothere.pth does not exist"),
+    **{f"pretrained_without_model_{cmd[0]}": (lambda r, run, b, t, cmd=cmd: [*cmd, "--pretrained"], 2,
+                                              r"--pretrained needs --model")
+       for cmd in (["bench"], ["show"], ["compare"], ["eval"], ["export", "--onnx", "x.onnx"])},
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_with_one_line_and_no_earlier_file_changed(case, recipe, run, bad_files, tmp_path, capsys,
+                                                           monkeypatch):
+    out, before = run
+    monkeypatch.chdir(tmp_path)
+    argv, code, pattern = REFUSED[case]
+    returned = main(argv(recipe, out, bad_files, tmp_path))
+    _one_line(capsys.readouterr().err, code, returned, pattern)
+    assert _hashes(out) == before
+    assert not (tmp_path / "diverged" / "model.safetensors").exists()  # NaN weights are never written
+
+
+def test_lock_of_a_live_process_keeps_a_second_run_out(recipe, run, capsys):
+    out, before = run
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}\n")
+        returned = main(_train(recipe, out, "--resume"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _one_line(capsys.readouterr().err, 2, returned, rf"is in use by process {sleeper.pid} \(lock .*\.lock\)")
+    assert _hashes(out) == {**before, ".lock": _hashes(out)[".lock"]}
+
+
+def test_latest_json_naming_a_missing_file_is_a_clear_error(recipe, run, capsys):
+    out, _ = run
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    (out / "checkpoints" / latest["weights"]).unlink()
+    before = _hashes(out)
+    returned = main(_train(recipe, out, "--resume"))
+    _one_line(capsys.readouterr().err, 2, returned, rf"latest.json names {latest['weights']}, which is missing")
+    assert _hashes(out) == before
+
+
+# -------------------------------------------------------------------------- runs: recoveries
+
+def test_overwrite_moves_the_earlier_run_aside(recipe, run, capsys):
+    out, before = run
+    assert main(_train(recipe, out, "--overwrite", "--max-steps", "2")) == 0
+    err = capsys.readouterr().err
+    moved = [p for p in out.parent.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and f"moved the earlier run in {out} to {moved[0]}" in err
+    assert _hashes(moved[0]) == before  # every file of the earlier run, unchanged, beside the new one
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert not (out / ".lock").exists() and not (moved[0] / ".lock").exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(recipe, prior, run, capsys):
+    out, before = run
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")
+    (out / "model.safetensors").unlink()  # as a killed run leaves it
+    assert main(_train(recipe, out, "--resume")) == 0  # resumes at its last checkpoint, the last step
+    assert "Traceback" not in capsys.readouterr().err and not (out / ".lock").exists()
+    assert _same_weights(out / "model.safetensors", prior / "model.safetensors")  # written again, from that checkpoint
+    checkpoints = lambda h: {k: v for k, v in h.items() if k.startswith("checkpoints")}  # noqa: E731
+    assert checkpoints(_hashes(out)) == checkpoints(before)
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_mid_run_ends_cleanly_and_resume_matches(name, code, recipe, prior, tmp_path):
+    out = tmp_path / "cut"
+    cut = _child([str(HELPER), name, "7", *_train(recipe, out)])
+    _one_line(cut.stderr, code, cut.returncode,
+              rf"stopped by {name} after step 7; the last complete checkpoint \(step 7\) in .* is intact: "
+              r"resume with --resume")
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 7
+    assert not (out / ".lock").exists() and not list(out.rglob("*.tmp"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step00000005.pt", "step00000007.pt"]
+    resumed = _child(["-m", "evit.cli", *_train(recipe, out, "--resume")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _same_weights(out / "model.safetensors", prior / "model.safetensors")  # bit-identical to uninterrupted
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def test_read_only_out_ends_cleanly(recipe, run):
+    """A really read-only --out: root ignores chmod, so the folder is bind-mounted read-only in a private
+    mount namespace (``unshare -rm``); without user namespaces and as another user, chmod does it."""
+    out, before = run
+    cmd = ["-m", "evit.cli", *_train(recipe, out, "--resume")]
+    if _unshare_works():
+        script = (f"mount --bind '{out}' '{out}' && mount -o remount,bind,ro '{out}' && "
+                  f"exec '{sys.executable}' " + " ".join(f"'{a}'" for a in cmd))
+        proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                              env=_env())
+    elif os.geteuid() != 0:
+        out.chmod(0o555)
+        try:
+            proc = _child(cmd)
+        finally:
+            out.chmod(0o755)
+    else:
+        pytest.skip("root without user namespaces: no way to make a folder read-only here")
+    _one_line(proc.stderr, 2, proc.returncode,
+              r"cannot write .*run/\.lock: (Read-only file system|Permission denied); the last complete checkpoint "
+              r"\(step 32\) in .* is intact: resume with --resume once the disk takes writes")
+    assert _hashes(out) == before
+
+
+def test_full_disk_ends_cleanly_with_the_last_checkpoint_intact(recipe, run):
+    """A disk that refuses to grow a file: RLIMIT_FSIZE makes the kernel fail writes past 20 kB (EFBIG),
+    as a full disk fails them with ENOSPC. The run resumes at step 32 of 64 and its first checkpoint fails."""
+    out, before = run
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    proc = _child(["-m", "evit.cli", *_train(recipe, out, "--resume", "--epochs", "4")], preexec_fn=limit)
+    _one_line(proc.stderr, 2, proc.returncode,
+              r"cannot write .*step00000035.safetensors: File too large; the last complete checkpoint \(step 32\)")
+    after = _hashes(out)
+    assert {k: after[k] for k in before if k != "config.json"} == \
+           {k: v for k, v in before.items() if k != "config.json"}  # config.json: rewritten with --epochs 4
+    assert not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 32
+
+
+def test_checkpoint_pruning_keeps_what_latest_names(tmp_path):
+    """An earlier run's step files that sort later are not this run's to delete, and never what latest.json names."""
+    from evit import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    d = tmp_path / "checkpoints"
+    for step in (900, 1000):  # left by another run
+        checkpoint.save(d, step, model, {})
+    for step in (5, 10, 15):
+        checkpoint.save(d, step, model, {})
+    found = checkpoint.latest(d)
+    assert found["step"] == 15 and found["weights"].is_file() and found["state"].is_file()
+    assert sorted(p.name for p in d.glob("*.pt")) == [f"step{s:08d}.pt" for s in (10, 15, 900, 1000)]
+    nan = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        nan.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to write .*: the weights hold NaN or inf \(weight"):
+        checkpoint.save_weights(nan, tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- DeiT-style checkpoints
+
+def test_deit_style_pth_evaluates_with_weights_only_safety(tmp_path, jpeg_folder, capsys):
+    """{'model', 'optimizer', 'epoch', 'args': Namespace} as DeiT's and the official EViT's training saves it,
+    read with weights_only (Namespace allowed as data): it scores exactly as the same weights in safetensors."""
+    kwargs = {"img_size": 32, "depth": 2, "num_classes": 10}
+    recipe = tmp_path / "deit.json"
+    recipe.write_text(json.dumps({"model": "deit_tiny_patch16_224", "model_kwargs": kwargs}))
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", **kwargs)
+    args = argparse.Namespace(model="deit_tiny_patch16_224", lr=5e-4, input_size=32, drop_path=0.1, data_path="/x",
+                              repeated_aug=True, resume="", mixup=0.8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299, "args": args},
+               tmp_path / "checkpoint.pth")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "same.safetensors"))
+    data = jpeg_folder(1, 2)
+    rows = {}
+    for name in ("checkpoint.pth", "same.safetensors"):
+        argv = ["eval", "--model", "deit_tiny_patch16_224", "--recipe", str(recipe), "--checkpoint",
+                str(tmp_path / name), "--data", str(data), "--keep-rates", "0.5", "--speed-reps", "1", "--json"]
+        assert main(argv) == 0, capsys.readouterr().err
+        rows[name] = [(r["top1"], r["top5"], r["images"]) for r in json.loads(capsys.readouterr().out)["rows"]]
+    assert rows["checkpoint.pth"] == rows["same.safetensors"] and rows["checkpoint.pth"][0][2] == 20
+
+
+# ------------------------------------------------------------------------------- library edge cases
+
+def _tiny_vit(**extra):
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10,
+                             **extra).eval()
+
+
+METHOD_SETTINGS = {"evit": {"keep_rate": 0.5}, "topk": {"keep_rate": 0.5}, "random": {"keep_rate": 0.5},
+                   "tome": {"r": 2}, "dynamicvit": {"keep_rate": 0.5}, "stvit": {"keep_rate": 0.5},
+                   "patchslimming": {"keep_rate": 0.5}}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_empty_batch_gives_an_empty_result(method):
+    model = _tiny_vit()
+    evit.patch(model, method=method, images=torch.randn(4, 3, 32, 32), **METHOD_SETTINGS[method])
+    with torch.no_grad():
+        out = model(torch.randn(0, 3, 32, 32))
+        full = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (0, 10) and full.shape == (2, 10)
+
+
+@pytest.mark.parametrize("locations", [[3.5], ["1"], [True, 2]], ids=["float", "string", "bool"])
+def test_non_integer_locations_are_refused(locations):
+    with pytest.raises(TypeError, match="locations must be block indices"):
+        evit.patch(_tiny_vit(), 0.5, locations)
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+def test_keep_rate_and_unpatch_see_through_wrappers(wrapper, tmp_path):
+    import torch.distributed as dist
+
+    model = evit.patch(_tiny_vit(), 0.7)
+    if wrapper == "DistributedDataParallel":  # a real one: a gloo group of one process
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        wrapped = getattr(torch.nn.parallel, wrapper)(model)
+        before = evit.token_counts(model, 17)
+        evit.set_keep_rate(wrapped, 0.5)
+        assert [m.keep_rate for m in evit.reductions(wrapped).values()] == [0.5, 0.5, 0.5]
+        assert evit.token_counts(wrapped, 17) == evit.token_counts(model, 17) != before
+        with torch.no_grad():
+            assert wrapped(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        assert evit.unpatch(wrapped) is wrapped and not evit.reductions(model)
+        assert evit.patch(wrapped, 0.5) is wrapped and len(evit.reductions(model)) == 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["warmup_epochs", "keep_warmup_start", "keep_warmup_epochs"])
+def test_negative_warmups_are_refused(name):
+    with pytest.raises(ValueError, match=rf"{name} .* must be a number of epochs >= 0, got -1"):
+        TrainConfig(**{name: -1})
+    with pytest.raises(ValueError, match="warm-up lengths must be >= 0"):
+        keep_rate_at(3, 0.5, 0 if name == "keep_warmup_epochs" else -1, -10 if name == "keep_warmup_epochs" else 5)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle", "deepcopy"])
+@pytest.mark.parametrize("method", ["evit", "tome", "random"])
+def test_patched_model_pickles_and_loads_back_patched(how, method):
+    model = _tiny_vit(global_pool="avg" if method == "tome" else "token")
+    evit.patch(model, method=method, **METHOD_SETTINGS[method])
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)  # a whole module is code: its owner's own file
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(model))
+    else:
+        other = copy.deepcopy(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = model(x), other(x)  # Random drop: both generators at the same state
+    assert torch.equal(ours, theirs)
+    assert [type(m).__name__ for m in evit.reductions(other).values()] == \
+           [type(m).__name__ for m in evit.reductions(model).values()]
+    evit.unpatch(other)
+    assert not evit.reductions(other) and type(other.blocks[1]) is timm.models.vision_transformer.Block
+
+
+def test_non_finite_weights_are_refused_before_evaluation():
+    model = _tiny_vit()
+    with torch.no_grad():
+        model.blocks[2].attn.proj.weight[1, 1] = float("inf")
+    batches = lambda: iter([(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))])  # noqa: E731
+    with pytest.raises(ValueError, match=r"model 'm' holds non-finite weights: blocks.2.attn.proj.weight \(1 of"):
+        evaluate({"m": model}, [("m", 1.0)], batches, speed_reps=1)
