@@ -279,6 +279,22 @@ def test_tome_on_dinov2s_classifier_averages_by_size():
         assert type(model.dinov2.layernorm) is torch.nn.LayerNorm
 
 
+def test_a_patched_model_pickles_and_copies():
+    import copy
+    import io
+
+    model, x = build("Dinov2WithRegistersForImageClassification"), images()
+    evit.patch(model, method="tome", r=2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    with torch.no_grad():
+        ref = hosts.adapter(model).forward(x)
+        for other in (loaded, copy.deepcopy(model)):
+            torch.testing.assert_close(hosts.adapter(other).forward(x), ref)
+            assert evit.token_counts(other, 19) == evit.token_counts(model, 19) and evit.unpatch(other)
+
+
 def test_count_macs_counts_the_reduction_and_both_kernels_alike():
     for name in ("DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersForImageClassification"):
         counts = {}
