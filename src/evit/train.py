@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint, hosts, runs
 from .cost import native_input_size
 from .loading import load_model
-from .models import resolve_device
+from .models import HF_PREFIX, resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
@@ -203,6 +203,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     which checkpoint is intact. ``on_step(step)`` is called after every optimizer step (e.g. by tests
     that kill the process mid-run)."""
     check_data_options(cfg)
+    if str(cfg.model).startswith(HF_PREFIX):  # refused before any run folder is made
+        raise ValueError(f"evit train trains timm models; {cfg.model} is a transformers model, which evit evaluates, "
+                         "compares, benchmarks and exports but does not train yet (its output is not logits)")
     out = Path(cfg.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     folder = runs.RunFolder(out, resume, overwrite) if rank0 else None
