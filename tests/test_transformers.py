@@ -408,3 +408,7 @@ def test_cli_transformers_models_from_a_folder_and_offline(tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
     assert main(["train", "--model", HF_TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
     assert "does not train yet" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["bench", "--model", HF_TINY, "--backends", "eager", "--keep-rates", "0.5"]) == 2
+    assert "returns an output object" in capsys.readouterr().err
+    assert main(["eval", "--model", HF_TINY, "--img-size", "32"]) == 2
+    assert "cannot resize" in capsys.readouterr().err

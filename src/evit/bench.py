@@ -167,6 +167,9 @@ def latency_backends(
     if reps < 1 or warmup < 0:
         raise ValueError("reps must be at least 1 and warmup at least 0")
     host = check_model(model)
+    if not host.returns_tensor:
+        raise ValueError(f"--backends compares timm models' outputs across backends; {host.name} ({host.library}) "
+                         "returns an output object: time it with evit bench without --backends")
     model = unpatch(model).eval()
     steady_allocator()
     input_size = tuple(input_size or native_input_size(model))
