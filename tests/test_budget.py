@@ -9,6 +9,7 @@ from timm.layers import resample_abs_pos_embed
 import evit
 from conftest import input_for, make_model
 from evit import budget as B
+from evit import resolution as R
 from evit.cli import build_parser, main
 from evit import embedded as bundled
 
@@ -190,12 +191,12 @@ def test_budget_from():
 
 def test_resize_batches():
     x, y = torch.randn(3, 1, 28, 28), torch.arange(3)
-    (x2, y2), = B.resize_batches([(x, y)], 36)
+    (x2, y2), = R.resize_batches([(x, y)], 36)
     assert x2.shape == (3, 1, 36, 36) and y2 is y
     torch.testing.assert_close(x2.mean(), x.mean(), atol=0.05, rtol=0)
-    (x3, _), = B.resize_batches([(x, y)], 28)
+    (x3, _), = R.resize_batches([(x, y)], 28)
     assert x3 is x
-    (x4, _), = B.resize_batches([(x, y)], None)
+    (x4, _), = R.resize_batches([(x, y)], None)
     assert x4 is x
 
 

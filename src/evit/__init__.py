@@ -7,10 +7,12 @@
 """
 from . import methods
 from .cost import count_macs
-from .patch import apply, check_model, default_locations, patch, reductions, set_keep_rate, token_counts, unpatch
+from .patch import apply, check_model, patch, reductions, set_keep_rate, token_counts, unpatch
+from .reduction import default_locations
+from .registry import register
 
 __version__ = "0.1.0"
 __all__ = [
     "patch", "unpatch", "apply", "set_keep_rate", "count_macs", "token_counts", "reductions",
-    "default_locations", "check_model", "methods",
+    "default_locations", "check_model", "methods", "register",
 ]

@@ -1,97 +1,32 @@
-"""Timing methodology: warm-up, repetitions interleaved between variants, medians, ratios.
+"""``evit bench``: a method's speed beside its ideal, on one model, in one interleaved run.
 
-Speed is always a ratio measured side by side in one run: every repetition times
-each variant once (order rotated), each ratio pairs calls made moments apart, and
-the median over repetitions is reported, so load and clock swings of a shared
-machine hit every variant alike. Each keep rate is measured twice:
-as EViT, and as the *ideal*, the same token counts cut by plain slicing
-(:class:`evit.methods.Ideal`), the limit of any implementation.
+Speed is always a ratio measured side by side in one run (:mod:`evit.timing`). Each
+setting is measured twice: as the method, and as the *ideal*, the same token counts cut
+by plain slicing (:class:`evit.methods.Ideal`), the limit of any implementation.
 """
 from __future__ import annotations
 
 import statistics
 import sys
-import time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .cost import count_macs, native_input_size
-from .methods import METHODS, EViT, Ideal
+from .methods import EViT, Ideal
 from .models import resolve_device
 from .patch import apply, check_model, patch, reductions, token_counts, unpatch
+from .registry import method_class
+from .timing import device_sync, paired_ratio, stderr_progress, steady_allocator, text_table, time_interleaved
 
 
-def time_interleaved(
-    fns: dict[str, Callable[[], object]],
-    reps: int,
-    warmup: int = 1,
-    progress: Optional[Callable[[int, int], None]] = None,
-    setup: Optional[Callable[[str], None]] = None,
-    sync: Optional[Callable[[], object]] = None,
-) -> dict[str, list[float]]:
-    """Seconds of every timed call of each function, by repetition; calls interleaved, order
-    rotated every repetition. ``setup(name)``, if given, runs untimed before each call.
-    ``sync()`` waits for queued work (a GPU's): it runs before the clock starts and before it stops.
-    """
-    sync = sync or (lambda: None)
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(-warmup, reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            if setup:
-                setup(name)
-            sync()
-            t0 = time.perf_counter()
-            fns[name]()
-            sync()
-            if rep >= 0:
-                times[name].append(time.perf_counter() - t0)
-        if progress and rep >= 0:
-            progress(rep + 1, reps)
-    return times
-
-
-def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
-    """Median over repetitions of num[i] / den[i]: each ratio pairs calls made moments apart, so
-    slow swings of a shared machine's speed cancel out instead of adding noise."""
-    return statistics.median(a / b for a, b in zip(num, den))
-
-
-def steady_allocator() -> bool:
-    """Keep freed memory in the process (glibc): without this, every large activation is a fresh
-    mmap whose pages the kernel zeroes on first touch, which costs a quarter of a ViT forward on
-    CPU and varies from call to call. Applies to every variant alike. True if applied."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
-def device_sync(device: torch.device) -> Optional[Callable[[], None]]:
-    """What :func:`time_interleaved` calls to wait for ``device``: CUDA runs asynchronously."""
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-
-
-def _stderr_progress(label: str) -> Callable[[int, int], None]:
-    def show(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
-def _settings(method: str, keep_rates: Sequence[float], r_values: Optional[Sequence[int]]) -> list[dict]:
-    """``evit.patch`` arguments per measured setting: keep rates, or ToMe's merge counts."""
-    if method == "tome":
-        return [{"method": "tome", "r": r} for r in (r_values or (8, 13))]
-    return [{"method": method, "keep_rate": r} for r in keep_rates]
+def _settings(method: str, keep_rates: Optional[Sequence[float]], r_values: Optional[Sequence[int]]) -> list[dict]:
+    """``evit.patch`` arguments per measured setting: keep rates, or merge counts (ToMe's ``r``), as the
+    method's registered setting; its ``bench_grid`` when none are given."""
+    cls = method_class(method)
+    values = {"keep_rate": keep_rates, "r": r_values}[cls.setting] or cls.bench_grid
+    return [{"method": method, cls.setting: v} for v in values]
 
 
 def patch_ideal(model: nn.Module, spec: dict, locations: Optional[Sequence[int]] = None) -> None:
@@ -103,7 +38,7 @@ def patch_ideal(model: nn.Module, spec: dict, locations: Optional[Sequence[int]]
 @torch.inference_mode()
 def bench(
     model: nn.Module,
-    keep_rates: Sequence[float] = (1.0, 0.7, 0.5),
+    keep_rates: Optional[Sequence[float]] = None,
     batch_size: int = 32,
     reps: int = 10,
     latency_reps: int = 30,
@@ -117,14 +52,15 @@ def bench(
 ) -> list[dict]:
     """Measure the unpatched model and, per setting, ``method`` and its ideal. One row per setting.
 
-    Settings are ``keep_rates``, or for ToMe the merge counts ``r_values``. ``model`` must be
+    Settings are ``keep_rates``, or for a method set by ``r`` (ToMe) the merge counts ``r_values``;
+    by default the method's registered ``bench_grid`` (EViT: 1.0, 0.7, 0.5). ``model`` must be
     unpatched; it is patched and unpatched in turn and returned unpatched. ``device``: where to
     time (:func:`evit.models.resolve_device`: default the GPU when there is one); GMACs are counted
     on the CPU first, so they do not depend on the device's attention kernel.
     """
     if batch_size < 1 or reps < 1 or latency_reps < 1:
         raise ValueError("batch_size, reps and latency_reps must be at least 1")
-    check_model(model, method)
+    host = check_model(model, method)
     original = next(model.parameters()).device
     model = model.eval().cpu()
     steady_allocator()
@@ -139,12 +75,12 @@ def bench(
         variants[f"ideal@{j}"] = lambda spec=spec: patch_ideal(model, spec, locations)
 
     results, macs, counts = {}, {}, {}
-    n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    n_tokens = host.num_tokens(input_size[1:])
     for name, switch in variants.items():
         switch()
         macs[name], counts[name] = count_macs(model, input_size), token_counts(model, n_tokens)
     dev = resolve_device(device)
-    if METHODS[method.lower()].needs_images:  # patched on the CPU (Patch Slimming calibrates on the CPU sample), then moved
+    if method_class(method).needs_images:  # patched on the CPU (Patch Slimming calibrates on the CPU sample), then moved
         def setup(name: str) -> None:
             model.cpu(), variants[name](), model.to(dev)
     else:  # patching only swaps classes: done in place on the device, with no copy of the weights each call
@@ -156,7 +92,7 @@ def bench(
         x = torch.randn(bs, *input_size, device=dev)
         results[label] = time_interleaved(
             {name: (lambda: model(x)) for name in variants}, n, warmup,
-            _stderr_progress(f"{label} (batch {bs})") if progress else None, setup=setup, sync=device_sync(dev),
+            stderr_progress(f"{label} (batch {bs})") if progress else None, setup=setup, sync=device_sync(dev),
         )
     unpatch(model).to(original)
 
@@ -175,16 +111,6 @@ def bench(
             latency_ideal_speedup=paired_ratio(L["unpatched"], L[i]), latency_of_ideal=paired_ratio(L[i], L[e]),
         ))
     return rows
-
-
-def text_table(head: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    """Right-aligned columns under a header and a rule."""
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-
-    def line(cs: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) for c, w in zip(cs, widths))
-
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def format_table(rows: list[dict], batch_size: int) -> str:
@@ -240,7 +166,10 @@ def latency_backends(
         raise ValueError(f"backends must be some of {', '.join(BACKENDS)}, got {list(backends)}")
     if reps < 1 or warmup < 0:
         raise ValueError("reps must be at least 1 and warmup at least 0")
-    check_model(model)
+    host = check_model(model)
+    if not host.returns_tensor:
+        raise ValueError(f"--backends compares timm models' outputs across backends; {host.name} ({host.library}) "
+                         "returns an output object: time it with evit bench without --backends")
     model = unpatch(model).eval()
     steady_allocator()
     input_size = tuple(input_size or native_input_size(model))
@@ -254,7 +183,7 @@ def latency_backends(
     fns: dict[str, Callable[[], object]] = {}
     setups: dict[str, Callable[[], object]] = {}
     counts, reference, outputs = {}, {}, {}
-    n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    n_tokens = host.num_tokens(input_size[1:])
     for kind, r in kinds.items():
         with torch.inference_mode():
             reference[kind] = switch(model, r)(x)
@@ -279,7 +208,7 @@ def latency_backends(
             with torch.inference_mode():
                 outputs[name] = fns[name]()  # compiles / warms the session, untimed
     with torch.inference_mode():
-        times = time_interleaved(fns, reps, warmup, _stderr_progress("latency (batch 1)") if progress else None,
+        times = time_interleaved(fns, reps, warmup, stderr_progress("latency (batch 1)") if progress else None,
                                  setup=lambda name: setups.get(name, lambda: None)())
     unpatch(model)
 

@@ -4,8 +4,8 @@ Fewer tokens per block buy time; spending that time on a larger input (more
 tokens at the start) can give more accuracy for the cost of the unpatched model
 at its native size. This module makes that one step:
 
-* :func:`set_input_size` resizes a timm ViT in place, position embeddings
-  resampled by timm itself;
+* :func:`evit.resolution.set_input_size` resizes a ViT in place, position embeddings
+  resampled by its host library itself;
 * :func:`budget_from` turns "as costly as the native model", "G GMACs" or "S
   times cheaper" into a MAC budget;
 * :func:`solve_keep_rate` finds the largest keep rate whose real
@@ -19,64 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .cost import count_macs, native_input_size
-from .methods.base import TokenReduction
-from .methods.evit import EViT
+from . import hosts
+from .cost import count_macs
 from .patch import apply, patch, reductions, token_counts, unpatch
-
-Size = Union[int, Sequence[int]]
-
-
-def _spatial(size: Size, what: str = "img_size") -> tuple[int, int]:
-    """(H, W) from N, (H, W) or (C, H, W)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer, Sequence, torch.Size)):
-        raise TypeError(f"{what} must be an int N, (H, W) or (C, H, W), got {size!r}")
-    dims = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)[-2:]
-    if len(dims) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in dims):
-        raise TypeError(f"{what} must be an int N, (H, W) or (C, H, W), got {size!r}")
-    if min(dims) < 1:
-        raise ValueError(f"{what} must be positive, got {size!r}")
-    return int(dims[0]), int(dims[1])
-
-
-def _vit(model: nn.Module):
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-    return model
-
-
-def set_input_size(model: nn.Module, img_size: Size) -> nn.Module:
-    """Make ``model`` (a timm VisionTransformer) take ``img_size`` inputs, in place; return it.
-
-    ``img_size`` is N (square), (H, W) or (C, H, W). The position embeddings are resampled by
-    timm's own ``VisionTransformer.set_input_size`` (bicubic, prefix tokens kept), the resize
-    timm uses when it loads weights at a new size, so a model resized here matches one timm
-    builds at that size. Each side must be a multiple of the patch size: the patch embedding
-    would otherwise crop (or pad) the image silently. Resizing to the current size changes nothing;
-    resizing back to an earlier size does not restore the embeddings (resampling loses detail):
-    reload the weights for that.
-    """
-    vit = _vit(model)
-    h, w = _spatial(img_size)
-    embed = vit.patch_embed
-    ph, pw = embed.patch_size
-    if (h % ph or w % pw) and not getattr(embed, "dynamic_img_pad", False):
-        below = (max(ph, h // ph * ph), max(pw, w // pw * pw))
-        raise ValueError(
-            f"img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}: the patch embedding would crop it; "
-            f"use e.g. {below[0]}x{below[1]} or {-(-h // ph) * ph}x{-(-w // pw) * pw}"
-        )
-    if tuple(embed.img_size or ()) != (h, w):
-        vit.set_input_size(img_size=(h, w))
-    return model
+from .reduction import TokenReduction
+from .resolution import Size, set_input_size, spatial
 
 
 def _native_macs(model: nn.Module) -> int:
@@ -135,13 +87,6 @@ def candidate_rates(n_image_tokens: int) -> np.ndarray:
     den = np.repeat(m, m)
     num = np.arange(len(den)) - np.repeat(np.cumsum(m) - m, m) + 1
     return np.unique(num / den)
-
-
-def _image_tokens(model: nn.Module, hw: tuple[int, int]) -> int:
-    embed = model.patch_embed
-    gh, gw = embed.dynamic_feat_size(hw) if hasattr(embed, "dynamic_feat_size") else (
-        hw[0] // embed.patch_size[0], hw[1] // embed.patch_size[1])
-    return int(gh * gw)
 
 
 @dataclass
@@ -209,27 +154,27 @@ def solve(
     locations: Optional[Sequence[int]] = None,
     tol: float = 0.0,
     fuse: bool = True,
-    method: Union[str, Callable[..., TokenReduction]] = EViT,
+    method: Union[str, Callable[..., TokenReduction]] = "evit",
 ) -> Solution:
     """:func:`solve_keep_rate`, with the chosen rate's MACs and the number of MAC counts it took."""
-    _vit(model)
+    host = hosts.adapter(model)
     if not budget_macs > 0:
         raise ValueError(f"budget_macs must be positive, got {budget_macs}")
-    hw = tuple(model.patch_embed.img_size) if input_size is None else _spatial(input_size, "input_size")
-    if tuple(model.patch_embed.img_size) != hw and not getattr(model, "dynamic_img_size", False):
-        size = model.patch_embed.img_size
+    channels, *size = host.input_size
+    hw = tuple(size) if input_size is None else spatial(input_size, "input_size")
+    if tuple(size) != hw and not host.takes_any_size:
         raise ValueError(
             f"the model takes {size[0]}x{size[1]} inputs, not {hw[0]}x{hw[1]}: "
-            f"call evit.budget.set_input_size(model, {hw[0] if hw[0] == hw[1] else hw}) first"
+            f"call evit.resolution.set_input_size(model, {hw[0] if hw[0] == hw[1] else hw}) first"
         )
-    full = (native_input_size(model)[0], *hw)
-    n_image = _image_tokens(model, hw)
+    full = (channels, *hw)
+    n_image = host.num_tokens(hw) - host.num_prefix_tokens
     saved = reductions(model)
     counted: dict[tuple, int] = {}
 
     def key(rate: float) -> tuple:
         patch(model, rate, locations, fuse=fuse, method=method)
-        return tuple(token_counts(model, n_image + model.num_prefix_tokens))
+        return tuple(token_counts(model, n_image + host.num_prefix_tokens))
 
     def cost(rate: float) -> int:
         k = key(rate)  # leaves the model patched at ``rate``
@@ -307,30 +252,14 @@ def fit(
     if not models or (img_size is None and not has_budget):
         return None
     first = models[0]
-    native_size = tuple(first.patch_embed.img_size)
+    native_size = tuple(hosts.adapter(first).input_size[1:])
     budget = budget_from(first, match_macs, macs, speedup) if has_budget else None
     native = budget if match_macs else _native_macs(first)
     for m in models:
         if img_size is not None:
             set_input_size(m, img_size)
-    hw = tuple(first.patch_embed.img_size)
+    hw = tuple(hosts.adapter(first).input_size[1:])
     if budget is None:
         return BudgetChoice(hw, native_size, native / 1e9, None, None, _native_macs(first) / 1e9)
     found = solve(first, budget, hw, locations)
     return BudgetChoice(hw, native_size, native / 1e9, budget / 1e9, found.keep_rate, found.macs / 1e9)
-
-
-def resize_images(x: Tensor, img_size: Optional[Size]) -> Tensor:
-    """``x`` (B, C, H, W) resized (bilinear) to ``img_size``; unchanged when None or already that size."""
-    hw = None if img_size is None else _spatial(img_size)
-    if hw is None or tuple(x.shape[-2:]) == hw:
-        return x
-    return torch.nn.functional.interpolate(x, size=hw, mode="bilinear", align_corners=False)
-
-
-def resize_batches(batches: Iterable[tuple[Tensor, Tensor]], img_size: Optional[Size]) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches with images resized (bilinear) to ``img_size``: Fashion-MNIST is 28 px, and a model
-    resized to a larger input sees the same images upsampled. Applied to the normalised batch, as
-    the model would see it; batches already at that size pass unchanged."""
-    for x, y in batches:
-        yield resize_images(x, img_size), y

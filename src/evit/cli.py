@@ -9,7 +9,7 @@ from .methods.evit import FUSIONS
 
 
 def _keep_rate(text: str) -> float:
-    from .methods.base import check_keep_rate
+    from .reduction import check_keep_rate
 
     try:
         return check_keep_rate(float(text))
@@ -76,19 +76,23 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .commands import BENCH_KEEP_RATES
+    from .registry import method_class, names
+
+    methods = names()  # every registered method the command line offers (evit.registry)
     parser = argparse.ArgumentParser(prog="evit", description="Faster Vision Transformers by token reorganisation (EViT).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("bench", help="images/s, batch-1 latency, GMACs and speed-up (with the ideal) per keep rate")
     _add_model_args(p)
-    _add_budget_args(p, default=[1.0, 0.7, 0.5])
+    _add_budget_args(p, default=BENCH_KEEP_RATES, help="default: the method's own (EViT: 1.0 0.7 0.5)")
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--reps", type=_positive, default=10, help="timed repetitions at --batch-size (default: %(default)s)")
     p.add_argument("--latency-reps", type=_positive, default=30, help="timed repetitions at batch 1 (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
     _add_device_arg(p)
-    p.add_argument("--method", default="evit", help="evit, topk, random, tome, stvit, patchslimming (default: %(default)s)")
+    p.add_argument("--method", default="evit", choices=methods, help="(default: %(default)s)")
     p.add_argument("--r", type=int, nargs="+", help="ToMe: tokens merged per block, one row each (default: 8 13)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--backends", nargs="+", choices=["eager", "compiled", "onnx"],
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="pictures of the tokens each reduction stage kept (PNG)")
     p.add_argument("images", nargs="*", help="image files (default: bundled Fashion-MNIST test images)")
     _add_model_args(p)
-    p.add_argument("--method", default="evit", help="evit, topk, random, tome, stvit, patchslimming (default: %(default)s)")
+    p.add_argument("--method", default="evit", choices=methods, help="(default: %(default)s)")
     p.add_argument("--keep-rate", type=_keep_rate, default=0.7)
     p.add_argument("--r", type=int, default=4, help="ToMe: tokens merged per block (default: %(default)s)")
     p.add_argument("--count", type=_positive, default=4, help="bundled images to show (default: %(default)s)")
@@ -155,10 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="token-reduction methods side by side: top-1, GMACs, speed-up; table and plot")
     _add_eval_args(p)
-    p.add_argument("--methods", nargs="+",
-                   default=["evit", "topk", "random", "tome", "dynamicvit", "stvit", "patchslimming"])
-    p.add_argument("--keep-rates", type=_keep_rate, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
-    p.add_argument("--r", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ToMe: tokens merged per block")
+    p.add_argument("--methods", nargs="+", choices=methods, default=methods, metavar="METHOD",
+                   help=f"of {', '.join(methods)} (default: all)")
+    p.add_argument("--keep-rates", type=_keep_rate, nargs="+",
+                   help="instead of each keep-rate method's own (EViT: 0.9 0.8 0.7 0.6 0.5)")
+    p.add_argument("--r", type=int, nargs="+", help="ToMe: tokens merged per block (default: 1 2 3 4 5 6)")
     p.add_argument("--trained", nargs="+", default=[], metavar="METHOD=WEIGHTS",
                    help="weights trained with a method (default with the embedded model: the bundled ones)")
     p.add_argument("--batch-size", type=_positive, default=256)
@@ -170,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
     _add_model_args(p)
     p.add_argument("--keep-rate", type=_keep_rate, default=0.7, help="1 exports the unpatched model (default: %(default)s)")
-    p.add_argument("--method", choices=["evit", "topk"], default="evit", help="topk: drop instead of fuse")
+    p.add_argument("--method", choices=[m for m in methods if method_class(m).exports], default="evit",
+                   help="topk: drop instead of fuse")
     p.add_argument("--fusion", choices=FUSIONS, help="EViT's fused token: 'sum' (the authors') or 'mean' "
                                                      "(default: what the checkpoint recorded, else 'sum')")
     p.add_argument("--batch-size", type=_positive, default=1, help="batch of the trace and the check (default: %(default)s)")
@@ -183,7 +189,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .commands import COMMANDS
     from .runs import Interrupted
 
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except RuntimeError as e:  # a method plugin that fails to load (evit.registry)
+        print(f"evit: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, RuntimeError, OSError) as e:

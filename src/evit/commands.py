@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+#: bench's --keep-rates when none are given: this very list (compared by identity) stands for "the method's own"
+BENCH_KEEP_RATES = [1.0, 0.7, 0.5]
+
 
 def _fit_budget(args, models):
     """Resize ``models`` to --img-size and solve the keep rate for a budget (None when neither is asked)."""
@@ -38,7 +41,8 @@ def _eval(args) -> int:
     import copy
 
     from .evaluate import evaluate, format_rows
-    from .models import load_model, resolve_device
+    from .loading import load_model
+    from .models import resolve_device
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     if args.model or args.recipe:
@@ -69,7 +73,7 @@ def _trained_model(args) -> dict:
     """{label: model} beside the embedded baseline: the bundled EViT-trained model, or --checkpoint's
     weights (trained from a bundled recipe: the embedded architecture), built at --img-size when given
     so weights trained at that size load as they are."""
-    from .models import load_model
+    from .loading import load_model
 
     label, model = load_model(checkpoint=args.checkpoint, img_size=args.img_size, kind="evit")
     return {label if args.checkpoint else "evit-trained": model.eval()}
@@ -100,18 +104,21 @@ def _bench(args) -> int:
     import torch
 
     from .bench import bench, format_table
-    from .models import device_text, load_model, resolve_device
+    from .loading import load_model
+    from .models import device_text, resolve_device
+    from .registry import method_class
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device if args.backends is None else "cpu")  # a bad --device fails first
     args.model, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint)
     choice = _fit_budget(args, [model])
-    rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else args.keep_rates
+    rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else \
+        None if args.keep_rates is BENCH_KEEP_RATES else args.keep_rates  # None: the method's own bench_grid
     if args.backends:
         if args.device not in (None, "cpu"):
             raise ValueError("--backends times batch-1 latency on the CPU only; leave out --device")
-        return _bench_backends(args, model, [r for r in rates if r < 1])
+        return _bench_backends(args, model, [r for r in rates or method_class("evit").bench_grid if r < 1])
     rows = bench(model, rates, args.batch_size, args.reps, args.latency_reps, args.warmup, args.locations,
                  method=args.method, r_values=args.r, device=str(device))
     if args.json:
@@ -152,10 +159,11 @@ def _export(args) -> int:
     disagrees is reported as a failure (exit 1), not silently written."""
     import torch
 
+    from . import hosts
     from .checkpoint import trained_settings
     from .cost import native_input_size
     from .export import export_onnx, onnx_runner
-    from .models import load_model
+    from .loading import load_model
     from .patch import patch, token_counts
 
     label, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint,
@@ -174,8 +182,8 @@ def _export(args) -> int:
                        dynamic_batch=not args.static_batch)
     x = torch.randn(args.batch_size, *native_input_size(model))
     with torch.inference_mode():
-        diff = (onnx_runner(path)(x) - model(x)).abs().max().item()
-    tokens = token_counts(model, model.patch_embed.num_patches + model.num_prefix_tokens)
+        diff = (onnx_runner(path)(x) - hosts.adapter(model).forward(x)).abs().max().item()
+    tokens = token_counts(model, hosts.adapter(model).num_tokens())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {label}, keep rate {args.keep_rate} "
           f"({args.method if args.keep_rate < 1 else 'unpatched'}), "
           f"tokens {'->'.join(map(str, tokens))}, input (batch, {', '.join(map(str, x.shape[1:]))}), "
@@ -189,15 +197,17 @@ def _export(args) -> int:
 
 
 def _show(args) -> int:
+    from . import embedded
     from .data import FASHION_MNIST_CLASSES
     from .evaluate import apply_setting
-    from .models import load_model
+    from .loading import load_model
     from .patch import patch
+    from .registry import method_class
     from .show import fashion_images, load_images, show
 
     class_names = None
-    learned = (lambda m: patch(m, 1.0, method="dynamicvit")) if args.method == "dynamicvit" else None
-    kind = args.method if args.method in ("evit", "dynamicvit") else "baseline"
+    learned = (lambda m: patch(m, 1.0, method=args.method)) if method_class(args.method).learned else None
+    kind = args.method if args.method in embedded.WEIGHTS else "baseline"  # bundled weights trained with it
     model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint, kind=kind,
                        before_weights=learned)[1].eval()
     if args.model or args.recipe:
@@ -207,7 +217,8 @@ def _show(args) -> int:
     else:  # the embedded architecture (its bundled weights or --checkpoint's)
         class_names = FASHION_MNIST_CLASSES
         images, display = fashion_images(args.images, args.count)
-    settings = {"r": args.r} if args.method == "tome" else {"keep_rate": args.keep_rate}
+    setting = method_class(args.method).setting
+    settings = {setting: {"r": args.r, "keep_rate": args.keep_rate}[setting]}
     # a learned method keeps its weights; Patch Slimming chooses its (static) tokens from the images shown
     apply_setting(model, {"method": args.method, **settings}, args.locations, images=images)
     path = show(model, images, display, args.out, class_names)
@@ -240,9 +251,10 @@ def _calibration_images(data: str, batches, model, count: int = 512):
     """Sample images for methods that choose tokens from data (Patch Slimming), at ``model``'s input size:
     Fashion-MNIST training images when the evaluation is on Fashion-MNIST and they are installed, else
     the first evaluation batch."""
-    from .budget import resize_images
+    from .cost import native_input_size
+    from .resolution import resize_images
 
-    size = tuple(model.patch_embed.img_size)
+    size = native_input_size(model)[1:]
     first = resize_images(next(iter(batches()))[0], size)
     if data in ("bundled", "fashion-mnist"):
         from .data import load_fashion_mnist, normalize
@@ -262,14 +274,15 @@ def _compare(args) -> int:
     from . import embedded
     from .compare import compare, grid, load_trained, plot
     from .evaluate import format_rows
-    from .models import architecture, device_text, load_model, resolve_device
+    from .loading import architecture, load_model
+    from .models import device_text, resolve_device
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     default = not (args.model or args.recipe)
     models = {"baseline": load_model(args.model, args.recipe, args.pretrained, args.checkpoint)[1]}
     name, kwargs = architecture(args.model, args.recipe)
-    trained = {m: embedded.ASSETS / embedded.WEIGHTS[m] for m in ("evit", "dynamicvit")
-               if default and (embedded.ASSETS / embedded.WEIGHTS[m]).is_file()}
+    trained = {m: embedded.ASSETS / w for m, w in embedded.WEIGHTS.items()
+               if m != "baseline" and default and (embedded.ASSETS / w).is_file()}
     for item in args.trained:
         method, _, path = item.partition("=")
         if not path:

@@ -14,37 +14,30 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .evaluate import evaluate, setting_text
-
-#: keep-rate methods and their off-the-shelf settings; ToMe's are per-block merge counts
-KEEP_RATE_METHODS = ("evit", "topk", "random", "stvit", "patchslimming")
+from .registry import method_class, names
 
 
-#: STViT's shares of semantic tokens: 6, 5, 4 and 3 squared of 7 x 7 image tokens (12, 10, 8, 6 of DeiT's 14)
-STVIT_KEEP_RATES = (0.75, 0.5, 0.33, 0.18)
-
-#: methods with trained parameters: they run only on weights trained with them
-LEARNED = ("dynamicvit",)
-
-
-def grid(methods: Sequence[str], keep_rates: Sequence[float], tome_r: Sequence[int],
-         trained: Optional[dict[str, str]] = None, baseline: str = "baseline") -> tuple[list, list[str]]:
+def grid(methods: Sequence[str], keep_rates: Optional[Sequence[float]] = None,
+         r_values: Optional[Sequence[int]] = None, trained: Optional[dict[str, str]] = None,
+         baseline: str = "baseline") -> tuple[list, list[str]]:
     """((model name, setting) pairs, methods skipped for want of trained weights): the unpatched
     baseline, each method at each setting on the baseline weights (learned methods excepted), and
-    each trained method (``trained``: method -> model name) on its own weights."""
+    each trained method (``trained``: method -> model name) on its own weights.
+
+    Each method's settings are its registered ``compare_grid``, unless ``keep_rates`` or ``r_values``
+    give settings of its kind (and it does not keep its own grid, as STViT does)."""
     trained = trained or {}
+    given = {"keep_rate": keep_rates, "r": r_values}
     settings: list[tuple[str, object]] = [(baseline, 1.0)]
     skipped = []
     for method in methods:
-        if method == "tome":
-            specs = [{"method": "tome", "r": r} for r in tome_r]
-        elif method == "stvit":  # its grid side is round(sqrt(keep_rate * n)): distinct grids, not the shared rates
-            specs = [{"method": "stvit", "keep_rate": r} for r in STVIT_KEEP_RATES]
-        elif method in KEEP_RATE_METHODS + LEARNED:
-            specs = [{"method": method, "keep_rate": r} for r in keep_rates if r < 1.0]
-        else:
-            raise ValueError(f"evit compare does not know method {method!r}; choose from "
-                             f"{', '.join(KEEP_RATE_METHODS + ('tome',) + LEARNED)}")
-        if method not in LEARNED:
+        try:
+            cls = method_class(method)
+        except ValueError:
+            raise ValueError(f"evit compare does not know method {method!r}; choose from {', '.join(names())}") from None
+        values = cls.compare_grid if cls.own_grid or not given[cls.setting] else given[cls.setting]
+        specs = [{"method": method, cls.setting: v} for v in values if cls.setting != "keep_rate" or v < 1.0]
+        if not cls.learned:
             settings += [(baseline, s) for s in specs]
         elif method not in trained:
             skipped.append(method)
@@ -56,12 +49,12 @@ def grid(methods: Sequence[str], keep_rates: Sequence[float], tome_r: Sequence[i
 def load_trained(name: str, kwargs: dict, trained: dict[str, str]) -> dict[str, nn.Module]:
     """{"<method>-trained": model} for weights trained with each method (a learned method's modules
     are created by patching before its weights load)."""
-    from .models import load_model
+    from .loading import load_model
     from .patch import patch
 
     models = {}
     for method, path in trained.items():
-        learned = (lambda m, method=method: patch(m, 1.0, method=method)) if method in LEARNED else None
+        learned = (lambda m, method=method: patch(m, 1.0, method=method)) if method_class(method).learned else None
         model = load_model(name, model_kwargs=kwargs, checkpoint=str(path), before_weights=learned)[1]
         models[f"{method}-trained"] = model.eval()
     return models
@@ -74,7 +67,7 @@ def compare(models: dict[str, nn.Module], settings, batches_fn, speed_reps: int 
     rows = evaluate(models, settings, batches_fn, speed_reps=speed_reps, speed_batch=speed_batch, images=images,
                     device=device)
     for row in rows:
-        row["series"] = f"{row['method']} ({row['model']})" if row["method"] != "none" else "unpatched"
+        row["series"] = f"{method_class(row['method']).label} ({row['model']})" if row["method"] != "none" else "unpatched"
         row["setting_text"] = setting_text(row)
     return rows
 

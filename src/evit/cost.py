@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from . import hosts
+
 
 def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -28,12 +30,9 @@ def _custom_mapping() -> dict:
 
 
 def native_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model was built for: its patch embedding's image size, else its pretrained config."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is not None and getattr(embed, "img_size", None) is not None:
-        channels = embed.proj.in_channels if hasattr(embed, "proj") else 3
-        return (channels, *embed.img_size)
-    return tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    """(C, H, W) the model takes now, as its host says (3 x 224 x 224 for a model no host serves)."""
+    host = hosts.find(model)
+    return tuple(host.input_size) if host is not None else (3, 224, 224)
 
 
 @torch.no_grad()

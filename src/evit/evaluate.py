@@ -8,11 +8,13 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .bench import device_sync, paired_ratio, steady_allocator, text_table, time_interleaved
+from . import hosts
 from .checkpoint import trained_settings
 from .cost import count_macs, native_input_size
 from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate, unpatch
+from .resolution import resize_batches
+from .timing import device_sync, paired_ratio, steady_allocator, text_table, time_interleaved
 
 
 @torch.inference_mode()
@@ -26,10 +28,12 @@ def hits(model: nn.Module, batches: Iterable, what: str = "the model") -> tuple[
 
     check_finite(model, what)
     model.eval()
+    host = hosts.find(model)
+    forward = model if host is None else host.forward  # a classifier's logits, whatever its library returns
     weight = next(model.parameters(), None)
     top1, top5, bad, total = [], [], 0, 0
     for x, y in batches:
-        logits = model(x if weight is None else x.to(weight.device, non_blocking=True)).cpu()
+        logits = forward(x if weight is None else x.to(weight.device, non_blocking=True)).cpu()
         bad += int((~torch.isfinite(logits)).any(dim=-1).sum())
         total += len(logits)
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -86,8 +90,8 @@ def _label(spec: Optional[dict]) -> str:
 
 
 def learned(model: nn.Module) -> bool:
-    """True when the model's token reductions have trained parameters (DynamicViT): they stay in place."""
-    return any(True for m in reductions(model).values() for _ in m.parameters())
+    """True when the model's token reduction learns parameters (DynamicViT): it stays in place."""
+    return any(m.learned for m in reductions(model).values())
 
 
 def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequence[int]] = None,
@@ -98,7 +102,7 @@ def apply_setting(model: nn.Module, setting: Setting, locations: Optional[Sequen
     ``images``: sample (training) images for methods that choose their tokens from data (Patch Slimming)."""
     spec = patch_spec(setting)
     if learned(model):
-        have = type(next(iter(reductions(model).values()))).__name__.lower()
+        have = next(m for m in reductions(model).values() if m.learned).name
         if spec is not None and spec.get("method", "evit") != have:
             raise ValueError(f"this model was trained with {have}; it cannot be evaluated with {spec.get('method')}")
         set_keep_rate(model, 1.0 if spec is None else spec.get("keep_rate", 1.0))
@@ -152,10 +156,7 @@ def speedups(rows: Sequence[tuple[nn.Module, Setting]], batch_size: int = 64, re
 def sized(batches: Iterable, model: nn.Module) -> Iterator:
     """``batches`` with the images resized (bilinear) to ``model``'s input size where they differ, so
     one data set serves models at different sizes (the native model beside a larger input)."""
-    from .budget import resize_batches
-
-    hw = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    return resize_batches(batches, tuple(hw) if hw else None)
+    return resize_batches(batches, native_input_size(model)[1:])
 
 
 def fresh_batches(batches_fn, model: nn.Module) -> Iterable:

@@ -1,4 +1,4 @@
-"""Deployment of (patched or unpatched) timm ViTs: ONNX export, an onnxruntime runner, torch.compile.
+"""Deployment of (patched or unpatched) ViTs: ONNX export, an onnxruntime runner, torch.compile.
 
 A patched block's token counts depend only on the sequence length, and a fixed image size
 fixes that, so the whole model, token ranking and fusion included, is one static graph: it
@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import hosts
 from .cost import native_input_size
 from .patch import check_model, reductions
 
@@ -85,7 +86,7 @@ def export_onnx(
     the exporter's (at least 18). Weights go inside the file unless they pass ONNX's 2 GB limit, in which
     case they go to ``<path>.data`` beside it.
     """
-    check_model(model, next(iter(reductions(model).values()), None))  # served with the method it is patched with
+    host = check_model(model, next(iter(reductions(model).values()), None))  # served with the method it is patched with
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist (create it first)")
@@ -110,7 +111,7 @@ def export_onnx(
         # of concatenating); inference_mode(False): torch.export cannot trace inference tensors.
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(
-                model, (example,), str(path), dynamo=True, opset_version=opset, verbose=False,
+                model if host.returns_tensor else MainOutput(model).eval(), (example,), str(path), dynamo=True, opset_version=opset, verbose=False,
                 input_names=["images"], output_names=["logits"], external_data=large,
                 dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic_batch else None,
                 custom_translation_table={torch.ops.aten.sort.stable: _sort_stable},
@@ -122,6 +123,18 @@ def export_onnx(
     finally:
         model.train(was_training)
     return path
+
+
+class MainOutput(nn.Module):
+    """``model``'s main output tensor (logits, or its embedding), for a model whose library returns an output
+    object (transformers): the ONNX graph's one output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return hosts.adapter(self.model).forward(images)
 
 
 class OnnxRunner:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import hosts
 from .cost import native_input_size
 from .data import check_head
 
@@ -294,13 +295,13 @@ class FolderLoader:
 
 def _transform(model: nn.Module, size: Sequence[int], train: bool):
     """timm's train or eval transform for ``size`` (C, H, W), with ``model``'s mean, std, interpolation
-    and crop share (from its pretrained config, one value per channel), and the PIL mode to decode to."""
-    from timm.data import create_transform, resolve_data_config
+    and crop share (its host's data configuration, one value per channel), and the PIL mode to decode to."""
+    from timm.data import create_transform
 
     channels = int(size[0])
     if channels not in (1, 3):
         raise ValueError(f"the model takes {channels} input channels; image folders give RGB (3) or grayscale (1)")
-    cfg = resolve_data_config({"input_size": tuple(int(s) for s in size)}, model=model)
+    cfg = hosts.data_config(model, size)
     mean, std = (tuple(cfg[k]) if len(cfg[k]) == channels else (sum(cfg[k]) / len(cfg[k]),) * channels
                  for k in ("mean", "std"))
     transform = create_transform(cfg["input_size"], is_training=train, interpolation=cfg["interpolation"], mean=mean,
@@ -345,7 +346,7 @@ def eval_batches(root: Path, models: Sequence[nn.Module], batch_size: int, worke
     check_workers(workers)
     check_folder(root)
     check_folder(root / "val")
-    widths = {getattr(m, "num_classes", None) for m in models}
+    widths = {hosts.head_outputs(m) for m in models}
     if len(widths) != 1:
         raise ValueError(f"the models have heads of different widths {sorted(map(str, widths))}; evaluate them apart")
     names, source = class_list(root, widths.pop(), run_classes)
@@ -375,7 +376,7 @@ def train_data(root: Path, model: nn.Module, batch_size: int, *, seed: int = 0, 
     if val_split is None:
         check_folder(root / "val")
     given = (list(class_names), "the recipe's class_names") if class_names else None
-    names, source = class_list(root, getattr(model, "num_classes", 0), given)
+    names, source = class_list(root, hosts.head_outputs(model), given)
     train = read_split(root / "train", names, source)
     if val_split is not None:
         kept, held = held_out(len(train.samples), val_split, seed)

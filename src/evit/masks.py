@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import hosts
 from .patch import reductions
 
 
@@ -50,9 +51,9 @@ class Stage:
 def token_groups(model: nn.Module, images: Tensor) -> list[Stage]:
     """Per reduction stage, the token each image patch belongs to and that token's size, on the patch grid."""
     sources = token_sources(model, images)
-    p = model.num_prefix_tokens
-    H, W = model.patch_embed.dynamic_feat_size(images.shape[-2:]) if getattr(model, "dynamic_img_size", False) \
-        else model.patch_embed.grid_size
+    host = hosts.adapter(model)
+    p = host.num_prefix_tokens
+    H, W = host.patch_grid(tuple(images.shape[-2:]))
     stages = []
     for block, src in sources:
         img = src[:, :, p:]  # (B, N, patches)

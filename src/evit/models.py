@@ -1,5 +1,5 @@
-"""Building models: timm names, ``--pretrained`` through timm, local checkpoints, the embedded default;
-:func:`load_model` is the one way every command turns its flags into a model.
+"""Building models: timm names, ``--pretrained`` through timm, ``hf:`` transformers models, and local
+checkpoints (:mod:`evit.loading` turns a command's flags into a model through these).
 
 Pretrained weights come through timm from the Hugging Face Hub. Offline, the hub
 client retries for most of a minute before failing; evit checks the hub first
@@ -8,17 +8,20 @@ answer is quick and says what to do.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .weights import load_checkpoint
+from . import hosts
+from .checkpoint import TRAINED_WITH, recorded_settings
+from .weights import first_non_finite, mismatch, read_state
 
 HUB_HOST = "huggingface.co"
+HF_PREFIX = "hf:"  # --model hf:CONFIG_OR_ID: a transformers model
 
 
 def resolve_device(name: Optional[str] = None) -> torch.device:
@@ -53,7 +56,15 @@ def device_text(device: torch.device) -> str:
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
-    """``timm.create_model`` with clear errors for unknown names, offline weights and bad checkpoints."""
+    """``timm.create_model`` with clear errors for unknown names, offline weights and bad checkpoints; a name
+    ``hf:CONFIG_OR_ID`` builds a transformers model instead (:func:`transformers_model`)."""
+    if name.startswith(HF_PREFIX):
+        if pretrained and checkpoint:
+            raise ValueError("give either --pretrained or --checkpoint, not both")
+        model = transformers_model(name[len(HF_PREFIX):], pretrained, **kwargs)
+        if checkpoint:
+            load_checkpoint(model, checkpoint)
+        return model
     import timm
 
     if not timm.is_model(name):
@@ -79,66 +90,44 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     return model
 
 
-EMBEDDED_LABEL = "embedded Fashion-MNIST ViT"
+def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """A transformers model from ``CONFIG_OR_ID[:key=value,...]``: a local folder with config.json, a model type
+    (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``, ...) with its config's settings changed by the
+    pairs (random weights unless ``pretrained``), or a Hub id (needs the network or a cache; offline it
+    fails at once)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:  # an optional extra
+        raise RuntimeError("hf: models need transformers 5: pip install 'evit[transformers]'")
+    from .hosts.transformers import create_model as create, parse_spec
+
+    name, overrides = parse_spec(spec)
+    if not hub_reachable():  # a Hub id is looked up in the local cache only: fail at once, not after a minute
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    return create(name, pretrained, **{**overrides, **kwargs})
 
 
-def architecture(model: Optional[str] = None, recipe: Optional[str] = None) -> tuple[str, dict]:
-    """(timm model name, its keyword arguments): --model, with --recipe's ``model_kwargs`` when both are
-    given; --recipe's model alone; else the embedded default's architecture."""
-    from . import embedded
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load weights from a ``.safetensors`` file or a torch checkpoint into ``model``, or refuse in one line.
 
-    if not recipe:
-        return embedded.architecture() if model is None else (model, {})
-    path = embedded.recipe_path(recipe)
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read recipe {path}: {e}") from None
-    if not isinstance(values, dict) or not (model or values.get("model")):
-        raise ValueError(f"recipe {path} names no model (a JSON object with \"model\": a timm model name)")
-    return model or values["model"], dict(values.get("model_kwargs") or {})
-
-
-def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretrained: bool = False,
-               checkpoint: Optional[str] = None, img_size: Optional[int] = None, kind: str = "baseline",
-               model_kwargs: Optional[dict] = None,
-               before_weights: Optional[Callable[[nn.Module], object]] = None) -> tuple[str, nn.Module]:
-    """(label, model) for a command's --model, --recipe, --pretrained and --checkpoint: the one path every
-    command takes, so no flag is ignored.
-
-    The architecture: --model (a timm name; with --recipe, the recipe's ``model_kwargs``), --recipe's
-    model, else the embedded default's. The weights: --pretrained (timm's, for a named model only),
-    --checkpoint (any file :func:`evit.weights.load_checkpoint` reads; refused in one line when it does
-    not fit), else for the embedded default its bundled ``kind`` weights ('baseline', 'evit',
-    'dynamicvit'), else timm's random initialisation. ``img_size``: build the embedded architecture at
-    this size, for a checkpoint trained there. ``model_kwargs`` add to the recipe's.
-    ``before_weights(model)`` runs before the checkpoint loads (patch a learned method in first, so its
-    weights have modules to load into).
-    """
-    if pretrained and checkpoint:
-        raise ValueError("give either --pretrained or --checkpoint, not both")
-    embedded_default = model is None and recipe is None
-    if pretrained and embedded_default:
-        raise ValueError("--pretrained needs --model (or a --recipe naming one): the embedded default model has "
-                         "its own weights")
-    if embedded_default and checkpoint is None:
-        from . import embedded
-
-        built = embedded.load_model(kind)
-        if before_weights is not None:
-            before_weights(built)
-        return EMBEDDED_LABEL if kind == "baseline" else f"{EMBEDDED_LABEL} ({kind} weights)", built
-    name, kwargs = architecture(model, recipe)
-    kwargs = {**kwargs, **(model_kwargs or {})}
-    if embedded_default and img_size:
-        kwargs["img_size"] = img_size
-    built = create_model(name, pretrained=pretrained, **kwargs)
-    if before_weights is not None:
-        before_weights(built)
-    if checkpoint:
-        load_checkpoint(built, checkpoint)
-    if not (embedded_default and checkpoint):
-        return name.split("/")[-1], built
-    path = os.path.normpath(checkpoint)  # the run's folder for a run's model.safetensors, else the file's stem
-    parent, base = os.path.split(path)
-    return (os.path.basename(parent) if base == "model.safetensors" else os.path.splitext(base)[0]) or name, built
+    A ViT trained at another input size loads with its position embeddings resampled (its host's filter: timm's),
+    for fine-tuning at a higher resolution. The token-reduction settings the file recorded (EViT's
+    fusion, :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches
+    it the way it was trained."""
+    state = read_state(path)
+    bad = first_non_finite(state)
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite weights: {bad}; refusing to use them")
+    host = hosts.find(model)
+    if host is not None:  # its host's way: timm resamples the position embeddings to this input size
+        try:
+            state = host.adapt_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    problem = mismatch(path, model, state)
+    if problem:
+        raise ValueError(problem)
+    model.load_state_dict(state, strict=False)
+    setattr(model, TRAINED_WITH, recorded_settings(Path(path)))

@@ -1,15 +1,16 @@
-"""The one patch mechanism: timm ViT blocks that reduce tokens between attention and MLP.
+"""The one patch mechanism: blocks of any served host that reduce tokens between attention and MLP.
 
-Each chosen block keeps its identity and its own submodules (norm1, attn, ls1,
-drop_path1, norm2, mlp, ls2, drop_path2); only its class is swapped for a
-subclass whose ``forward`` calls :func:`evit.attention.attend`, hands the result to
-the block's reduction method (stored as ``block.reduction``), and runs the MLP on
-the shorter sequence. Parameter names are unchanged, so checkpoints load either
-way. When a method leaves a block's tokens untouched (keep rate 1.0), the block
-runs timm's own forward: the machinery costs nothing then.
+Each chosen block keeps its identity and its own submodules (timm's norm1, attn, ls1, ...;
+transformers' layernorm_before, attention, ...); only its class is swapped for a subclass
+whose ``forward`` runs the block's parts through its host's
+:class:`~evit.hosts.base.BlockView`, calls :func:`evit.attention.attend` (the host's own
+attention weights, its fused kernel kept), hands the result to the block's reduction method
+(stored as ``block.reduction``), and runs the MLP on the shorter sequence. Parameter names
+are unchanged, so checkpoints load either way. When a method leaves a block's tokens
+untouched (keep rate 1.0), the block runs its host's own forward: the machinery costs
+nothing then.
 
-Everything evit knows about timm's model classes lives here and in
-:mod:`evit.attention`.
+What evit knows of each model library lives in :mod:`evit.hosts`; this module knows none.
 """
 from __future__ import annotations
 
@@ -18,23 +19,15 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import hosts
 from .attention import attend
-from .methods import METHODS
-from .methods.base import TokenReduction, TokenState
-from .methods.evit import EViT
-from .methods.slice import Keep
-
-
-def _timm_classes():
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return VisionTransformer, Block, Attention
+from .reduction import Keep, TokenReduction, TokenState, check_keep_rate, default_locations
+from .registry import method_class, names
 
 
 def _reduce_patched(self, protocol: int):
     """Pickling for modules whose class :func:`_subclass` made at patch time: such a class cannot be
-    imported by name, so the module pickles as (mixin, timm class) and the class is made again on loading
+    imported by name, so the module pickles as (mixin, host class) and the class is made again on loading
     (``torch.save(model)``, ``pickle``, ``copy.deepcopy``)."""
     cls = type(self)
     reduced = object.__reduce_ex__(self, protocol)
@@ -50,36 +43,36 @@ def _patched_instance(mixin: type, base: type) -> nn.Module:
 
 
 class ReducingBlock(nn.Module):
-    """Mixin placed in front of a timm ``Block`` class by :func:`apply`."""
+    """Mixin placed in front of a host's block class by :func:`apply`; the subclass's ``_evit_view``
+    is the host's :class:`~evit.hosts.base.BlockView` class for the block."""
 
     reduction: TokenReduction
+    _evit_view: type
     __reduce_ex__ = _reduce_patched
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    def forward(self, *args, **kwargs):
+        view = self._evit_view(self)
+        x, args, kwargs = view.arguments(args, kwargs)  # refuses masks and the like: they would not follow
         method = self.reduction
-        if attn_mask is not None or is_causal:
-            raise ValueError(
-                "evit: attention masks and causal attention are not supported in a token-reducing block "
-                "(the mask would not follow the shortened sequence); call the model without attn_mask"
-            )
         state = method.state
         if method.first:  # a new forward begins
             state.reset()
         bias = state.attention_bias()  # log token sizes, once a merging method ran
         if bias is None and state.keep is None and not state.track and method.is_identity(x.shape[1]):
-            return super().forward(x)
-        out, seen = attend(self.attn, self.norm1(x), cls_attn=method.needs_cls_attn, keys=method.needs_keys,
+            return super().forward(*args, **kwargs)
+        out, seen = attend(view.attention, view.attention_norm(x), cls_attn=method.needs_cls_attn, keys=method.needs_keys,
                            bias=bias, keep=state.keep)
-        x = x + self.drop_path1(self.ls1(out))
+        x = view.attention_residual(x, out)
         state.block = method.block
         x = method(x, seen)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return view.output(view.mlp_residual(x), args, kwargs)
 
 
 class SizeWeightedNorm(nn.Module):
-    """Mixin placed in front of the class of ``model.norm`` when merged tokens feed ``global_pool='avg'``.
+    """Mixin placed in front of the class of the model's final norm when merged tokens feed an average
+    pool (timm's ``global_pool='avg'``; transformers' DINOv2 classifier, which reads the mean too).
 
-    The average pool follows ``model.norm``, the last step of timm's ``forward_features``. Scaling
+    The average pool follows that norm (timm's ``model.norm``, the last step of its ``forward_features``). Scaling
     each image token there by ``size * M / sum(size)`` (M image tokens) turns the pool's plain mean
     into the size-weighted one: the mean over the input patches, as before merging. (So
     ``forward_features`` returns those scaled tokens.)
@@ -103,77 +96,40 @@ _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
 def _subclass(mixin: type, cls: type) -> type:
-    """``cls`` with ``mixin`` in front; ``_evit_base`` names ``cls`` for :func:`unpatch`."""
+    """``cls`` with ``mixin`` in front; ``_evit_base`` names ``cls`` for :func:`unpatch`, and a reducing block's
+    ``_evit_view`` is its host's view class."""
     if (mixin, cls) not in _SUBCLASSES:
         prefix = "Reducing" if mixin is ReducingBlock else "SizeWeighted"
-        _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"_evit_base": cls})
+        view = {"_evit_view": hosts.view_class(cls)} if mixin is ReducingBlock else {}
+        _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"_evit_base": cls, **view})
     return _SUBCLASSES[mixin, cls]
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers (``.module``), else ``model``:
-    the patch works on the timm model, whatever runs it."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
-
-
-def _name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
-
-
-def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None] = None) -> None:
-    """Raise TypeError/ValueError naming the reason when evit cannot serve ``model`` with ``method``.
+def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None] = None) -> hosts.Host:
+    """Raise TypeError/ValueError naming the reason when evit cannot serve ``model`` with ``method``;
+    return the model's host adapter.
 
     ``method`` (default EViT) matters for the pooling: a method that ranks or keeps tokens by the
     class token needs a model that classifies from it; ToMe and Random drop also serve models that
     average their image tokens (``global_pool='avg'``).
     """
-    VisionTransformer, Block, Attention = _timm_classes()
-    model = unwrapped(model)
-    name = _name(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"evit.patch expects a timm VisionTransformer, got {type(model).__name__}")
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            f"evit cannot patch {name} ({type(model).__name__}): only timm VisionTransformer models "
-            "(ViT, DeiT, DeiT III, DINOv2, CLIP ViT) are supported, not Swin, EVA, ConvNeXt or other families"
-        )
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(
-            f"evit cannot patch {name}: it classifies from global_pool={model.global_pool!r}, an attention-pooling "
-            "head, which no evit method serves (its attention would need the merged tokens' sizes)"
-        )
-    pooling = getattr(model, "global_pool", None)
-    has_cls = getattr(model, "cls_token", None) is not None
-    cls = type(method) if isinstance(method, TokenReduction) else _method_class(EViT if method is None else method)
-    if not (pooling == "token" and has_cls) and not (pooling == "avg" and not cls.needs_class_token):
+    host = hosts.adapter(model)
+    host.check()
+    pooling, has_cls = host.pooling, host.has_class_token
+    cls = type(method) if isinstance(method, TokenReduction) else method_class("evit" if method is None else method)
+    # 'token': a head on the class token; 'token+avg': on it and the image tokens' mean; 'avg': on the mean
+    # only; 'sequence': the model returns its tokens (a backbone without pooling)
+    served = (pooling in ("token", "token+avg", "sequence") and has_cls) or \
+        (pooling in ("avg", "sequence") and not cls.needs_class_token)
+    if not served:
         by = " (it ranks tokens by the class token's attention)" if cls.needs_cls_attn else ""
         raise ValueError(
-            f"evit cannot patch {name} with {cls.__name__}: it classifies from global_pool={pooling!r}"
-            f"{'' if has_cls else ' without a class token'}; {cls.__name__} needs global_pool='token' with a "
-            f"class token{by}. Methods that need no class token also serve average-pooled "
-            f"models: {', '.join(sorted(k for k, m in METHODS.items() if not m.needs_class_token and k != 'slice'))}"
+            f"evit cannot patch {host.name} with {cls.__name__}: it classifies from {host.pooling_text}"
+            f"{'' if has_cls else ' without a class token'}; {cls.__name__} needs {host.class_token_text}{by}. "
+            f"Methods that need no class token also serve average-pooled "
+            f"models: {', '.join(sorted(k for k in names() if not method_class(k).needs_class_token))}"
         )
-    for i, block in enumerate(model.blocks):
-        base = getattr(type(block), "_evit_base", type(block))
-        if not issubclass(base, Block) or base.forward is not Block.forward:
-            raise TypeError(
-                f"evit cannot patch {name}: block {i} is {base.__name__}, not timm's pre-norm Block "
-                "(parallel and post-norm blocks are not supported)"
-            )
-        attn = block.attn
-        if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
-            raise TypeError(
-                f"evit cannot patch {name}: block {i} uses {type(attn).__name__}, not timm's Attention "
-                "(rotary, differential and other attention variants are not supported)"
-            )
-
-
-def default_locations(depth: int) -> tuple[int, ...]:
-    """The paper's (3, 6, 9) for depth 12; otherwise the blocks at 1/4, 1/2 and 3/4 of the depth."""
-    return tuple(sorted({int(depth * f) for f in (0.25, 0.5, 0.75)}))
+    return host
 
 
 def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = "model") -> tuple[int, ...]:
@@ -197,14 +153,16 @@ def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = 
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore every patched block of ``model`` to its timm class (in place)."""
-    wrapper, model = model, unwrapped(model)
-    for block in getattr(model, "blocks", []):
+    """Restore every patched block of ``model`` to its host's class (in place)."""
+    wrapper, host = model, hosts.find(model)
+    if host is None:
+        return model
+    for block in host.blocks:
         base = getattr(type(block), "_evit_base", None)
         if base is not None:
             block.__class__ = base
             del block.reduction
-    norm = getattr(model, "norm", None)
+    norm = host.final_norm
     if isinstance(norm, SizeWeightedNorm):
         norm.__class__ = type(norm)._evit_base
         del norm.token_state, norm.num_prefix_tokens
@@ -213,29 +171,32 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     """Place ``methods[i]`` in block ``i`` of ``model`` (in place); earlier patches are removed first."""
-    wrapper, model = model, unwrapped(model)
+    wrapper, model = model, hosts.unwrapped(model)
     for i, method in methods.items():
         if not isinstance(method, TokenReduction):
             raise TypeError(f"methods[{i}] must be an evit TokenReduction, got {type(method).__name__}")
-    check_model(model, next((m for m in methods.values() if m.needs_class_token), next(iter(methods.values()), None)))
-    check_locations(methods.keys(), len(model.blocks), _name(model))
+    host = check_model(model, next((m for m in methods.values() if m.needs_class_token),
+                                   next(iter(methods.values()), None)))
+    blocks = host.blocks
+    check_locations(methods.keys(), len(blocks), host.name)
     unpatch(model)
     methods = dict(sorted(methods.items()))
     carrying = [i for i, m in methods.items() if m.tracks_size or m.masks_in_training]
     if carrying:  # blocks after a merge or a training mask must see token sizes / the mask
-        methods = {i: methods[i] if i in methods else Keep() for i in range(min(methods), len(model.blocks))
+        methods = {i: methods[i] if i in methods else Keep() for i in range(min(methods), len(blocks))
                    if i in methods or i > carrying[0]}
     state = TokenState()  # shared by this model's methods, reset by the first at each forward
     for j, (i, method) in enumerate(methods.items()):
-        method.num_prefix_tokens = model.num_prefix_tokens
+        method.num_prefix_tokens = host.num_prefix_tokens
         method.state, method.first, method.block = state, j == 0, i
         method.bind(model)
-        block = model.blocks[i]
+        block = blocks[i]
         block.__class__ = _subclass(ReducingBlock, type(block))
         block.reduction = method
-    if model.global_pool == "avg" and any(m.tracks_size for m in methods.values()):
-        model.norm.__class__ = _subclass(SizeWeightedNorm, type(model.norm))
-        model.norm.token_state, model.norm.num_prefix_tokens = state, model.num_prefix_tokens
+    norm = host.final_norm
+    if host.pooling in ("avg", "token+avg") and norm is not None and any(m.tracks_size for m in methods.values()):
+        norm.__class__ = _subclass(SizeWeightedNorm, type(norm))
+        norm.token_state, norm.num_prefix_tokens = state, host.num_prefix_tokens
     return wrapper
 
 
@@ -244,11 +205,11 @@ def patch(
     keep_rate: float = 0.7,
     locations: Optional[Sequence[int]] = None,
     fuse: bool = True,
-    method: Union[str, type] = EViT,
+    method: Union[str, type] = "evit",
     images: Optional[Tensor] = None,
     **settings,
 ) -> nn.Module:
-    """Make ``model`` (a timm ViT with a class token) an EViT model, in place, and return it.
+    """Make ``model`` (a timm or transformers ViT with a class token) an EViT model, in place, and return it.
 
     In each block of ``locations`` (default: the paper's 3, 6, 9 for depth 12), after attention
     and before the MLP, the ``ceil(keep_rate * n)`` image tokens the class token attends to most
@@ -257,18 +218,18 @@ def patch(
     authors' attention-weighted sum, what their released weights were trained with) or ``"mean"``
     (renormalised to a weighted average); see :mod:`evit.methods.evit`.
 
-    ``method`` picks another token-reduction method, by class or name (``evit.methods.METHODS``:
+    ``method`` picks another token-reduction method, by class or registered name (:mod:`evit.registry`:
     'evit', 'topk', 'random', 'tome', 'dynamicvit', 'stvit', 'patchslimming', 'slice'); ``settings``
     go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe:
     every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
     data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
     forward).
     """
-    cls = _method_class(method)
-    wrapper, model = model, unwrapped(model)
-    check_model(model, cls)
-    depth = len(model.blocks)
-    locs = check_locations(locations, depth, _name(model)) if locations is not None else cls.default_locations(depth)
+    cls = method_class(method)
+    wrapper, model = model, hosts.unwrapped(model)
+    host = check_model(model, cls)
+    depth = len(host.blocks)
+    locs = check_locations(locations, depth, host.name) if locations is not None else cls.default_locations(depth)
     try:
         methods = {i: cls.create(i, keep_rate=keep_rate, fuse=fuse, **settings) for i in locs}
     except TypeError as e:
@@ -279,26 +240,14 @@ def patch(
     return wrapper
 
 
-def _method_class(method: Union[str, type]) -> type:
-    if isinstance(method, str):
-        if method.lower() not in METHODS:
-            raise ValueError(f"unknown token-reduction method {method!r}; choose one of {sorted(METHODS)}")
-        return METHODS[method.lower()]
-    if not (isinstance(method, type) and issubclass(method, TokenReduction)):
-        raise TypeError(f"method must be a TokenReduction class or one of {sorted(METHODS)}, got {method!r}")
-    return method
-
-
 def reductions(model: nn.Module) -> dict[int, TokenReduction]:
     """The reduction method of each patched block, by block index."""
-    blocks = getattr(unwrapped(model), "blocks", [])
-    return {i: b.reduction for i, b in enumerate(blocks) if isinstance(b, ReducingBlock)}
+    host = hosts.find(model)
+    return {} if host is None else {i: b.reduction for i, b in enumerate(host.blocks) if isinstance(b, ReducingBlock)}
 
 
 def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
     """Change the keep rate of every patched block (for warm-up schedules and sweeps)."""
-    from .methods.base import check_keep_rate
-
     keep_rate = check_keep_rate(keep_rate)
     found = [m for m in reductions(model).values() if hasattr(m, "keep_rate")]
     if not found:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import hosts
 from .masks import token_groups
 from .patch import reductions
 
@@ -58,7 +59,7 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
     stages = token_groups(model, images)
     methods = reductions(model)
     with torch.no_grad():
-        predicted = model(images).argmax(dim=-1).tolist()
+        predicted = hosts.adapter(model).forward(images).argmax(dim=-1).tolist()
     rows, cols = len(display), 1 + len(stages)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.3 * rows), squeeze=False)
     for b in range(rows):
@@ -78,10 +79,10 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    name = type(next(iter(methods.values()))).__name__
+    first = next(iter(methods.values()))
     groups = ";\nmerged patches share a colour" if any(m.groups_patches for m in methods.values()) else ""
-    fig.suptitle(f"{name}: patches greyed out were {'dropped' if name != 'EViT' else 'fused or dropped'}{groups}",
-                 fontsize=9)
+    fused = "fused or dropped" if getattr(first, "fuse", False) else "dropped"
+    fig.suptitle(f"{first.label or type(first).__name__}: patches greyed out were {fused}{groups}", fontsize=9)
     fig.tight_layout()
     path = Path(out)
     if not path.parent.is_dir():
@@ -92,11 +93,12 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
 
 
 def load_images(paths: Sequence[str], model: nn.Module, grayscale: bool = False) -> tuple[Tensor, list[np.ndarray]]:
-    """(model input batch, display arrays) for image files, with the model's own timm preprocessing."""
+    """(model input batch, display arrays) for image files, with the model's own preprocessing (its host's
+    data configuration, applied by timm's transforms)."""
     from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
-    config = resolve_data_config(model=model)
+    config = hosts.data_config(model)
     transform = create_transform(**config)
     mean, std = torch.tensor(config["mean"]).view(-1, 1, 1), torch.tensor(config["std"]).view(-1, 1, 1)
     batch, display = [], []

@@ -24,14 +24,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, runs
-from .budget import resize_images
+from . import checkpoint, hosts, runs
 from .cost import native_input_size
-from .models import load_model, resolve_device
+from .loading import load_model
+from .models import HF_PREFIX, resolve_device
 from .patch import patch, reductions, set_keep_rate
-from .weights import first_non_finite
+from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
 from .validation import Validation, line
+from .weights import first_non_finite
 
 
 @dataclass
@@ -106,8 +107,8 @@ class TrainConfig:
 def build_model(cfg: TrainConfig) -> nn.Module:
     def patched(model: nn.Module) -> None:  # patched first: a learned method's weights load with it
         if cfg.keep_rate < 1.0 or cfg.method != "evit":
-            settings = {"fuse": cfg.fuse, "fusion": cfg.fusion} if cfg.method == "evit" else {}
-            patch(model, 1.0, cfg.locations, method=cfg.method, **settings, **cfg.method_settings)
+            settings = {"fusion": cfg.fusion} if cfg.method == "evit" else {}  # EViT's own setting
+            patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **settings, **cfg.method_settings)
 
     return load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init, model_kwargs=cfg.model_kwargs,
                       before_weights=patched)[1]
@@ -157,7 +158,7 @@ def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int =
                           val_split=cfg.val_split, subset=cfg.train_subset, size=size, class_names=cfg.class_names,
                           rank=rank, world=world)
         return data.train, data.val, data.class_names
-    check_head(getattr(model, "num_classes", 0), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
+    check_head(hosts.head_outputs(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
     x, y = load_fashion_mnist("train", cfg.data_root, cfg.download)
     if cfg.val_split is not None:
         kept, held = held_out(len(y), cfg.val_split, cfg.seed)
@@ -202,6 +203,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     which checkpoint is intact. ``on_step(step)`` is called after every optimizer step (e.g. by tests
     that kill the process mid-run)."""
     check_data_options(cfg)
+    if str(cfg.model).startswith(HF_PREFIX):  # refused before any run folder is made
+        raise ValueError(f"evit train trains timm models; {cfg.model} is a transformers model, which evit evaluates, "
+                         "compares, benchmarks and exports but does not train yet (its output is not logits)")
     out = Path(cfg.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     folder = runs.RunFolder(out, resume, overwrite) if rank0 else None
@@ -254,7 +258,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        min_lr=cfg.min_lr, warmup_lr=cfg.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=per_epoch)
-    num_classes = model.num_classes
+    num_classes = hosts.head_outputs(model)
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)

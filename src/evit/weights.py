@@ -19,6 +19,8 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from . import hosts
+
 #: keys under which training scripts store the model's state dict (DeiT, EViT: 'model'; Lightning: 'state_dict')
 STATE_KEYS = ("model", "state_dict")
 
@@ -108,32 +110,5 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor]) -> Option
             parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
     hint = (" (it holds a token-reduction method's weights: patch the model with that method first)"
             if any(".reduction." in k for k in unexpected) else "")
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    name = hosts.model_name(model)
     return f"checkpoint {path} does not fit this model ({name}): {'; '.join(parts)}{hint}"
-
-
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights from a ``.safetensors`` file or a torch checkpoint into ``model``, or refuse in one line.
-
-    A ViT trained at another input size loads with its position embeddings resampled (timm's filter),
-    for fine-tuning at a higher resolution. The token-reduction settings the file recorded (EViT's
-    fusion, :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches
-    it the way it was trained."""
-    state = read_state(path)
-    bad = first_non_finite(state)
-    if bad:
-        raise ValueError(f"checkpoint {path} holds non-finite weights: {bad}; refusing to use them")
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
-    if isinstance(model, VisionTransformer):  # the timm way: position embeddings resampled to this input size
-        try:
-            state = checkpoint_filter_fn(state, model)
-        except (RuntimeError, ValueError, KeyError, IndexError) as e:
-            raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-    problem = mismatch(path, model, state)
-    if problem:
-        raise ValueError(problem)
-    model.load_state_dict(state, strict=False)
-    from .checkpoint import TRAINED_WITH, recorded_settings
-
-    setattr(model, TRAINED_WITH, recorded_settings(Path(path)))

@@ -1,16 +1,18 @@
-"""Token-reduction methods, one per file, all :class:`TokenReduction` subclasses."""
-from .base import KeepRateReduction, TokenReduction, TokenState, kept_count
-from .dynamicvit import DynamicViT
-from .evit import EViT, TopK
-from .patch_slimming import PatchSlimming
-from .random_drop import RandomDrop
-from .slice import Ideal, Keep, Slice
-from .stvit import STViT
-from .tome import ToMe
+"""Token-reduction methods, one per file, each a :class:`TokenReduction` registered by name.
 
-#: the methods :func:`evit.patch` knows by name
-METHODS = {"evit": EViT, "topk": TopK, "random": RandomDrop, "tome": ToMe, "dynamicvit": DynamicViT,
-           "stvit": STViT, "patchslimming": PatchSlimming, "slice": Slice}
+A new method is its own file here, registered with one line (``@register`` on its class, see
+:mod:`evit.registry`), and imported below so that ``evit.methods`` exports it.
+"""
+from ..reduction import Keep, TokenReduction, TokenState
+from ..registry import METHODS, register
+from .base import KeepRateReduction, kept_count
+from .evit import EViT, TopK
+from .random_drop import RandomDrop
+from .tome import ToMe
+from .dynamicvit import DynamicViT
+from .stvit import STViT
+from .patch_slimming import PatchSlimming
+from .slice import Ideal, Slice  # (registration order above is the order the command line lists them in)
 
 __all__ = ["TokenReduction", "TokenState", "KeepRateReduction", "kept_count", "EViT", "TopK", "RandomDrop",
-           "ToMe", "DynamicViT", "STViT", "PatchSlimming", "Slice", "Ideal", "Keep", "METHODS"]
+           "ToMe", "DynamicViT", "STViT", "PatchSlimming", "Slice", "Ideal", "Keep", "METHODS", "register"]

@@ -1,26 +1,16 @@
-"""The one interface every token-reduction method implements.
+"""What the methods share: the keep-rate family, kept-token counts and token selection.
 
-A method is a small ``nn.Module`` placed in a block by :mod:`evit.patch`. After the
-block's attention residual and before its MLP, the block calls
-``method(x, seen)`` with the tokens ``x`` (B, N, C) and what attention exposed
-(:class:`evit.attention.Seen`); the method returns the (usually shorter)
-sequence. Prefix tokens (class, distillation, registers) sit at the front of
-``x``; ``num_prefix_tokens`` is set by the patch and methods keep them.
-
-All methods of one model share a :class:`TokenState` (``method.state``), reset at
-the start of every forward by the first reducing block: token sizes for methods
-that merge (ToMe's proportional attention), and, when asked for by
-:func:`evit.masks.token_sources`, which input patches each token now stands for.
+The interface itself (:class:`evit.reduction.TokenReduction`) lives below the patch
+mechanism; this module holds the helpers only methods use.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..attention import Seen
+from ..reduction import TokenReduction, check_keep_rate
 
 
 def kept_count(keep_rate: float, n: int) -> int:
@@ -28,119 +18,22 @@ def kept_count(keep_rate: float, n: int) -> int:
     return min(n, max(1, math.ceil(keep_rate * n - 1e-6)))
 
 
-def check_keep_rate(keep_rate: float) -> float:
-    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)):
-        raise TypeError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
-    if not 0.0 < keep_rate <= 1.0:
-        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}: it is the share of image tokens kept")
-    return float(keep_rate)
+def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
+    """``x[b, offset + index[b]]`` for each b: (B, N, C), (B, k) -> (B, k, C).
 
-
-class TokenState:
-    """What the reducing blocks of one model carry from block to block within a forward.
-
-    size: (B, N) how many input patches each token stands for; None until a merging
-        method sets it (then later blocks add ``log(size)`` to the attention logits).
-    keep: (B, N) which tokens are still in play when a method masks them instead of removing
-        them (DynamicViT in training); later blocks attend only to those.
-    sources: when ``track`` is on, (B, N, N0) 0/1 matrix of the input tokens each token
-        holds, and ``stages`` collects it after every reduction (for pictures and masks).
+    One ``index_select`` (over the flattened batch when B > 1): on CPU it costs a
+    fraction of ``gather`` with an expanded index, which matters at batch size 1.
     """
-
-    def __init__(self) -> None:
-        self.track = False
-        self.reset()
-
-    def reset(self) -> None:
-        self.size: Optional[Tensor] = None
-        self.sources: Optional[Tensor] = None
-        self.stages: list[tuple[int, Tensor]] = []  # (block index, sources) after each reduction
-        self.keep: Optional[Tensor] = None  # (B, N) tokens still in play, when masked instead of removed
-        self.block = -1  # the block running now (set while tracking)
-
-    def attention_bias(self) -> Optional[Tensor]:
-        """``log(size)`` shaped to add to attention logits (B, 1, 1, N), or None."""
-        return None if self.size is None else self.size.log()[:, None, None, :]
-
-    def follow(self, x: Tensor, index: Tensor, fused_from: Optional[int] = None) -> None:
-        """Record that tokens ``index`` (B, k) were kept, in that order, and, with ``fused_from``,
-        that ``index[:, fused_from:]`` were pooled into one token appended after ``index[:, :fused_from]``."""
-        if not self.track:
-            return
-        src = self._sources(x).gather(1, index.unsqueeze(-1).expand(-1, -1, self.sources.shape[-1]))
-        if fused_from is not None:
-            src = torch.cat([src[:, :fused_from], src[:, fused_from:].amax(dim=1, keepdim=True)], dim=1)
-        self.record(src)
-
-    def _sources(self, x: Tensor) -> Tensor:
-        if self.sources is None:
-            B, N, _ = x.shape
-            self.sources = torch.eye(N, dtype=torch.uint8, device=x.device).expand(B, N, N)
-        return self.sources
-
-    def record(self, sources: Tensor) -> None:
-        self.sources = sources
-        self.stages.append((self.block, sources))
+    B, N, C = x.shape
+    if B == 1:
+        return x[:, offset:].index_select(1, index.view(-1))
+    flat = (index + (torch.arange(B, device=index.device).unsqueeze(1) * N + offset)).flatten()
+    return x.reshape(B * N, C).index_select(0, flat).view(B, index.shape[1], C)  # explicit: B may be 0
 
 
-class TokenReduction(nn.Module):
-    """Base class: subclasses set what they need from attention and implement ``forward``."""
-
-    #: ask :func:`evit.attention.attend` for the class token's attention row
-    needs_cls_attn: bool = False
-    #: ask for the keys (mean over heads)
-    needs_keys: bool = False
-    #: this method merges tokens and tracks their sizes: every later block uses proportional attention
-    tracks_size: bool = False
-    #: in training this method may mask tokens instead of removing them: every later block must see the mask
-    masks_in_training: bool = False
-    #: its tokens stand for groups of patches (ToMe's merges, STViT's windows): pictures colour the groups
-    groups_patches: bool = False
-    #: chooses its tokens from sample images (Patch Slimming): :meth:`prepare` must run after patching
-    needs_images: bool = False
-    #: chooses by, or keeps, the class token, so the model must classify from it (global_pool='token');
-    #: False: it also serves models that average their image tokens (global_pool='avg')
-    needs_class_token: bool = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_prefix_tokens = 1
-        self.state = TokenState()  # replaced by the model's shared state when patched
-        self.first = True  # the model's first reducing block resets the state
-        self.block = -1  # its block index, set by the patch
-
-    @classmethod
-    def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = True, **settings) -> "TokenReduction":
-        """The method for block ``block`` of a patch (see :func:`evit.patch`)."""
-        return cls(keep_rate, fuse, **settings)
-
-    def bind(self, model: nn.Module) -> None:
-        """Called by the patch with the model, before the first forward: build what depends on it."""
-
-    @classmethod
-    def prepare(cls, model: nn.Module, images: torch.Tensor) -> None:
-        """After patching, for methods with ``needs_images``: choose what depends on sample images."""
-
-    def aux_loss(self) -> Optional[Tensor]:
-        """A loss term of the last forward that training adds to the task loss (None: nothing)."""
-        return None
-
-    @classmethod
-    def default_locations(cls, depth: int) -> tuple[int, ...]:
-        from ..patch import default_locations
-
-        return default_locations(depth)
-
-    def output_tokens(self, n_tokens: int) -> int:
-        """Sequence length after this reduction for an input of ``n_tokens`` (prefix included)."""
-        raise NotImplementedError
-
-    def is_identity(self, n_tokens: int) -> bool:
-        """True when this reduction leaves ``n_tokens`` tokens untouched (the block then runs timm's own forward)."""
-        return self.output_tokens(n_tokens) == n_tokens
-
-    def forward(self, x: Tensor, seen: Seen) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+def prefix_index(index: Tensor, p: int) -> Tensor:
+    """Positions 0..p-1 for each row of ``index`` (B, k): (B, p)."""
+    return torch.arange(p, device=index.device).expand(index.shape[0], p)
 
 
 class KeepRateReduction(TokenReduction):

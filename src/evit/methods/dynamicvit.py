@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import hosts
 from ..attention import Seen
-from .base import KeepRateReduction, kept_count
-from .evit import prefix_index, select_tokens
+from ..registry import register
+from .base import KeepRateReduction, kept_count, prefix_index, select_tokens
 
 
 class ScorePredictor(nn.Module):
@@ -44,8 +45,10 @@ class ScorePredictor(nn.Module):
         return self.head(torch.cat([local, whole.expand_as(local)], dim=-1)).log_softmax(dim=-1)
 
 
+@register
 class DynamicViT(KeepRateReduction):
     masks_in_training = True
+    name, label, learned = "dynamicvit", "DynamicViT", True
 
     def __init__(self, keep_rate: float = 0.7, fuse: bool = False, ratio_weight: float = 2.0) -> None:
         if fuse:
@@ -61,7 +64,7 @@ class DynamicViT(KeepRateReduction):
 
     def bind(self, model: nn.Module) -> None:
         if self.predictor is None:
-            self.predictor = ScorePredictor(model.embed_dim)
+            self.predictor = ScorePredictor(hosts.adapter(model).embed_dim)
 
     def aux_loss(self) -> Optional[Tensor]:
         return None if self._ratio is None else self.ratio_weight * self._ratio

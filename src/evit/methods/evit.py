@@ -28,15 +28,18 @@ import torch
 from torch import Tensor
 
 from ..attention import Seen
-from .base import KeepRateReduction, kept_count
+from ..registry import register
+from .base import KeepRateReduction, kept_count, prefix_index, select_tokens
 
 
 #: how the inattentive tokens are fused: the authors' attention-weighted sum, or its renormalised average
 FUSIONS = ("sum", "mean")
 
 
+@register
 class EViT(KeepRateReduction):
     needs_cls_attn = True
+    name, label, exports = "evit", "EViT", True
 
     def __init__(self, keep_rate: float = 0.7, fuse: bool = True, fusion: str = "sum") -> None:
         super().__init__(keep_rate, fuse)
@@ -91,26 +94,11 @@ def _total(weight: Tensor) -> Tensor:
     return weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
 
 
-def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
-    """``x[b, offset + index[b]]`` for each b: (B, N, C), (B, k) -> (B, k, C).
-
-    One ``index_select`` (over the flattened batch when B > 1): on CPU it costs a
-    fraction of ``gather`` with an expanded index, which matters at batch size 1.
-    """
-    B, N, C = x.shape
-    if B == 1:
-        return x[:, offset:].index_select(1, index.view(-1))
-    flat = (index + (torch.arange(B, device=index.device).unsqueeze(1) * N + offset)).flatten()
-    return x.reshape(B * N, C).index_select(0, flat).view(B, index.shape[1], C)  # explicit: B may be 0
-
-
-def prefix_index(index: Tensor, p: int) -> Tensor:
-    """Positions 0..p-1 for each row of ``index`` (B, k): (B, p)."""
-    return torch.arange(p, device=index.device).expand(index.shape[0], p)
-
-
+@register
 class TopK(EViT):
     """EViT without fusion: the inattentive tokens are dropped."""
+
+    name, label = "topk", "Top-K"
 
     def __init__(self, keep_rate: float = 0.7, fuse: bool = False) -> None:
         if fuse:

@@ -23,12 +23,17 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import hosts
 from ..attention import Seen, attention_probs
+from ..patch import reductions, set_keep_rate
+from ..registry import register
 from .base import KeepRateReduction, kept_count
 
 
+@register
 class PatchSlimming(KeepRateReduction):
     needs_images = True
+    name, label = "patchslimming", "Patch Slimming"
 
     def __init__(self, keep_rate: float = 0.7, fuse: bool = False) -> None:
         if fuse:
@@ -68,7 +73,7 @@ class PatchSlimming(KeepRateReduction):
 def impact(model: nn.Module, images: Tensor, batch_size: int = 64) -> list[Tensor]:
     """Per block l, the impact (N,) of each token at the output of block l's attention on the
     prefix tokens' final output, from the unreduced model's attention on ``images``."""
-    return carry_back(_mean_attention(model, images, batch_size), model.num_prefix_tokens)
+    return carry_back(_mean_attention(model, images, batch_size), hosts.adapter(model).num_prefix_tokens)
 
 
 def carry_back(maps: list[Tensor], prefix: int) -> list[Tensor]:
@@ -91,15 +96,13 @@ def carry_back(maps: list[Tensor], prefix: int) -> list[Tensor]:
 def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
     """Choose, top-down, the positions every Patch Slimming block of ``model`` keeps; returns them
     (original image-token positions, by block)."""
-    from ..patch import reductions
-
     blocks = {i: m for i, m in reductions(model).items() if isinstance(m, PatchSlimming)}
     if not blocks:
         raise ValueError("select: the model has no Patch Slimming blocks; patch it with method='patchslimming' first")
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"select needs a batch of sample images (B, C, H, W), got shape {tuple(images.shape)}")
     impacts = impact(model, images, batch_size)
-    p = model.num_prefix_tokens
+    p = hosts.adapter(model).num_prefix_tokens
     counts = [impacts[0].shape[0] - p]  # image tokens entering each chosen block
     for m in blocks.values():
         counts.append(min(counts[-1], kept_count(m.keep_rate, counts[-1])))
@@ -118,18 +121,18 @@ def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, 
 
 def _mean_attention(model: nn.Module, images: Tensor, batch_size: int) -> list[Tensor]:
     """Each block's attention probabilities, mean over images and heads, with no token removed."""
-    from ..patch import reductions, set_keep_rate
-
     rates = {i: m.keep_rate for i, m in reductions(model).items() if hasattr(m, "keep_rate")}
     sums: dict[int, Tensor] = {}
 
-    def record(i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            probs = attention_probs(module, args[0]).mean(dim=1).sum(dim=0)
+    host = hosts.adapter(model)
+
+    def record(i: int, view: hosts.BlockView):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            probs = attention_probs(view.attention, view.attention_norm(view.tokens(args, kwargs))).mean(dim=1).sum(dim=0)
             sums[i] = probs if i not in sums else sums[i] + probs
         return hook
 
-    handles = [b.attn.register_forward_pre_hook(record(i)) for i, b in enumerate(model.blocks)]
+    handles = [b.register_forward_pre_hook(record(i, host.view(b)), with_kwargs=True) for i, b in enumerate(host.blocks)]
     was_training = model.training
     try:
         set_keep_rate(model, 1.0)
@@ -142,7 +145,7 @@ def _mean_attention(model: nn.Module, images: Tensor, batch_size: int) -> list[T
         for i, r in rates.items():
             reductions(model)[i].keep_rate = r
         model.train(was_training)
-    return [sums[i].float().cpu() / len(images) for i in range(len(model.blocks))]
+    return [sums[i].float().cpu() / len(images) for i in range(len(host.blocks))]
 
 
 def _batches(images: Tensor, size: int) -> Iterable[Tensor]:

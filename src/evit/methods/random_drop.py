@@ -11,12 +11,15 @@ import torch
 from torch import Tensor
 
 from ..attention import Seen
-from .base import KeepRateReduction, kept_count
-from .evit import prefix_index, select_tokens
+from ..registry import register
+from .base import KeepRateReduction, kept_count, prefix_index, select_tokens
 
 
+@register
 class RandomDrop(KeepRateReduction):
     needs_class_token = False
+    name, label = "random", "Random drop"
+
     def __init__(self, keep_rate: float = 0.7, fuse: bool = False, seed: Optional[int] = None) -> None:
         if fuse:
             raise ValueError("RandomDrop drops tokens; it has no fused token")

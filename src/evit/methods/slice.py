@@ -1,22 +1,25 @@
-"""The ideal, and a pass-through: token counts without the work of choosing them.
+"""The ideal: token counts without the work of choosing them.
 
 :class:`Slice` cuts a keep-rate method's token counts by plain slicing (no scoring,
 no gather, no fusion); :class:`Ideal` does the same for any method's counts (ToMe's
 included). That is the limit of what any implementation of those counts can reach:
 :mod:`evit.bench` measures it beside each method so a reported speed-up can be read
-against what was possible. :class:`Keep` changes nothing; the patch places it in
-blocks that must still see merged tokens' sizes (proportional attention).
+against what was possible.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
 from ..attention import Seen
-from .base import KeepRateReduction, TokenReduction
+from ..reduction import TokenReduction
+from ..registry import register
+from .base import KeepRateReduction
 
 
+@register
 class Slice(KeepRateReduction):
     needs_class_token = False
+    name, listed = "slice", False
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         return x[:, : self.output_tokens(x.shape[1])]
@@ -37,15 +40,3 @@ class Ideal(TokenReduction):
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         return x[:, : self.output_tokens(x.shape[1])]
-
-
-class Keep(TokenReduction):
-    """Keeps every token (for blocks after a merging method, which need its token sizes)."""
-
-    needs_class_token = False
-
-    def output_tokens(self, n_tokens: int) -> int:
-        return n_tokens
-
-    def forward(self, x: Tensor, seen: Seen) -> Tensor:
-        return x

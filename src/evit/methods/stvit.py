@@ -6,8 +6,8 @@ cluster centre initialised by pooling), then is refined by attention, as a query
 all the image tokens (keys and values), so it can gather what its window missed. Every
 later block runs on the prefix tokens and the semantic tokens only.
 
-The refinement reuses the chosen block's own attention weights (its norm1, attention
-and LayerScale) through :func:`evit.attention.cross_attend`, so the method has no new
+The refinement reuses the chosen block's own attention weights (its first norm, attention
+and LayerScale, named by its host's block view) through :func:`evit.attention.cross_attend`, so the method has no new
 parameters and runs off the shelf; fine-tuning (``evit train --method stvit``) lets the
 model adapt, as the paper trains its semantic-token module. The paper's recovery module
 (for dense prediction) is not part of classification and is left out.
@@ -23,12 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import hosts
 from ..attention import Seen, cross_attend
+from ..patch import reductions
+from ..registry import register
 from .base import KeepRateReduction
 
 
+@register
 class STViT(KeepRateReduction):
     groups_patches = True
+    name, label = "stvit", "STViT"
+    #: grids of 6, 5, 4 and 3 squared of 7 x 7 image tokens (12, 10, 8, 6 of DeiT's 14): its grid side is
+    #: round(sqrt(keep_rate * n)), so shared keep rates would give repeated grids
+    compare_grid, own_grid = (0.75, 0.5, 0.33, 0.18), True
 
     def __init__(self, keep_rate: float = 0.5, fuse: bool = False, refine: bool = True) -> None:
         if fuse:
@@ -45,13 +53,12 @@ class STViT(KeepRateReduction):
         return (depth // 4,)  # one block: semantic tokens replace the image tokens once
 
     def bind(self, model: nn.Module) -> None:
-        from ..patch import reductions
-
         others = [i for i, m in reductions(model).items() if isinstance(m, STViT)]
         if others:
             raise ValueError(f"STViT replaces the image tokens once: give one location, not blocks {others + [self.block]}")
-        object.__setattr__(self, "_block", model.blocks[self.block])  # its attention refines; not a submodule
-        object.__setattr__(self, "_grid", tuple(model.patch_embed.grid_size))
+        host = hosts.adapter(model)
+        object.__setattr__(self, "_view", host.view(host.blocks[self.block]))  # its attention refines; not a submodule
+        object.__setattr__(self, "_grid", host.patch_grid())
 
     def grid_side(self, n: int) -> int:
         """Side of the semantic-token grid for ``n`` image tokens."""
@@ -80,8 +87,9 @@ class STViT(KeepRateReduction):
         g = self.grid_side(N - p)
         semantic = _pool(x[:, p:], (h, w), g)
         if self.refine:
-            block = self._block
-            semantic = semantic + block.ls1(cross_attend(block.attn, block.norm1(semantic), block.norm1(x[:, p:])))
+            view = self._view
+            refined = cross_attend(view.attention, view.attention_norm(semantic), view.attention_norm(x[:, p:]))
+            semantic = semantic + view.attention_scale(refined)
         if self.state.track:
             sources = self.state._sources(x)
             pooled = _pool(sources[:, p:].float(), (h, w), g, max_pool=True).to(sources.dtype)

@@ -37,11 +37,15 @@ import torch
 from torch import Tensor
 
 from ..attention import Seen
-from .base import TokenReduction
+from ..reduction import TokenReduction
+from ..registry import register
 
 
+@register
 class ToMe(TokenReduction):
     needs_class_token = False
+    name, label, setting = "tome", "ToMe", "r"
+    compare_grid, bench_grid = (1, 2, 3, 4, 5, 6), (8, 13)  # tokens merged per block
     needs_keys = True
     tracks_size = True
     groups_patches = True

@@ -1,0 +1,105 @@
+"""The model libraries evit serves, one file each: all evit knows of a library lives in its file.
+
+* :mod:`evit.hosts.timm`: timm's VisionTransformer (ViT, DeiT, DeiT III, DINOv2, CLIP, ...);
+* :mod:`evit.hosts.transformers`: Hugging Face transformers' ViT, DeiT, CLIP vision, DINOv2 (with
+  registers) and SigLIP vision models (the optional extra ``evit[transformers]``).
+
+A host file defines a :class:`~evit.hosts.base.Host` (the model: blocks, prefix tokens, pooling,
+input size), a :class:`~evit.hosts.base.BlockView` per block type and an
+:class:`~evit.hosts.base.AttentionView` per attention type. The patch mechanism and the tools
+reach a model only through these. A new host is one more file here and one more line in
+:func:`find` and :func:`attention_view`.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from torch import nn
+
+from . import timm as timm_host
+from .base import AttentionView, BlockView, Host, base_class
+
+__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "data_config", "find",
+           "head_outputs", "model_name", "unwrapped", "view_class"]
+
+
+def _transformers():
+    """evit's transformers host, if transformers is loaded (a model of it can only exist then)."""
+    if "transformers" not in sys.modules:
+        return None
+    from . import transformers as hf_host
+
+    return hf_host
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers (``.module``), else ``model``:
+    evit works on the host's model, whatever runs it."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def find(model: nn.Module) -> Optional[Host]:
+    """The host adapter for ``model`` (or the model a DDP wrapper holds), or None when no host serves its family."""
+    model = unwrapped(model)
+    if timm_host.serves(model):
+        return timm_host.TimmHost(model)
+    hf = _transformers()
+    return hf.host(model) if hf is not None and hf.serves(model) else None
+
+
+def adapter(model: nn.Module) -> Host:
+    """:func:`find`, raising a TypeError that names what is served when nothing serves ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"evit.patch expects a timm VisionTransformer or a transformers ViT, got {type(model).__name__}")
+    model = unwrapped(model)
+    found = find(model)
+    if found is None:
+        raise TypeError(
+            f"evit cannot patch {timm_host.model_name(model)} ({type(model).__name__}): only timm VisionTransformer "
+            "models (ViT, DeiT, DeiT III, DINOv2, CLIP ViT) and transformers' ViT, DeiT, CLIP vision, DINOv2 and SigLIP "
+            "vision models are supported, not Swin, EVA, ConvNeXt or other families"
+        )
+    return found
+
+
+def view_class(block_class: type) -> type:
+    """The :class:`BlockView` class for blocks of ``block_class`` (a served host's block class)."""
+    if timm_host.serves_block(block_class):
+        return timm_host.TimmBlock
+    hf = _transformers()
+    view = hf.view_class(block_class) if hf is not None else None
+    if view is None:
+        raise TypeError(f"evit does not know block class {block_class.__name__}")
+    return view
+
+
+def attention_view(module: nn.Module) -> AttentionView:
+    """The view of one attention module of a served model (``evit.attention.attend(module, x)``)."""
+    if timm_host.serves_attention(module):
+        return timm_host.TimmAttention(module)
+    hf = _transformers()
+    view = hf.attention_view(module) if hf is not None else None
+    if view is None:
+        raise TypeError(f"evit does not know attention module {type(module).__name__}")
+    return view
+
+
+def head_outputs(model: nn.Module) -> int:
+    """Outputs of ``model``'s classification head: its host's answer, else timm's ``num_classes`` (0 if none)."""
+    found = find(model)
+    return found.head_outputs if found is not None else getattr(model, "num_classes", 0)
+
+
+def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict:
+    """Preprocessing for ``model``'s images (timm's keys), at ``input_size``: its host's, else timm's for any timm model."""
+    found = find(model)
+    return found.data_config(input_size) if found is not None else timm_host.data_config(model, input_size)
+
+
+def model_name(model: nn.Module) -> str:
+    """How messages name ``model``: its host's name for it, else timm's architecture name or its class name."""
+    found = find(model)
+    return found.name if found is not None else timm_host.model_name(unwrapped(model))

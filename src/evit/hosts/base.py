@@ -1,0 +1,217 @@
+"""What evit needs of a model library, as three small views a host file fills in.
+
+* :class:`AttentionView`: one attention module's projections (queries, keys, values, split
+  into heads and normalised as the module does), its scale, whether it runs the fused
+  kernel, its dropout, and its output projection. :mod:`evit.attention` does the maths.
+* :class:`BlockView`: one block's parts in the order its forward uses them (norm, attention,
+  residual with LayerScale and drop-path, MLP residual) and its call convention (which
+  arguments carry the tokens, which cannot follow a shortened sequence, what it returns).
+  The patch swaps the block's class for a subclass that runs these parts with a reduction
+  between attention and MLP; the block keeps its own modules, so parameter names do not change.
+* :class:`Host`: the model as a whole: its blocks, prefix tokens (class, distillation,
+  registers), embedding width, input size and patch grid, pooling, refusals.
+
+Nothing here or in a host file knows a token-reduction method.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def base_class(module: nn.Module) -> type:
+    """The class ``module`` had before evit's patch swapped it for a subclass (which names it ``_evit_base``)."""
+    return getattr(type(module), "_evit_base", type(module))
+
+
+class AttentionView:
+    """One attention module, as :func:`evit.attention.attend` uses it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    num_heads: int
+    head_dim: int
+    scale: float  # multiplies the query-key products
+    sdpa_scale: Optional[float] = None  # the scale given to the fused kernel (None: its default)
+
+    @property
+    def fused(self) -> bool:
+        """True when the module runs ``F.scaled_dot_product_attention`` (then so does evit)."""
+        raise NotImplementedError
+
+    @property
+    def dropout_p(self) -> float:
+        """Dropout on the attention probabilities now (0 outside training)."""
+        raise NotImplementedError
+
+    def dropout(self, probs: Tensor) -> Tensor:
+        return torch.nn.functional.dropout(probs, self.dropout_p, self.module.training)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of ``x`` (B, N, C), each (B, heads, N, head_dim), normalised as the module does."""
+        return self.queries(x), *self.keys_values(x)
+
+    def queries(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def finish(self, out: Tensor, x: Tensor) -> Tensor:
+        """The module's output for attention result ``out`` (B, N, heads * head_dim) of queries from ``x``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def heads(t: Tensor, num_heads: int) -> Tensor:
+        """(B, N, heads * d) -> (B, heads, N, d)."""
+        B, N, C = t.shape
+        return t.view(B, N, num_heads, C // num_heads).transpose(1, 2)  # explicit: B may be 0
+
+
+class BlockView:
+    """One transformer block, as the patch mechanism and the methods use it.
+
+    A block computes ``x = attention_residual(x, attention(attention_norm(x)))`` then ``mlp_residual(x)``; a reducing
+    block runs a method between the two.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def arguments(self, args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
+        """The token tensor of a call of the block, and the call's arguments as the block's own forward
+        may take them on a sequence of any length; raises ValueError for arguments that cannot follow a
+        shortened sequence (attention masks, ...)."""
+        raise NotImplementedError
+
+    def tokens(self, args: tuple, kwargs: dict) -> Tensor:
+        return self.arguments(args, kwargs)[0]
+
+    def output(self, x: Tensor, args: tuple, kwargs: dict) -> Any:
+        """What the block's own forward returns for output tokens ``x``."""
+        return x
+
+    @property
+    def attention(self) -> AttentionView:
+        raise NotImplementedError
+
+    def attention_norm(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def attention_scale(self, out: Tensor) -> Tensor:
+        """The attention branch's LayerScale (identity when the block has none), without drop-path."""
+        return out
+
+    def attention_residual(self, x: Tensor, out: Tensor) -> Tensor:
+        """``x`` plus the attention branch's output ``out``, scaled and dropped as the block does."""
+        raise NotImplementedError
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        """``x`` plus the block's MLP branch on it."""
+        raise NotImplementedError
+
+
+class Host:
+    """One model of a host library, as evit's patch and tools use it."""
+
+    #: the library's name, for messages
+    library: str = ""
+    #: the model returns its main tensor itself (not an output object)
+    returns_tensor: bool = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        """How messages name the model."""
+        return type(self.model).__name__
+
+    def check(self) -> None:
+        """Raise TypeError/ValueError naming the reason when evit cannot patch this model at all."""
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def view(self, block: nn.Module) -> BlockView:
+        """The view of one of :attr:`blocks`; ``view_class`` gives its class."""
+        return self.view_class(block)(block)
+
+    def view_class(self, block: nn.Module) -> type:
+        raise NotImplementedError
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the image tokens: class, distillation, registers."""
+        raise NotImplementedError
+
+    @property
+    def has_class_token(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pooling(self) -> str:
+        """What the output is read from: 'token' (the class token, or the whole sequence of a backbone),
+        'avg' (the mean of the image tokens), 'token+avg' (both)."""
+        raise NotImplementedError
+
+    @property
+    def pooling_text(self) -> str:
+        """The pooling in the library's own words, for messages."""
+        return f"pooling {self.pooling!r}"
+
+    #: what a method that needs the class token asks of a model, in the library's words
+    class_token_text: str = "a head on the class token"
+
+    @property
+    def final_norm(self) -> Optional[nn.Module]:
+        """The norm whose output an average pool reads (size-weighted after merges), if any."""
+        return None
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) the model takes now."""
+        raise NotImplementedError
+
+    def patch_grid(self, hw: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        """Rows and columns of image tokens for an input of ``hw`` (default: :attr:`input_size`)."""
+        raise NotImplementedError
+
+    def num_tokens(self, hw: Optional[tuple[int, int]] = None) -> int:
+        """Sequence length entering the first block for an input of ``hw``."""
+        h, w = self.patch_grid(hw)
+        return self.num_prefix_tokens + h * w
+
+    @property
+    def takes_any_size(self) -> bool:
+        """True when the model runs on inputs of other sizes than :attr:`input_size` as it is."""
+        return False
+
+    def set_input_size(self, hw: tuple[int, int]) -> None:
+        """Make the model take ``hw`` inputs, in place (position embeddings resampled)."""
+        raise ValueError(f"evit cannot resize {self.name} ({self.library}): build it at the input size you want")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The model's main output tensor for ``images``: logits for a classifier, else its embedding."""
+        return self.model(images)
+
+    @property
+    def head_outputs(self) -> int:
+        raise NotImplementedError
+
+    def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
+        """Preprocessing for images (at ``input_size`` (C, H, W), default the model's): input_size, mean, std,
+        interpolation, crop_pct (timm's keys)."""
+        raise NotImplementedError
+
+    def adapt_state_dict(self, state: dict) -> dict:
+        """``state`` adapted to this model before loading (e.g. position embeddings resampled)."""
+        return state

@@ -1,0 +1,417 @@
+"""Everything evit knows about Hugging Face transformers' Vision Transformers (transformers 5).
+
+Served, built from their configs or loaded from a local folder:
+
+==========================================  =========================  ==========================
+class                                       prefix tokens              output read from
+==========================================  =========================  ==========================
+ViTModel, ViTForImageClassification         class                      class token (or sequence)
+DeiTModel, DeiTForImageClassification       class, distillation        class token
+DeiTForImageClassificationWithTeacher       class, distillation        both tokens
+CLIPVisionModel(WithProjection)             class                      class token
+Dinov2Model                                 class                      class token
+Dinov2ForImageClassification                class                      class token and image mean
+Dinov2WithRegistersModel / ...Classif.      class, registers           as DINOv2
+SiglipVisionModel (vision_use_head=False)   none                       the sequence
+==========================================  =========================  ==========================
+
+under ``attn_implementation`` "sdpa" (evit keeps the fused kernel and computes the class
+token's attention row beside it) or "eager". Refused, with the reason: other attention
+implementations, SigLIP's attention-pooling head, ``output_attentions`` and attention masks
+on a patched layer, gradient checkpointing in training. A patched layer keeps its own
+submodules (``layernorm_before``, ``attention.q_proj``, ..., ``mlp``); only its class changes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import AttentionView, BlockView, Host, base_class
+
+IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class HFAttention(AttentionView):
+    """Attention with separate q/k/v projections and an output projection (ViT/DeiT/DINOv2: ``o_proj``,
+    ``scaling``; CLIP/SigLIP: ``out_proj``, ``scale``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.num_heads = module.config.num_attention_heads
+        self.head_dim = module.head_dim
+        self.scale = module.scaling if hasattr(module, "scaling") else module.scale
+        self.sdpa_scale = self.scale  # transformers passes its scale to the kernel
+        self._out = module.o_proj if hasattr(module, "o_proj") else module.out_proj
+
+    @property
+    def fused(self) -> bool:
+        return self.module.config._attn_implementation == "sdpa"
+
+    @property
+    def dropout_p(self) -> float:
+        m = self.module
+        return (m.attention_dropout if hasattr(m, "attention_dropout") else m.dropout) if m.training else 0.0
+
+    def queries(self, x: Tensor) -> Tensor:
+        return self.heads(self.module.q_proj(x), self.num_heads)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.module.k_proj(x), self.num_heads), self.heads(self.module.v_proj(x), self.num_heads)
+
+    def finish(self, out: Tensor, x: Tensor) -> Tensor:
+        return self._out(out)
+
+
+def _masks_nothing(mask: Tensor) -> bool:
+    """True for an attention mask that lets every token attend to every token (all true, or an additive mask
+    of zeros). While exporting, its values cannot be read: a mask then is taken to be the one evit's own
+    export gives (:meth:`TransformersHost.forward`), which masks nothing."""
+    if torch.compiler.is_exporting():
+        return True
+    return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+
+
+class HFLayer(BlockView):
+    """A transformers encoder layer called as ``layer(hidden_states, attention_mask, **kwargs)``."""
+
+    attention_name = "attention"
+
+    def arguments(self, args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict]:
+        x = args[0] if args else kwargs["hidden_states"]
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        layer = self.block
+        config = getattr(layer, self.attention_name).config
+        if (mask is not None and not _masks_nothing(mask)) or kwargs.get("head_mask") is not None:
+            raise ValueError("evit: attention masks are not supported in a token-reducing layer (the mask would not "
+                             "follow the shortened sequence); call the model without attention_mask / head_mask")
+        if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+            raise ValueError("evit: output_attentions=True is not supported on a token-reducing layer (evit computes the "
+                             "class token's attention row beside the fused kernel, never the full matrix); call the "
+                             "model without it, or evit.unpatch(model) first")
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            raise ValueError("evit: gradient checkpointing is not supported on a token-reducing layer (its replay would "
+                             "reduce again); disable it (model.activation_checkpointing_disable())")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "attention_mask")}
+        return x, (x, None), kwargs  # the mask masks nothing: the layer's own forward runs without it
+
+    @property
+    def attention(self) -> HFAttention:
+        return HFAttention(getattr(self.block, self.attention_name))
+
+
+class ViTLayerView(HFLayer):
+    """ViT and DeiT: ``x + dropout(attention(layernorm_before(x)))``, then ``x + dropout(mlp(layernorm_after(x)))``."""
+
+    def attention_norm(self, x: Tensor) -> Tensor:
+        return self.block.layernorm_before(x)
+
+    def attention_residual(self, x: Tensor, out: Tensor) -> Tensor:
+        return x + self.block.dropout(out)
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.block.dropout(self.block.mlp(self.block.layernorm_after(x)))
+
+
+class CLIPLayerView(HFLayer):
+    """CLIP and SigLIP: ``x + self_attn(layer_norm1(x))``, then ``x + mlp(layer_norm2(x))``."""
+
+    attention_name = "self_attn"
+
+    def attention_norm(self, x: Tensor) -> Tensor:
+        return self.block.layer_norm1(x)
+
+    def attention_residual(self, x: Tensor, out: Tensor) -> Tensor:
+        return x + out
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.block.mlp(self.block.layer_norm2(x))
+
+
+class Dinov2LayerView(HFLayer):
+    """DINOv2 (with registers): ``x + drop_path(layer_scale1(attention(norm1(x))))``, then the same around the MLP."""
+
+    def attention_norm(self, x: Tensor) -> Tensor:
+        return self.block.norm1(x)
+
+    def attention_scale(self, out: Tensor) -> Tensor:
+        return self.block.layer_scale1(out)
+
+    def attention_residual(self, x: Tensor, out: Tensor) -> Tensor:
+        return x + self.block.drop_path(self.block.layer_scale1(out))
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        b = self.block
+        return x + b.drop_path(b.layer_scale2(b.mlp(b.norm2(x))))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: where its layers are, what its layer is, its preprocessing."""
+
+    module: str  # transformers.models.<module>.modeling_<module>
+    layer: str  # its layer class
+    attention: str  # its attention class
+    view: type
+    layers_path: str  # from the backbone
+    mean: tuple
+    std: tuple
+    crop_pct: float = 1.0
+    makes_mask: bool = True  # its model makes an attention mask for its layers (create_bidirectional_mask)
+
+
+_STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+FAMILIES = {
+    "vit": Family("vit", "ViTLayer", "ViTAttention", ViTLayerView, "layers", *_STANDARD),
+    "deit": Family("deit", "DeiTLayer", "DeiTAttention", ViTLayerView, "layers", *_STANDARD, crop_pct=0.875),
+    "clip": Family("clip", "CLIPEncoderLayer", "CLIPAttention", CLIPLayerView, "encoder.layers", *_CLIP,
+                   makes_mask=False),
+    "dinov2": Family("dinov2", "Dinov2Layer", "Dinov2Attention", Dinov2LayerView, "encoder.layer", *_IMAGENET,
+                     crop_pct=0.875),
+    "dinov2_with_registers": Family("dinov2_with_registers", "Dinov2WithRegistersLayer",
+                                    "Dinov2WithRegistersAttention", Dinov2LayerView, "encoder.layer", *_IMAGENET,
+                                    crop_pct=0.875),
+    "siglip": Family("siglip", "SiglipEncoderLayer", "SiglipAttention", CLIPLayerView, "encoder.layers", *_STANDARD,
+                     makes_mask=False),
+}
+#: served model classes: (family, pooling). Pooling: 'token' (a head or pooler on the class token),
+#: 'token+avg' (on the class token and the image tokens' mean), 'sequence' (the tokens themselves)
+CLASSES = {
+    "ViTModel": ("vit", "token"), "ViTForImageClassification": ("vit", "token"),
+    "DeiTModel": ("deit", "token"), "DeiTForImageClassification": ("deit", "token"),
+    "DeiTForImageClassificationWithTeacher": ("deit", "token"),
+    "CLIPVisionModel": ("clip", "token"), "CLIPVisionModelWithProjection": ("clip", "token"),
+    "Dinov2Model": ("dinov2", "token"), "Dinov2ForImageClassification": ("dinov2", "token+avg"),
+    "Dinov2WithRegistersModel": ("dinov2_with_registers", "token"),
+    "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", "token+avg"),
+    "SiglipVisionModel": ("siglip", "sequence"),
+}
+
+
+def _modeling(family: Family) -> Any:
+    import importlib
+
+    return importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+
+
+def _served_class(model: nn.Module) -> Optional[str]:
+    """The served transformers class ``model`` is (by its class's defining module, not only its name)."""
+    cls = type(model)
+    entry = CLASSES.get(cls.__name__)
+    if entry is None or getattr(_modeling(FAMILIES[entry[0]]), cls.__name__, None) is not cls:
+        return None
+    return cls.__name__
+
+
+def serves(model: nn.Module) -> bool:
+    return _served_class(model) is not None
+
+
+def host(model: nn.Module) -> "TransformersHost":
+    return TransformersHost(model)
+
+
+def view_class(block_class: type) -> Optional[type]:
+    """The view class for a served family's layer class, else None."""
+    for family in FAMILIES.values():
+        if block_class is getattr(_modeling(family), family.layer):
+            return family.view
+    return None
+
+
+def attention_view(module: nn.Module) -> Optional[AttentionView]:
+    for family in FAMILIES.values():
+        if type(module) is getattr(_modeling(family), family.attention):
+            return HFAttention(module)
+    return None
+
+
+class TransformersHost(Host):
+    library = "transformers"
+    returns_tensor = False
+    class_token_text = "a head on the class token"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.family_name, self._pooling = CLASSES[_served_class(model)]
+        self.family = FAMILIES[self.family_name]
+        self.backbone = model.base_model
+        self.config = self.backbone.config
+
+    def check(self) -> None:
+        impl = self.config._attn_implementation
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"evit cannot patch {self.name}: it runs attn_implementation={impl!r}; evit serves "
+                             f"{' and '.join(repr(i) for i in IMPLEMENTATIONS)} (build or load it with "
+                             "attn_implementation='sdpa')")
+        if self.family_name == "siglip" and getattr(self.backbone, "use_head", False):
+            raise ValueError(f"evit cannot patch {self.name}: it pools with SigLIP's attention-pooling head "
+                             "(vision_use_head=True), which no evit method serves (its attention would need the merged "
+                             "tokens' sizes); build it with vision_use_head=False to reduce its token sequence")
+        layer_class = getattr(_modeling(self.family), self.family.layer)
+        for i, layer in enumerate(self.blocks):
+            base = base_class(layer)
+            if base is not layer_class:
+                raise TypeError(f"evit cannot patch {self.name}: layer {i} is {base.__name__}, not {layer_class.__name__}")
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def blocks(self):
+        module = self.backbone
+        for part in self.family.layers_path.split("."):
+            module = getattr(module, part)
+        return module
+
+    def view_class(self, block: nn.Module) -> type:
+        return self.family.view
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        embeddings = self.backbone.embeddings
+        registers = getattr(embeddings, "register_tokens", None)
+        return int(self.has_class_token) + int(getattr(embeddings, "distillation_token", None) is not None) + \
+            (0 if registers is None else registers.shape[1])
+
+    @property
+    def has_class_token(self) -> bool:
+        embeddings = self.backbone.embeddings
+        return getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def pooling(self) -> str:
+        if self._pooling == "token" and self.family_name in ("vit", "deit") and type(self.model) is type(self.backbone) \
+                and self.backbone.pooler is None:
+            return "sequence"  # a ViTModel without its pooler returns the tokens themselves
+        return self._pooling
+
+    @property
+    def pooling_text(self) -> str:
+        return {"token": "its class token", "token+avg": "its class token and the mean of its image tokens",
+                "sequence": "its token sequence"}[self.pooling]
+
+    @property
+    def final_norm(self) -> Optional[nn.Module]:
+        return self.backbone.layernorm if self.pooling == "token+avg" else None
+
+    def _pair(self, value) -> tuple[int, int]:
+        return (value, value) if isinstance(value, int) else tuple(value)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.config.num_channels, *self._pair(self.config.image_size))
+
+    def patch_grid(self, hw: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        (h, w), (ph, pw) = hw or self.input_size[1:], self._pair(self.config.patch_size)
+        return h // ph, w // pw
+
+    @property
+    def takes_any_size(self) -> bool:
+        return self.family_name.startswith("dinov2")  # its position embeddings are interpolated at every call
+
+    def forward(self, images: Tensor) -> Tensor:
+        masks = {}
+        if torch.compiler.is_exporting() and self.family.makes_mask:
+            # under torch.export, transformers hands every layer a full-length all-attending mask, which a layer
+            # after a reduction cannot take; a 1 x 1 mask that masks nothing broadcasts to any length instead
+            masks["attention_mask"] = images.new_zeros(1, 1, 1, 1)
+        out = self.model(pixel_values=images, **masks)
+        for key in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
+            if getattr(out, key, None) is not None:
+                return getattr(out, key)
+        raise TypeError(f"{self.name} returned no tensor evit knows ({type(out).__name__})")  # pragma: no cover
+
+    @property
+    def head_outputs(self) -> int:
+        if not hasattr(self.model, "classifier") and not hasattr(self.model, "cls_classifier"):
+            raise ValueError(f"{self.name} has no classification head; use its ...ForImageClassification class")
+        return self.model.config.num_labels
+
+    def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
+        """The family's preprocessing (as transformers' image processor for it does), or the one a local
+        folder's ``preprocessor_config.json`` gives."""
+        mean, std, crop_pct = self.family.mean, self.family.std, self.family.crop_pct
+        saved = Path(str(getattr(self.model.config, "_name_or_path", "") or "")) / "preprocessor_config.json"
+        if saved.is_file():
+            given = json.loads(saved.read_text())
+            mean, std = tuple(given.get("image_mean", mean)), tuple(given.get("image_std", std))
+            size, crop = given.get("size") or {}, given.get("crop_size") or {}
+            if given.get("do_center_crop") and crop.get("height") and (size.get("height") or size.get("shortest_edge")):
+                crop_pct = crop["height"] / (size.get("height") or size["shortest_edge"])
+        size = tuple(int(s) for s in input_size) if input_size else self.input_size
+        return dict(input_size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct)
+
+
+# ---- building models for the command line ------------------------------------------------------------
+
+def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
+    """A transformers model from ``spec``: a local folder with ``config.json`` (with ``pretrained``: its
+    weights too), or a model type (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``,
+    ``dinov2_with_registers``, ``siglip_vision_model``) whose default config ``overrides`` change, with
+    random weights; or, with network access, a Hub id. ``overrides`` may name ``model_class`` (default:
+    the type's image classifier, else its base model) and ``attn_implementation`` (default 'sdpa').
+    With ``HF_HUB_OFFLINE=1`` anything but a local folder or a type fails at once."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_class = overrides.pop("model_class", None)
+    impl = overrides.pop("attn_implementation", "sdpa")
+    folder = Path(spec)
+    try:
+        if (folder / "config.json").is_file():
+            config = AutoConfig.from_pretrained(str(folder), **overrides)
+        elif spec in CONFIG_MAPPING:
+            config = AutoConfig.for_model(spec, **overrides)
+        else:
+            config = AutoConfig.from_pretrained(spec, **overrides)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"hf:{spec} is neither a local folder with config.json nor a transformers model type "
+                         f"({', '.join(sorted(t for t in CONFIG_MAPPING if t in _TYPES))}, ...), and the Hub could "
+                         f"not give it ({first})") from None
+    model_class = model_class or next(iter(getattr(config, "architectures", None) or []), None)  # a folder's own
+    if model_class is not None:
+        cls = getattr(transformers, model_class, None)
+        if cls is None or not isinstance(cls, type):
+            raise ValueError(f"transformers has no model class {model_class!r}")
+    else:
+        try:
+            cls = AutoModelForImageClassification._model_mapping[type(config)]
+        except KeyError:
+            cls = AutoModel._model_mapping[type(config)]
+        cls = cls[0] if isinstance(cls, (tuple, list)) else cls
+    if pretrained:
+        return cls.from_pretrained(str(folder) if folder.is_dir() else spec, config=config, attn_implementation=impl)
+    return cls._from_config(config, attn_implementation=impl)
+
+
+_TYPES = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers", "siglip_vision_model")
+
+
+def parse_spec(text: str) -> tuple[str, dict]:
+    """``CONFIG_OR_ID[:key=value,...]`` (values read as JSON where they parse, else as text) ->
+    (config or id, overrides): ``vit:hidden_size=384,num_hidden_layers=12,num_attention_heads=6``."""
+    spec, _, rest = (text, "", "") if Path(text).exists() else text.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"hf:{text}: settings are key=value pairs separated by commas, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return spec, overrides

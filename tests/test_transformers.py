@@ -1,0 +1,414 @@
+"""transformers' ViTs through evit's transformers host: equal at zero reduction, the predicted counts, EViT
+equal to a plain reference, gradients, refusals, MACs and the command line. Tiny configs, random weights."""
+import json
+import math
+
+import pytest
+import torch
+
+import evit
+from evit import hosts
+from evit.cli import main
+from evit.reduction import TokenReduction
+
+T = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8,
+            initializer_range=0.2)
+CLASSES = {  # class -> (config class, config settings beyond TINY)
+    "ViTForImageClassification": (T.ViTConfig, dict(intermediate_size=64)),
+    "ViTModel": (T.ViTConfig, dict(intermediate_size=64)),
+    "DeiTForImageClassification": (T.DeiTConfig, dict(intermediate_size=64)),
+    "DeiTForImageClassificationWithTeacher": (T.DeiTConfig, dict(intermediate_size=64)),
+    "CLIPVisionModel": (T.CLIPVisionConfig, dict(intermediate_size=64)),
+    "CLIPVisionModelWithProjection": (T.CLIPVisionConfig, dict(intermediate_size=64, projection_dim=16)),
+    "Dinov2Model": (T.Dinov2Config, dict(mlp_ratio=2)),
+    "Dinov2ForImageClassification": (T.Dinov2Config, dict(mlp_ratio=2, layerscale_value=0.5)),
+    "Dinov2WithRegistersModel": (T.Dinov2WithRegistersConfig, dict(mlp_ratio=2, num_register_tokens=2)),
+    "Dinov2WithRegistersForImageClassification": (T.Dinov2WithRegistersConfig, dict(mlp_ratio=2, num_register_tokens=2)),
+    "SiglipVisionModel": (T.SiglipVisionConfig, dict(intermediate_size=64, vision_use_head=False)),
+}
+PREFIX = {"DeiTForImageClassification": 2, "DeiTForImageClassificationWithTeacher": 2, "SiglipVisionModel": 0,
+          "Dinov2WithRegistersModel": 3, "Dinov2WithRegistersForImageClassification": 3}
+CLASS_TOKEN_METHODS = ("evit", "topk", "dynamicvit", "stvit", "patchslimming")
+# method -> (settings at zero reduction, settings at a real reduction)
+METHODS = {"evit": ({"keep_rate": 1.0}, {"keep_rate": 0.5}), "topk": ({"keep_rate": 1.0}, {"keep_rate": 0.6}),
+           "random": ({"keep_rate": 1.0, "seed": 0}, {"keep_rate": 0.5, "seed": 0}), "tome": ({"r": 0}, {"r": 3}),
+           "dynamicvit": ({"keep_rate": 1.0}, {"keep_rate": 0.5}), "stvit": ({"keep_rate": 1.0}, {"keep_rate": 0.5}),
+           "patchslimming": ({"keep_rate": 1.0}, {"keep_rate": 0.5})}
+
+
+def served(name):
+    return [m for m in METHODS if name != "SiglipVisionModel" or m not in CLASS_TOKEN_METHODS]
+
+
+def build(name, impl="sdpa", dtype=torch.float32, **settings):
+    config_class, extra = CLASSES[name]
+    torch.manual_seed(0)
+    model = getattr(T, name)._from_config(config_class(**{**TINY, **extra, **settings}), attn_implementation=impl)
+    with torch.no_grad():  # transformers starts tokens, biases and some position embeddings at zero: a class
+        for n, p in model.named_parameters():  # token of zeros attends uniformly, and EViT's ranking is all ties
+            if n.endswith(("bias", "token", "tokens", "embeddings", "class_embedding")) and "norm" not in n:
+                p.normal_(0, 0.2)
+    return model.to(dtype).eval()
+
+
+def images(batch=3, dtype=torch.float32):
+    torch.manual_seed(1)
+    return torch.randn(batch, 3, 32, 32, dtype=dtype)
+
+
+def patch(model, method, settings, x):
+    return evit.patch(model, method=method, **settings, **({"images": x} if method == "patchslimming" else {}))
+
+
+class PassThrough(TokenReduction):
+    """Runs the reducing layer's own path (attention through evit, method, MLP) while keeping every token."""
+
+    needs_cls_attn = needs_keys = True
+    needs_class_token = False
+
+    def output_tokens(self, n_tokens):
+        return n_tokens
+
+    def is_identity(self, n_tokens):
+        return False
+
+    def forward(self, x, seen):
+        assert seen.cls_attn.shape == x.shape[:2] and torch.allclose(seen.cls_attn.sum(-1), seen.cls_attn.new_ones(1))
+        return x
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_zero_reduction_equals_unpatched(name, impl):
+    model, x = build(name, impl), images()
+    host = hosts.adapter(model)
+    assert host.num_prefix_tokens == PREFIX.get(name, 1)
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        ref = host.forward(x)
+        evit.apply(model, {i: PassThrough() for i in range(4)})  # evit's own layer path, every layer
+        torch.testing.assert_close(host.forward(x), ref, atol=1e-5, rtol=1e-5)
+        for method in served(name):
+            patch(model, method, METHODS[method][0], x)
+            assert evit.reductions(model), method
+            torch.testing.assert_close(host.forward(x), ref, atol=1e-5, rtol=1e-5, msg=method)
+    assert set(model.state_dict()) - {k for k in model.state_dict() if ".reduction." in k} == keys, \
+        "patching must not rename parameters"
+    evit.unpatch(model)
+    assert not evit.reductions(model) and type(host.blocks[0]).__name__ == host.family.layer
+
+
+def _lengths(model, x):
+    """Input length, then the output length of each patched layer."""
+    host, lengths = hosts.adapter(model), {}
+    layers = host.blocks
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: lengths.__setitem__(i, out.shape[1]))
+               for i, layer in enumerate(layers)]
+    handles.append(layers[0].register_forward_pre_hook(lambda m, a: lengths.__setitem__(-1, a[0].shape[1])))
+    try:
+        with torch.no_grad():
+            out = host.forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, [lengths[-1]] + [lengths[i] for i in sorted(evit.reductions(model))]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_reduced_token_counts_are_the_predicted_ones(name, impl):
+    model, x = build(name, impl), images()
+    n = hosts.adapter(model).num_tokens()
+    assert n == PREFIX.get(name, 1) + 16
+    for method in served(name):
+        patch(model, method, METHODS[method][1], x)
+        out, seen = _lengths(model, x)
+        assert torch.isfinite(out).all(), method
+        assert seen == evit.token_counts(model, n) and seen[-1] < n, (method, seen)
+
+
+# ---- EViT against a plain reference -----------------------------------------------------------------
+
+def _attention(attn, h):
+    """Explicit attention of a transformers attention module: (output, probabilities (B, H, N, N))."""
+    B, N, _ = h.shape
+    split = lambda t: t.view(B, N, attn.config.num_attention_heads, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
+    probs = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(B, N, -1)
+    return (attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj)(out), probs
+
+
+def _layer(layer, t):
+    """One layer, written out per family: (tokens after the attention residual, probabilities, MLP residual)."""
+    if hasattr(layer, "layernorm_before"):  # ViT, DeiT
+        a, probs = _attention(layer.attention, layer.layernorm_before(t))
+        return t + a, probs, lambda t: t + layer.mlp(layer.layernorm_after(t))
+    if hasattr(layer, "layer_norm1"):  # CLIP
+        a, probs = _attention(layer.self_attn, layer.layer_norm1(t))
+        return t + a, probs, lambda t: t + layer.mlp(layer.layer_norm2(t))
+    a, probs = _attention(layer.attention, layer.norm1(t))  # DINOv2
+    return t + layer.layer_scale1(a), probs, lambda t: t + layer.layer_scale2(layer.mlp(layer.norm2(t)))
+
+
+def _head(model, name, t):
+    base = model.base_model
+    if name.startswith("CLIP"):
+        pooled = base.post_layernorm(t[:, 0])
+        return model.visual_projection(pooled) if name.endswith("Projection") else pooled
+    s = base.layernorm(t)
+    if name == "DeiTForImageClassificationWithTeacher":
+        return (model.cls_classifier(s[:, 0]) + model.distillation_classifier(s[:, 1])) / 2
+    if name.endswith("ForImageClassification") and name.startswith("Dinov2"):
+        return model.classifier(torch.cat([s[:, 0], s[:, PREFIX.get(name, 1):].mean(1)], dim=1))
+    if name.endswith("ForImageClassification"):
+        return model.classifier(s[:, 0])
+    return base.pooler(s) if getattr(base, "pooler", None) is not None else s[:, 0]
+
+
+def reference_evit(model, name, x, keep_rate, locations, fusion="mean"):
+    """EViT written plainly: explicit attention matrix, sort, the rest fused into one token: their attention-
+    weighted sum (``fusion='sum'``, the paper's) or average (``'mean'``, weights renormalised to sum to one)."""
+    base, p = model.base_model, PREFIX.get(name, 1)
+    t = base.embeddings(x)
+    if name.startswith("CLIP"):
+        t = base.pre_layrnorm(t)
+    layers = base.encoder.layers if name.startswith("CLIP") else base.encoder.layer if name.startswith("Dinov2") \
+        else base.layers
+    for i, layer in enumerate(layers):
+        t, probs, mlp = _layer(layer, t)
+        if i in locations:
+            rows = []
+            for b in range(t.shape[0]):
+                score = probs[b, :, 0, p:].mean(0)
+                order = torch.argsort(score, descending=True)
+                kk = math.ceil(round(keep_rate * len(score), 6))
+                keep, drop = order[:kk], order[kk:]
+                w = score[drop] / score[drop].sum() if fusion == "mean" else score[drop]
+                rows.append(torch.cat([t[b, :p], t[b, p:][keep], (w[:, None] * t[b, p:][drop]).sum(0, keepdim=True)]))
+            t = torch.stack(rows)
+        t = mlp(t)
+    return _head(model, name, t)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", [n for n in CLASSES if n != "SiglipVisionModel"])
+def test_evit_equals_the_reference(name, impl):
+    model, x = build(name, impl, torch.float64), images(dtype=torch.float64)  # float64: no near-tie flips
+    with torch.no_grad():
+        unpatched = hosts.adapter(model).forward(x)
+        for keep_rate, locations in ((0.5, (1, 2)), (0.7, (0,))):
+            evit.patch(model, keep_rate, locations)
+            fusion = getattr(evit.reductions(model)[locations[0]], "fusion", "mean")  # the method's own
+            ref = reference_evit(model, name, x, keep_rate, locations, fusion)
+            # transformers' eager ViT and CLIP attention take the softmax in float32 even in float64
+            torch.testing.assert_close(hosts.adapter(model).forward(x), ref, atol=1e-6, rtol=1e-6)
+            evit.unpatch(model)
+    assert (ref - unpatched).abs().max() > 1e-3, "the reduction changed nothing"
+
+
+def test_sdpa_stays_fused_no_attention_matrix_is_made():
+    """Under sdpa the patched model makes no (B, heads, N, N) tensor (the class row is computed beside the
+    kernel); under eager it does (so the check can see one)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.square = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == t.shape[-2] > 4:
+                    self.square.add(tuple(t.shape))
+            return out
+
+    for impl in ("sdpa", "eager"):
+        model, x = build("DeiTForImageClassificationWithTeacher", impl), images()
+        evit.patch(model, 0.5, locations=[0, 2])
+        with torch.no_grad(), Shapes() as seen:
+            hosts.adapter(model).forward(x)
+        assert (not seen.square) if impl == "sdpa" else (3, 2, 18, 18) in seen.square, (impl, seen.square)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_gradients_reach_every_parameter_in_training(name):
+    dropout = dict(drop_path_rate=0.1) if name.startswith("Dinov2") else \
+        dict(attention_dropout=0.1) if name.startswith(("CLIP", "Siglip")) else \
+        dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model, x = build(name, **dropout), images(4)
+    host = hosts.adapter(model.train())
+    host.forward(x).square().mean().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}  # what the unpatched model trains
+    assert len(trained) > 20
+    for method in served(name):
+        model.zero_grad(set_to_none=True)
+        patch(model, method, METHODS[method][1], x).train()
+        loss = host.forward(x).square().mean()
+        sum(filter(None, (m.aux_loss() for m in evit.reductions(model).values())), loss).backward()  # as train.py
+        reached = {n for n, p in model.named_parameters() if p.grad is not None and torch.isfinite(p.grad).all()}
+        own = {n for n, _ in model.named_parameters() if ".reduction." in n}  # DynamicViT's predictors
+        assert trained | own <= reached, (method, sorted(trained | own - reached))
+        evit.unpatch(model)
+
+
+def test_tome_on_dinov2s_classifier_averages_by_size():
+    """Dinov2ForImageClassification reads the class token and the mean of the image tokens: merging two pairs
+    of identical tokens changes no logit (proportional attention, size-weighted mean); a plain mean would."""
+    from evit.patch import SizeWeightedNorm
+
+    model = build("Dinov2ForImageClassification")
+    with torch.no_grad():
+        model.dinov2.embeddings.position_embeddings.zero_()  # identical patches stay identical tokens
+        x = images(2)
+        x[..., :8, 8:16] = x[..., :8, 0:8]  # patch 1 = patch 0, patch 3 = patch 2: neighbours, so opposite sets
+        x[..., :8, 24:32] = x[..., :8, 16:24]
+        ref = hosts.adapter(model).forward(x)
+        evit.patch(model, method="tome", r=2, locations=[0])
+        assert evit.token_counts(model, 17) == [17, 15, 15, 15, 15]
+        torch.testing.assert_close(hosts.adapter(model).forward(x), ref, atol=1e-5, rtol=1e-5)
+        norm = model.dinov2.layernorm
+        assert isinstance(norm, SizeWeightedNorm)
+        weighted, norm.__class__ = type(norm), torch.nn.LayerNorm  # the plain mean instead
+        assert (hosts.adapter(model).forward(x) - ref).abs().max() > 1e-4
+        norm.__class__ = weighted
+        evit.unpatch(model)
+        assert type(model.dinov2.layernorm) is torch.nn.LayerNorm
+
+
+def test_a_patched_model_pickles_and_copies():
+    import copy
+    import io
+
+    model, x = build("Dinov2WithRegistersForImageClassification"), images()
+    evit.patch(model, method="tome", r=2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    with torch.no_grad():
+        ref = hosts.adapter(model).forward(x)
+        for other in (loaded, copy.deepcopy(model)):
+            torch.testing.assert_close(hosts.adapter(other).forward(x), ref)
+            assert evit.token_counts(other, 19) == evit.token_counts(model, 19) and evit.unpatch(other)
+
+
+def test_count_macs_counts_the_reduction_and_both_kernels_alike():
+    for name in ("DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersForImageClassification"):
+        counts = {}
+        for impl in ("sdpa", "eager"):
+            model = build(name, impl)
+            counts[impl, "none"] = evit.count_macs(model)
+            evit.patch(model, 0.5)
+            counts[impl, "evit"] = evit.count_macs(model)
+        assert counts["sdpa", "none"] == counts["eager", "none"] and counts["sdpa", "evit"] == counts["eager", "evit"]
+        assert counts["sdpa", "evit"] < 0.8 * counts["sdpa", "none"], counts
+
+
+# ---- refusals ---------------------------------------------------------------------------------------
+
+def test_refusals_are_clear():
+    model, x = build("ViTForImageClassification"), images()
+    evit.patch(model, 0.5)
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(pixel_values=x, output_attentions=True)
+    mask = torch.ones(3, 17, dtype=torch.bool)
+    mask[:, 5] = False  # (an all-true mask is no mask: transformers drops it)
+    with pytest.raises(ValueError, match="attention masks are not supported"):
+        model(pixel_values=x, attention_mask=mask)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model.train()(pixel_values=x)
+    siglip = build("SiglipVisionModel", vision_use_head=True)
+    for method in ("evit", "tome", "random"):
+        with pytest.raises(ValueError, match="attention-pooling head"):
+            evit.patch(siglip, method=method)
+    with pytest.raises(ValueError, match="without a class token.*random, tome"):
+        evit.patch(build("SiglipVisionModel"), 0.5)
+    flex = build("DeiTForImageClassification")
+    flex.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
+        evit.patch(flex, 0.5)
+    clip_classifier = T.CLIPForImageClassification(T.CLIPConfig(vision_config=dict(TINY, intermediate_size=64)))
+    with pytest.raises(TypeError, match="only timm VisionTransformer models .* and transformers' ViT"):
+        evit.patch(clip_classifier, 0.5)
+    assert not any(evit.reductions(m) for m in (siglip, flex, clip_classifier))
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+HF_TINY = "hf:vit:hidden_size=32,num_hidden_layers=4,num_attention_heads=2,intermediate_size=64,image_size=28," \
+          "patch_size=4,num_channels=1,num_labels=10"
+
+
+def test_cli_bench_eval_compare_on_a_transformers_model(tmp_path, capsys):
+    assert main(["bench", "--model", HF_TINY, "--keep-rates", "1.0", "0.5", "--batch-size", "2", "--reps", "2",
+                 "--latency-reps", "2", "--warmup", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[2]["tokens"] == [50, 27, 15, 9] and rows[2]["gmacs"] < rows[1]["gmacs"] == pytest.approx(rows[0]["gmacs"])
+    assert main(["eval", "--model", HF_TINY, "--data", "bundled", "--keep-rates", "1.0", "0.5", "--speed-reps", "1",
+                 "--batch-size", "1000", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["keep_rate"] for r in rows] == [1.0, 0.5] and all(r["images"] == 3000 for r in rows)
+    assert rows[1]["gmacs"] < rows[0]["gmacs"] and all(0 <= r["top1"] <= 100 for r in rows)
+    assert main(["compare", "--model", HF_TINY, "--data", "bundled", "--methods", "tome", "topk", "--keep-rates", "0.5",
+                 "--r", "2", "--speed-reps", "1", "--batch-size", "1000", "--plot", str(tmp_path / "c.png"),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["method"] for r in rows] == ["none", "tome", "topk"]
+
+
+def test_cli_eval_on_an_image_folder_with_the_models_own_preprocessing(jpeg_folder, capsys):
+    root = jpeg_folder(1, 3)  # 10 classes, 3 validation images each
+    spec = HF_TINY.replace(",num_channels=1", "").replace("image_size=28,patch_size=4", "image_size=32,patch_size=8")
+    assert main(["eval", "--model", spec, "--data", str(root), "--keep-rates", "1.0", "0.5", "--speed-reps", "1",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["images"] for r in rows] == [30, 30] and rows[1]["gmacs"] < rows[0]["gmacs"]
+    model = build("DeiTForImageClassification")
+    config = hosts.data_config(model, (3, 48, 48))
+    assert config["input_size"] == (3, 48, 48) and config["mean"] == (0.5, 0.5, 0.5) and config["crop_pct"] == 0.875
+
+
+def test_cli_show_and_export_on_a_transformers_model(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    spec = HF_TINY.replace(",num_channels=1", "").replace("image_size=28,patch_size=4", "image_size=32,patch_size=8")
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(files[-1])
+    assert main(["show", *map(str, files), "--model", spec, "--out", str(tmp_path / "show.png")]) == 0
+    assert (tmp_path / "show.png").stat().st_size > 5_000
+    # one reducing layer, unpatched layers after it: they take the mask transformers makes when exporting
+    assert main(["export", "--onnx", str(tmp_path / "m.onnx"), "--model", spec, "--keep-rate", "0.5",
+                 "--locations", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens 17->10," in out and "max abs diff" in out
+
+
+def test_cli_transformers_models_from_a_folder_and_offline(tmp_path, capsys):
+    model = build("DeiTForImageClassificationWithTeacher")
+    model.save_pretrained(tmp_path)
+    assert main(["bench", "--model", f"hf:{tmp_path}", "--pretrained", "--keep-rates", "0.5", "--batch-size", "1",
+                 "--reps", "1", "--latency-reps", "1", "--warmup", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][1]["tokens"] == [18, 11, 8, 6]
+    from evit.models import create_model
+
+    loaded, x = create_model(f"hf:{tmp_path}", pretrained=True).eval(), images()
+    with torch.no_grad():
+        torch.testing.assert_close(hosts.adapter(loaded).forward(x), hosts.adapter(model).forward(x))
+    assert main(["bench", "--model", "hf:someone/not-cached-vit"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a local folder with config.json nor a transformers model type" in err and "Traceback" not in err
+    assert main(["bench", "--model", "hf:vit:hidden_size"]) == 2
+    assert "key=value" in capsys.readouterr().err
+    assert main(["train", "--model", HF_TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    assert "does not train yet" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["bench", "--model", HF_TINY, "--backends", "eager", "--keep-rates", "0.5"]) == 2
+    assert "returns an output object" in capsys.readouterr().err
+    assert main(["eval", "--model", HF_TINY, "--img-size", "32"]) == 2
+    assert "cannot resize" in capsys.readouterr().err
