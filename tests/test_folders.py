@@ -105,7 +105,8 @@ def test_killed_and_resumed_run_ends_bit_identical(data, recipe, uninterrupted, 
     full, _, _ = uninterrupted
     cut = tmp_path / "cut"
     cmd = [sys.executable, "-m", "evit.cli", "train", "--recipe", str(recipe), "--data", str(data), "--out", str(cut)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # no library's deprecation warning before the progress lines (timm 1.0.16 warns on import)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
     kill = [sys.executable, str(Path(__file__).with_name("signal_at_step.py")), "SIGKILL", "17"]  # a real SIGKILL
     killed = subprocess.run(kill + cmd[3:] + ["--workers", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert killed.returncode == -9, "the run was meant to be killed"
