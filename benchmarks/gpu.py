@@ -49,6 +49,7 @@ import torch
 import evit
 from evit import embedded
 from evit.bench import bench, device_sync, paired_ratio, patch_ideal, time_interleaved
+from evit.evaluate import apply_setting
 from evit.models import resolve_device
 
 #: what each mode measures: (timm name, extra kwargs) per model, batch sizes, keep rates, ToMe's r, repetitions
@@ -237,8 +238,7 @@ def prediction_changes(device: torch.device, count: int) -> list[dict]:
     for kind, rates in (("baseline", (1.0, 0.7, 0.5)), ("evit", (0.7, 0.5))):
         model = embedded.load_model(kind).eval()
         for rate in rates:
-            if rate < 1:
-                evit.patch(model, rate, **embedded_settings(kind))
+            apply_setting(model, rate)  # as `evit eval` runs it: the EViT model with the fusion it was trained with
             logits = {}
             for dev in (torch.device("cpu"), device):
                 with torch.inference_mode():
@@ -261,12 +261,6 @@ def embedded_inputs(images: torch.Tensor) -> torch.Tensor:
     from evit.data import normalize
 
     return normalize(images)
-
-
-def embedded_settings(kind: str) -> dict:
-    """The patch settings an embedded model runs with (the EViT model's fusion is recorded with it)."""
-    recorded = getattr(embedded, "settings", None)
-    return recorded(kind) if callable(recorded) else {}
 
 
 def accuracy_step(run: Run, device: torch.device, cfg: dict, data_args: list[str]) -> dict:

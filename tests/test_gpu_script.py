@@ -60,6 +60,18 @@ def test_accuracy_on_the_same_device_changes_no_prediction(quick):
     for r in acc["prediction_changes"]:  # CPU against CPU: the check itself must find nothing
         assert r["changed"] == 0 and r["max_abs_logit_diff"] == 0.0, r
         assert 50 < r["top1_cpu"] <= 100
+    # each embedded model runs as `evit eval` runs it (the EViT model with the fusion it was trained with)
+    from evit import embedded
+    from evit.data import TensorLoader
+    from evit.evaluate import accuracy, apply_setting
+
+    images, labels = embedded.test_subset()
+    n = acc["prediction_changes"][0]["images"]
+    for r in acc["prediction_changes"]:
+        model = embedded.load_model(r["model"]).eval()
+        apply_setting(model, r["keep_rate"])
+        top1, _, _ = accuracy(model, TensorLoader(images[:n], labels[:n], 64).batches(0))
+        assert r["top1_cpu"] == pytest.approx(top1, abs=1e-6), r
 
 
 def test_training_is_killed_resumed_and_exact(quick):
