@@ -26,7 +26,7 @@ def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
     """
     B, N, C = x.shape
     if B == 1:
-        return x[:, offset:].index_select(1, index.view(-1))
+        return (x[:, offset:] if offset else x).index_select(1, index.view(-1))
     flat = (index + (torch.arange(B, device=index.device).unsqueeze(1) * N + offset)).flatten()
     return x.reshape(B * N, C).index_select(0, flat).view(B, index.shape[1], C)  # explicit: B may be 0
 

@@ -18,9 +18,8 @@ ranked like any other image token.
   its checkpoint records so, and evit runs it that way).
 
 The kept count is ``ceil(keep_rate * n)`` of the ``n`` image tokens, as in the authors'
-code (``ceil(keep_rate * (N - 1))`` with one class token); their code keeps the tokens in
-score order, evit in ``topk``'s unsorted order: the same set, and attention does not
-depend on the order.
+code (``ceil(keep_rate * (N - 1))`` with one class token), in score order after the prefix
+tokens, as their code keeps them.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from ..attention import Seen
 from ..registry import register
-from .base import KeepRateReduction, kept_count, prefix_index, select_tokens
+from .base import KeepRateReduction, kept_count, select_tokens
 
 
 #: how the inattentive tokens are fused: the authors' attention-weighted sum, or its renormalised average
@@ -53,40 +52,38 @@ class EViT(KeepRateReduction):
         k = kept_count(self.keep_rate, N - p)
         if k >= N - p:
             return x
-        score = seen.cls_attn[:, p:]  # this block's own tensor: safe to edit in place
-        keep = score.topk(k, dim=1, sorted=False).indices
+        # Every op counts at batch 1 (a reducing block's small ops run with caches cold from the matrix
+        # products around them), so the selection is five: the prefix tokens are ranked first, one
+        # sorted topk gives (prefix, kept in score order as the authors keep them, the next-ranked
+        # token), one gather takes those tokens, and the last one's slot is overwritten by the fused token.
+        row = seen.cls_attn  # this block's own tensor: safe to edit in place (autograd follows the edits)
+        row.narrow(1, 0, p).fill_(torch.inf)
+        order = row.topk(p + k + self.fuse, dim=1).indices
+        if p > 1:  # tied at inf: back to their own order
+            order[:, :p] = order[:, :p].sort(dim=1).values
+        keep = order[:, :p + k]
         if self.state.track:
             self._follow(x, keep)
         if not self.fuse:
-            return torch.cat([x[:, :p], select_tokens(x, keep, p)], dim=1)
-        # The rest's weights are the scores with the kept ones zeroed; one product with all image
-        # tokens fuses them, so the rest is never gathered (no sort, no second copy).
-        if torch.is_grad_enabled():  # training: out of place, for autograd
-            weight = score.scatter(1, keep, 0.0).unsqueeze(1)
-            weight = weight.to(x.dtype)
-            fused = torch.bmm(weight, x[:, p:])
-            fused = fused / _total(weight) if self.fusion == "mean" else fused
-            return torch.cat([x[:, :p], select_tokens(x, keep, p), fused], dim=1)
-        # inference: one gather fills (prefix, kept, a spare slot); the fused token overwrites the slot
-        weight = score.scatter_(1, keep, 0.0).unsqueeze(1)
-        weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-        keep = keep + p
-        out = select_tokens(x, torch.cat([prefix_index(keep, p), keep, keep[:, :1]], dim=1))
-        fused = torch.bmm(weight, x[:, p:])
-        out[:, -1:] = fused.div_(_total(weight)) if self.fusion == "mean" else fused
+            return select_tokens(x, keep)
+        out = select_tokens(x, order)
+        # the rest's weights are the scores with the prefix and kept tokens zeroed: one product with all
+        # tokens fuses them, so the rest is never gathered
+        weight = row.scatter_(1, keep, 0.0).unsqueeze(1)
+        fused = torch.bmm(weight if weight.dtype == x.dtype else weight.to(x.dtype), x)
+        out[:, -1:] = fused / _total(weight) if self.fusion == "mean" else fused
         return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", fusion={self.fusion!r}" if self.fuse else "")
 
     def _follow(self, x: Tensor, keep: Tensor) -> None:
-        """Tell the shared state which tokens were kept and, with ``fuse``, which were fused."""
-        p, (B, N, _) = self.num_prefix_tokens, x.shape
-        rest = torch.ones(B, N - p, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
-        rest = torch.arange(N - p, device=x.device).expand(B, -1)[rest].view(B, N - p - keep.shape[1])
-        order = torch.cat([prefix_index(keep, p), keep + p, rest + p], dim=1)
-        self.state.follow(x, order if self.fuse else order[:, :p + keep.shape[1]],
-                          fused_from=p + keep.shape[1] if self.fuse else None)
+        """Tell the shared state which tokens were kept (``keep``, prefix included) and, with ``fuse``, which were fused."""
+        (B, N, _), n = x.shape, keep.shape[1]
+        rest = torch.ones(B, N, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
+        rest = torch.arange(N, device=x.device).expand(B, -1)[rest].view(B, N - n)
+        self.state.follow(x, torch.cat([keep, rest], dim=1) if self.fuse else keep,
+                          fused_from=n if self.fuse else None)
 
 
 def _total(weight: Tensor) -> Tensor:
