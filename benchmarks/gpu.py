@@ -8,8 +8,10 @@ runs from this one command and lands as text and JSON in one folder:
   for latency), float32 and bfloat16 autocast: EViT at keep 0.9 / 0.7 / 0.5 and ToMe at r = 8, 13,
   each with images/s, latency, speed-up and its share of the ideal speed-up (the same token counts
   cut by slicing, measured in the same interleaved run);
+- **overhead**: why a variant falls short of its ideal (``gpu_overhead.py``): host and device time,
+  ATen ops, GPU kernels and host-device syncs per forward, at batch 1 and in bfloat16;
 - **compile**: ``torch.compile`` of the unpatched model, EViT at keep 0.7 and its ideal beside eager
-  (batch 64; batch 1 with CUDA graphs, ``mode="reduce-overhead"``);
+  (batch 64; with CUDA graphs, ``mode="reduce-overhead"``, at batch 1 and at batch 64 in bfloat16);
 - **accuracy**: ``evit eval`` and ``evit compare`` on the embedded model on the device, and the
   embedded models' predictions on the device against the CPU's: how many images change their
   prediction, and how close to a tie they were on the CPU;
@@ -51,14 +53,17 @@ from evit import embedded
 from evit.bench import bench, device_sync, paired_ratio, patch_ideal, time_interleaved
 from evit.evaluate import apply_setting
 from evit.models import resolve_device
+from gpu_overhead import overhead_step  # beside this script
 
 #: what each mode measures: (timm name, extra kwargs) per model, batch sizes, keep rates, ToMe's r, repetitions
 FULL = dict(models={"deit_small": ("deit_small_patch16_224", {}), "deit_base": ("deit_base_patch16_224", {})},
             batches=(64, 256), keep_rates=(0.9, 0.7, 0.5), tome_r=(8, 13), reps=10, latency_reps=30, warmup=3,
-            compile_backend="inductor", train_steps=300, train_images=2500, test_images=500, check_images=3000)
+            compile_backend="inductor", train_steps=300, train_images=2500, test_images=500, check_images=3000,
+            overhead=(("fp32", 1), ("bf16", 64), ("bf16", 256)))
 QUICK = dict(models={"vit_tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4))},
              batches=(4,), keep_rates=(0.7,), tome_r=(2,), reps=2, latency_reps=2, warmup=1,
-             compile_backend="eager", train_steps=12, train_images=256, test_images=256, check_images=256)
+             compile_backend="eager", train_steps=12, train_images=256, test_images=256, check_images=256,
+             overhead=(("fp32", 1), ("bf16", 4)))
 TRAIN_MODEL = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 4, "embed_dim": 64,
                "num_heads": 2}
 
@@ -165,7 +170,8 @@ def _bench_lines(rows: list[dict], label: str, dtype: str, bs: int, latency: boo
 
 
 def compile_step(run: Run, device: torch.device, cfg: dict) -> list[dict]:
-    """Eager and ``torch.compile`` of the unpatched model, EViT at keep 0.7 and its ideal, timed interleaved."""
+    """Eager and ``torch.compile`` of the unpatched model, EViT at keep 0.7 and its ideal, timed interleaved:
+    at the first batch size, plain and (bfloat16) with CUDA graphs; at batch 1 with CUDA graphs."""
     spec = next(iter(cfg["models"].values()))
     base = _model(spec).to(device)
     size = (3, *base.patch_embed.img_size)
@@ -173,32 +179,36 @@ def compile_step(run: Run, device: torch.device, cfg: dict) -> list[dict]:
     variants = {"unpatched": lambda m: evit.unpatch(m), "evit": lambda m: evit.patch(m, keep),
                 "ideal": lambda m: (patch_ideal(m, {"method": "evit", "keep_rate": keep}), m)[1]}
     rows = []
-    for bs, mode in ((cfg["batches"][0], None), (1, "reduce-overhead")):
+    b0 = cfg["batches"][0]
+    for bs, mode, dtype in ((b0, None, "fp32"), (1, "reduce-overhead", "fp32"), (b0, "reduce-overhead", "bf16")):
+        torch._dynamo.reset()  # each configuration compiles afresh (the compiled variants share one forward's cache)
         x = torch.randn(bs, *size, device=device)
         fns = {}
-        for name, switch in variants.items():
-            eager = switch(copy.deepcopy(base))
-            fns[f"eager/{name}"] = lambda m=eager: m(x)
-            options = {"mode": mode} if (mode and cfg["compile_backend"] == "inductor") else {}
-            compiled = torch.compile(eager, backend=cfg["compile_backend"], fullgraph=True, dynamic=False, **options)
-            t = time.perf_counter()
+        with autocast(device, dtype):
+            for name, switch in variants.items():
+                eager = switch(copy.deepcopy(base))
+                fns[f"eager/{name}"] = lambda m=eager: m(x)
+                options = {"mode": mode} if (mode and cfg["compile_backend"] == "inductor") else {}
+                compiled = torch.compile(eager, backend=cfg["compile_backend"], fullgraph=True, dynamic=False, **options)
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    for _ in range(3):  # compiles, then records the CUDA graph
+                        compiled(x)
+                run.say(f"compiled {name} at batch {bs} {dtype} in {time.perf_counter() - t:.1f} s")
+                fns[f"compiled/{name}"] = lambda m=compiled: m(x)
             with torch.inference_mode():
-                for _ in range(3):  # compiles, then records the CUDA graph
-                    compiled(x)
-            run.say(f"compiled {name} at batch {bs} in {time.perf_counter() - t:.1f} s")
-            fns[f"compiled/{name}"] = lambda m=compiled: m(x)
-        with torch.inference_mode():
-            times = time_interleaved(fns, cfg["reps"] * 2, cfg["warmup"], sync=device_sync(device))
+                times = time_interleaved(fns, cfg["reps"] * 2, cfg["warmup"], sync=device_sync(device))
         base_t = times["eager/unpatched"]
         for name, t in times.items():
             backend, variant = name.split("/")
-            row = dict(batch_size=bs, backend=backend, variant=variant, mode=mode if backend == "compiled" else None,
+            row = dict(batch_size=bs, dtype=dtype, backend=backend, variant=variant,
+                       mode=mode if backend == "compiled" else None,
                        images_per_s=bs / statistics.median(t), speedup_over_eager_unpatched=paired_ratio(base_t, t),
                        speedup_over_own_unpatched=paired_ratio(times[f"{backend}/unpatched"], t))
             if variant == "evit":
                 row["of_ideal"] = paired_ratio(times[f"{backend}/ideal"], t)
             rows.append(row)
-            run.say(f"b{bs} {name:<20} {row['images_per_s']:9.1f} img/s  {row['speedup_over_own_unpatched']:.2f}x own "
+            run.say(f"b{bs} {dtype} {name:<20} {row['images_per_s']:9.1f} img/s  {row['speedup_over_own_unpatched']:.2f}x own "
                     f"unpatched" + (f", {row['of_ideal']:.1%} of ideal" if "of_ideal" in row else ""))
     return rows
 
@@ -342,14 +352,19 @@ def _losses(run_dir: Path) -> tuple:
     return (float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])) if rows else (None, None)
 
 
+#: the steps, in the order they run by default
+STEPS = ("env", "accuracy", "train", "bench", "overhead", "compile")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/gpu", help="folder for results.json, report.txt and compare.png")
     p.add_argument("--quick", action="store_true", help="tiny models and few repetitions on the CPU: checks the script")
     p.add_argument("--device", help="default: cuda (cpu with --quick)")
     p.add_argument("--budget-s", type=float, default=450.0, help="steps that would start after this are skipped")
-    p.add_argument("--steps", nargs="+", default=["env", "accuracy", "train", "bench", "compile"],
-                   choices=["env", "accuracy", "train", "bench", "compile"])
+    p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    p.add_argument("--models", nargs="+", help=f"of the full run's {', '.join(FULL['models'])} (default: all); "
+                   "overhead and compile use the first")
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device or ("cpu" if args.quick else "cuda"))
@@ -360,6 +375,13 @@ def main(argv=None) -> int:
         print("benchmarks/gpu.py: no CUDA device; run with --quick for the CPU check", file=sys.stderr)
         return 2
     cfg = QUICK if args.quick else FULL
+    if args.models and not args.quick:
+        unknown = set(args.models) - set(FULL["models"])
+        if unknown:
+            print(f"benchmarks/gpu.py: unknown model {', '.join(sorted(unknown))}; the full run has "
+                  f"{', '.join(FULL['models'])}", file=sys.stderr)
+            return 2
+        cfg = {**FULL, "models": {m: FULL["models"][m] for m in args.models}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.budget_s)
@@ -370,7 +392,7 @@ def main(argv=None) -> int:
         data_args = ["--data", "fashion-mnist", "--data-root", str(root)] if args.quick else []
         steps = {"env": (env_step, device), "accuracy": (accuracy_step, device, cfg, data_args),
                  "train": (train_step, device, cfg, root), "bench": (bench_step, device, cfg),
-                 "compile": (compile_step, device, cfg)}
+                 "compile": (compile_step, device, cfg), "overhead": (overhead_step, device, cfg, _model, autocast)}
         for name in args.steps:
             fn, *rest = steps[name]
             run.step(name, fn, *rest)

@@ -27,7 +27,7 @@ def quick(tmp_path_factory):
 
 def test_every_step_runs_and_is_written(quick):
     results, out = quick
-    assert set(results["steps"]) == {"env", "accuracy", "train", "bench", "compile"}
+    assert set(results["steps"]) == {"env", "accuracy", "train", "bench", "overhead", "compile"}
     assert all(s["ok"] for s in results["steps"].values()), results["steps"]
     assert results["env"]["torch"] and results["env"]["device"] == "cpu"
     report = (out / "report.txt").read_text()
@@ -48,9 +48,20 @@ def test_bench_rows_give_speed_against_the_ideal(quick):
 
 def test_compile_rows_cover_eager_and_compiled_at_both_batches(quick):
     rows = quick[0]["compile"]
-    assert {(r["batch_size"], r["backend"], r["variant"]) for r in rows} == {
-        (b, k, v) for b in (4, 1) for k in ("eager", "compiled") for v in ("unpatched", "evit", "ideal")}
+    assert {(r["batch_size"], r["dtype"], r["backend"], r["variant"]) for r in rows} == {
+        (b, d, k, v) for b, d in ((4, "fp32"), (1, "fp32"), (4, "bf16")) for k in ("eager", "compiled")
+        for v in ("unpatched", "evit", "ideal")}
     assert all(math.isfinite(r["of_ideal"]) for r in rows if r["variant"] == "evit")
+
+
+def test_overhead_rows_count_what_each_variant_adds(quick):
+    rows = {(r["dtype"], r["batch_size"], r["variant"]): r for r in quick[0]["overhead"]}
+    assert set(rows) == {(d, b, v) for d, b in (("fp32", 1), ("bf16", 4)) for v in ("unpatched", "ideal", "evit", "tome")}
+    for (d, b, v), r in rows.items():
+        assert 0 < r["host_ms"] <= r["wall_ms"] and r["kernels"] is None and r["syncs"] is None  # CPU: no kernels
+        # EViT adds its ranking and selection to the ideal's ops; ToMe its matching in every block
+        assert rows[(d, b, "unpatched")]["ops"] <= rows[(d, b, "ideal")]["ops"] < rows[(d, b, "evit")]["ops"] < r["ops"] + 1000
+    assert rows[("fp32", 1, "tome")]["ops"] > rows[("fp32", 1, "evit")]["ops"]
 
 
 def test_accuracy_on_the_same_device_changes_no_prediction(quick):

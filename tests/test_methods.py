@@ -276,3 +276,17 @@ def test_average_pooled_models_take_only_methods_without_class_token():
         with pytest.raises(ValueError, match="global_pool='avg' without a class token.*random, tome"):
             evit.patch(model, method=method)
     assert not evit.reductions(model), "a refused patch leaves the model as it was"
+
+
+@pytest.mark.parametrize("batch", [0, 1, 3])
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_select_tokens_takes_each_images_own_tokens(batch, offset):
+    """The CPU's index_select (flat over the batch when B > 1) picks x[b, offset + index[b]]; off the CPU
+    (here the meta device) the gather path gives the same shape."""
+    from evit.methods.base import select_tokens
+
+    torch.manual_seed(batch * 10 + offset)
+    x, index = torch.randn(batch, 10, 4), torch.randint(0, 10 - offset, (batch, 5))
+    expected = torch.stack([x[b, offset + index[b]] for b in range(batch)]) if batch else torch.empty(0, 5, 4)
+    assert torch.equal(select_tokens(x, index, offset), expected)
+    assert select_tokens(x.to("meta"), index.to("meta"), offset).shape == expected.shape
