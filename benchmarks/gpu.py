@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gzip
 import json
 import os
 import platform
@@ -45,7 +44,6 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 import evit
@@ -213,23 +211,6 @@ def compile_step(run: Run, device: torch.device, cfg: dict) -> list[dict]:
     return rows
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def fashion_files(root: Path, train_images: int, test_images: int) -> Path:
-    """Fashion-MNIST idx files cut from the bundled test subset (the GPU machine has no data set):
-    the first ``train_images`` to train on, the next ``test_images`` to test on."""
-    images, labels = embedded.test_subset()
-    images, labels = images[:, 0].numpy(), labels.numpy()
-    for stem, sl in (("train", slice(0, train_images)), ("t10k", slice(train_images, train_images + test_images))):
-        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", images[sl])
-        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels[sl])
-    return root
-
-
 def _cli(*args: str, env: Optional[dict] = None, timeout: float = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "evit.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
@@ -388,7 +369,7 @@ def main(argv=None) -> int:
     run.results.update(mode="quick" if args.quick else "full", command=" ".join(sys.argv))
     signal.signal(signal.SIGTERM, lambda *_: (run.write(), sys.exit(143)))  # a time limit still leaves the results
     with tempfile.TemporaryDirectory() as tmp:
-        root = fashion_files(Path(tmp), cfg["train_images"], cfg["test_images"])
+        root = embedded.write_test_subset(Path(tmp), cfg["train_images"], cfg["test_images"])
         data_args = ["--data", "fashion-mnist", "--data-root", str(root)] if args.quick else []
         steps = {"env": (env_step, device), "accuracy": (accuracy_step, device, cfg, data_args),
                  "train": (train_step, device, cfg, root), "bench": (bench_step, device, cfg),

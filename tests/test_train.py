@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evit.data import TensorLoader, load_fashion_mnist
+from evit.data import TensorLoader, load_fashion_mnist, write_idx
+from evit.embedded import write_test_subset
 from evit.evaluate import accuracy
 from evit.schedule import drawn_keep_rate, keep_rate_at
 from evit.train import TrainConfig, train
@@ -18,24 +19,10 @@ from evit.train import TrainConfig, train
 TINY = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def toy_fashion(tmp_path_factory):
     """Fashion-MNIST-format files cut from the bundled real test subset: 512 to train on, 256 to test."""
-    from evit.embedded import test_subset
-
-    root = tmp_path_factory.mktemp("fmnist")
-    images, labels = test_subset()
-    images, labels = images[:, 0].numpy(), labels.numpy()
-    for stem, sl in (("train", slice(0, 512)), ("t10k", slice(512, 768))):
-        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", images[sl])
-        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels[sl])
-    return root
+    return write_test_subset(tmp_path_factory.mktemp("fmnist"), 512, 256)
 
 
 def _train_cmd(root, out, *extra):
@@ -92,7 +79,7 @@ def test_reads_fashion_mnist_files(toy_fashion):
 
 
 def test_truncated_data_file_is_named(tmp_path):
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(10))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(10))
     raw = gzip.compress(bytes([0, 0, 8, 3]) + (100).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\x00" * 50)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(raw)
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is truncated"):

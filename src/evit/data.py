@@ -26,6 +26,14 @@ HOW_TO_GET = ("install Debian's package (apt-get install dataset-fashion-mnist),
               "four idx .gz files, or pass --download to fetch it with torchvision")
 
 
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8 values) as a gzipped idx file, the format :func:`load_fashion_mnist` reads:
+    how tests and the GPU check make a data set from the bundled subset."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:

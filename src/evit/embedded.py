@@ -79,6 +79,19 @@ def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(z["images"]).unsqueeze(1), torch.from_numpy(z["labels"].astype(np.int64))
 
 
+def write_test_subset(root: Path, train_images: int, test_images: int) -> Path:
+    """The bundled test subset as Fashion-MNIST idx files in ``root``: its first ``train_images`` as the
+    train split, the next ``test_images`` as the test split. Returns ``root``."""
+    from .data import write_idx
+
+    images, labels = test_subset()
+    images, labels = images[:, 0].numpy(), labels.numpy()
+    for stem, part in (("train", slice(0, train_images)), ("t10k", slice(train_images, train_images + test_images))):
+        write_idx(root / f"{stem}-images-idx3-ubyte.gz", images[part])
+        write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels[part])
+    return root
+
+
 def export(weights: Path, kind: str) -> Path:
     """Write trained ``weights`` into the package as the embedded ``kind`` model (fp16, to stay small),
     with the token-reduction settings they recorded (:func:`evit.checkpoint.recorded_settings`)."""

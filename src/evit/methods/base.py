@@ -26,7 +26,7 @@ def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
     one kernel and the fewest ops to queue, which is what a small batch waits on there.
     """
     B, N, C = x.shape
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return (x[:, offset:] if offset else x).gather(1, index.unsqueeze(-1).expand(-1, -1, C))
     if B == 1:
         return (x[:, offset:] if offset else x).index_select(1, index.view(-1))
