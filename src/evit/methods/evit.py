@@ -53,7 +53,7 @@ class EViT(KeepRateReduction):
         if k >= N - p:
             return x
         # Every op counts at batch 1 (a reducing block's small ops run with caches cold from the matrix
-        # products around them), so the selection is five: the prefix tokens are ranked first, one
+        # products around them), so the selection is six ops: the prefix tokens are ranked first, one
         # sorted topk gives (prefix, kept in score order as the authors keep them, the next-ranked
         # token), one gather takes those tokens, and the last one's slot is overwritten by the fused token.
         row = seen.cls_attn  # this block's own tensor: safe to edit in place (autograd follows the edits)
