@@ -269,3 +269,35 @@ def test_attention_mask_refused_clearly():
     x = input_for(model)
     with pytest.raises(ValueError, match="attention masks"):
         model(x, attn_mask=torch.zeros(1, 1, 17, 17))
+
+
+def test_patch_defaults_to_the_fusion_the_weights_recorded():
+    """A model loaded from weights that record EViT's fusion runs with it unless the call says otherwise;
+    the embedded EViT model (trained with "mean") patched by hand runs as `evit eval` runs it."""
+    from evit import embedded
+    from evit.evaluate import apply_setting
+    from evit.reduction import TRAINED_WITH
+
+    def fusions(model):
+        return {(m.fusion, m.fuse) for m in evit.reductions(model).values()}
+
+    model = make_model("deit")
+    assert fusions(evit.patch(model, 0.7)) == {("sum", True)}  # nothing recorded: the authors' sum
+    setattr(model, TRAINED_WITH, {"method": "evit", "fusion": "mean", "fuse": True, "keep_rate": 0.5})
+    assert fusions(evit.patch(model, 0.7)) == {("mean", True)}
+    assert fusions(evit.patch(model, 0.7, fusion="sum")) == {("sum", True)}  # the call's own setting wins
+    assert {m.keep_rate for m in evit.reductions(model).values()} == {0.7}  # the recorded keep rate is not applied
+    assert fusions(evit.patch(model, 0.7, fuse=False)) == {("mean", False)}
+    evit.patch(model, 0.7, method="topk")  # recorded for another method: ignored (TopK refuses fusion)
+    setattr(model, TRAINED_WITH, {"method": "evit", "fuse": False})
+    assert fusions(evit.patch(model, 0.7)) == {("sum", False)}
+
+    trained = embedded.load_model("evit").eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        apply_setting(trained, 0.7)
+        expected = trained(x)
+        evit.unpatch(trained)
+        evit.patch(trained, 0.7)
+        got = trained(x)
+    assert fusions(trained) == {("mean", True)} and torch.equal(got, expected)

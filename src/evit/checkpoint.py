@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .reduction import NOT_APPLIED, TRAINED_WITH, trained_settings  # noqa: F401 - where models are loaded and saved
 from .weights import first_non_finite, mismatch, read_state
 
 POINTER = "latest.json"
@@ -103,10 +104,6 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
 
 #: metadata keys are this prefix and a setting's name
 PREFIX = "evit."
-#: the attribute in which :func:`evit.models.load_checkpoint` leaves a model the settings its file recorded
-TRAINED_WITH = "evit_trained_with"
-#: recorded for the record, not re-applied: the keep rate is chosen at each evaluation
-NOT_APPLIED = ("method", "keep_rate", "keep_rate_min", "locations")
 
 
 def settings_metadata(settings: Mapping[str, Any]) -> dict[str, str]:
@@ -157,16 +154,6 @@ def _decode(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
-
-
-def trained_settings(model: nn.Module, method: str = "evit") -> dict[str, Any]:
-    """The settings of ``method`` (by name) that ``model``'s weights were trained with, as their file
-    recorded (EViT's ``fuse`` and ``fusion``): defaults for patching it with that method; {} when the
-    file recorded none, or another method."""
-    recorded = getattr(model, TRAINED_WITH, {})
-    if recorded.get("method") != method:
-        return {}
-    return {k: v for k, v in recorded.items() if k not in NOT_APPLIED}
 
 
 def rng_state() -> dict:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import hosts
 from .attention import attend
-from .reduction import Keep, TokenReduction, TokenState, check_keep_rate, default_locations
+from .reduction import Keep, TokenReduction, TokenState, check_keep_rate, default_locations, trained_settings
 from .registry import method_class, names
 
 
@@ -204,7 +204,7 @@ def patch(
     model: nn.Module,
     keep_rate: float = 0.7,
     locations: Optional[Sequence[int]] = None,
-    fuse: bool = True,
+    fuse: Optional[bool] = None,
     method: Union[str, type] = "evit",
     images: Optional[Tensor] = None,
     **settings,
@@ -214,9 +214,14 @@ def patch(
     In each block of ``locations`` (default: the paper's 3, 6, 9 for depth 12), after attention
     and before the MLP, the ``ceil(keep_rate * n)`` image tokens the class token attends to most
     are kept, and with ``fuse`` the rest are fused into one token. Prefix tokens are always kept.
-    Patching again replaces the earlier patch. EViT's ``fusion`` setting: ``"sum"`` (default; the
-    authors' attention-weighted sum, what their released weights were trained with) or ``"mean"``
+    Patching again replaces the earlier patch. EViT's ``fusion`` setting: ``"sum"`` (the authors'
+    attention-weighted sum, what their released weights were trained with) or ``"mean"``
     (renormalised to a weighted average); see :mod:`evit.methods.evit`.
+
+    Settings not given (``fuse``, ``fusion``) default to those the model's weights recorded for this
+    method, when it was loaded by evit from weights that record them (evit's own checkpoints, the
+    embedded models), so such a model runs the way it was trained; otherwise ``fuse=True``,
+    ``fusion="sum"``.
 
     ``method`` picks another token-reduction method, by class or registered name (:mod:`evit.registry`:
     'evit', 'topk', 'random', 'tome', 'dynamicvit', 'stvit', 'patchslimming', 'slice'); ``settings``
@@ -230,6 +235,9 @@ def patch(
     host = check_model(model, cls)
     depth = len(host.blocks)
     locs = check_locations(locations, depth, host.name) if locations is not None else cls.default_locations(depth)
+    settings = {**trained_settings(wrapper, cls.name), **trained_settings(model, cls.name), **settings}
+    fuse = settings.pop("fuse", True) if fuse is None else fuse
+    settings.pop("fuse", None)
     try:
         methods = {i: cls.create(i, keep_rate=keep_rate, fuse=fuse, **settings) for i in locs}
     except TypeError as e:

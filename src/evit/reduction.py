@@ -42,6 +42,23 @@ def default_locations(depth: int) -> tuple[int, ...]:
     return tuple(sorted({int(depth * f) for f in (0.25, 0.5, 0.75)}))
 
 
+#: the attribute in which a model loaded from weights (:func:`evit.models.load_checkpoint`, the embedded
+#: models, training) carries the token-reduction settings their file recorded
+TRAINED_WITH = "evit_trained_with"
+#: recorded for the record, not re-applied: the keep rate is chosen at each evaluation
+NOT_APPLIED = ("method", "keep_rate", "keep_rate_min", "locations")
+
+
+def trained_settings(model: nn.Module, method: str = "evit") -> dict:
+    """The settings of ``method`` (by name) that ``model``'s weights were trained with, as their file
+    recorded (EViT's ``fuse`` and ``fusion``): defaults for patching it with that method; {} when the
+    file recorded none, or another method."""
+    recorded = getattr(model, TRAINED_WITH, None) or {}
+    if recorded.get("method") != method:
+        return {}
+    return {k: v for k, v in recorded.items() if k not in NOT_APPLIED}
+
+
 class TokenState:
     """What the reducing blocks of one model carry from block to block within a forward.
 
