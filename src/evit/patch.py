@@ -236,8 +236,8 @@ def patch(
     depth = len(host.blocks)
     locs = check_locations(locations, depth, host.name) if locations is not None else cls.default_locations(depth)
     settings = {**trained_settings(wrapper, cls.name), **trained_settings(model, cls.name), **settings}
-    fuse = settings.pop("fuse", True) if fuse is None else fuse
-    settings.pop("fuse", None)
+    recorded_fuse = settings.pop("fuse", True)  # fuse is an argument of its own: the call's wins
+    fuse = recorded_fuse if fuse is None else fuse
     try:
         methods = {i: cls.create(i, keep_rate=keep_rate, fuse=fuse, **settings) for i in locs}
     except TypeError as e:
