@@ -17,7 +17,10 @@ runs from this one command and lands as text and JSON in one folder:
   prediction, and how close to a tie they were on the CPU;
 - **train**: a short ``evit train`` (bf16) on the device, killed mid-run and resumed: does the
   loss fall, and do the resumed weights equal an uninterrupted run's (with a second uninterrupted
-  run as the control for the device's own run-to-run determinism).
+  run as the control for the device's own run-to-run determinism);
+- **transformers**: Hugging Face transformers ViTs (``gpu_transformers.py``) on the device against the
+  CPU, unpatched, at zero reduction and reduced, sdpa and eager; their speed comes from **bench** with
+  ``--models hf_vit_small hf_vit_base`` (transformers' ViT in DeiT-S shape, and ViT-B/16).
 
 Every step is timed and guarded: a step that fails is recorded with its error and the rest still
 run; ``results.json`` and ``report.txt`` are rewritten after each step, so a run stopped at its time
@@ -47,18 +50,26 @@ from typing import Optional
 import torch
 
 import evit
-from evit import embedded
+import evit.models
+from evit import embedded, hosts
 from evit.bench import bench, device_sync, paired_ratio, patch_ideal, time_interleaved
 from evit.evaluate import apply_setting
 from evit.models import resolve_device
 from gpu_overhead import overhead_step  # beside this script
+from gpu_transformers import transformers_step
 
-#: what each mode measures: (timm name, extra kwargs) per model, batch sizes, keep rates, ToMe's r, repetitions
-FULL = dict(models={"deit_small": ("deit_small_patch16_224", {}), "deit_base": ("deit_base_patch16_224", {})},
+#: what each mode measures: (timm name, extra kwargs) or an ``hf:`` spec per model, batch sizes, keep rates,
+#: ToMe's r, repetitions; the full run's default models are its first two
+FULL = dict(models={"deit_small": ("deit_small_patch16_224", {}), "deit_base": ("deit_base_patch16_224", {}),
+                    "hf_vit_small": "hf:vit:hidden_size=384,num_hidden_layers=12,num_attention_heads=6,"
+                                    "intermediate_size=1536",
+                    "hf_vit_base": "hf:vit"},
             batches=(64, 256), keep_rates=(0.9, 0.7, 0.5), tome_r=(8, 13), reps=10, latency_reps=30, warmup=3,
             compile_backend="inductor", train_steps=300, train_images=2500, test_images=500, check_images=3000,
             overhead=(("fp32", 1), ("bf16", 64), ("bf16", 256)))
-QUICK = dict(models={"vit_tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4))},
+QUICK = dict(models={"vit_tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4)),
+                     "hf_vit_tiny": "hf:vit:hidden_size=64,num_hidden_layers=4,num_attention_heads=2,"
+                                    "intermediate_size=128,image_size=32,patch_size=8"},
              batches=(4,), keep_rates=(0.7,), tome_r=(2,), reps=2, latency_reps=2, warmup=1,
              compile_backend="eager", train_steps=12, train_images=256, test_images=256, check_images=256,
              overhead=(("fp32", 1), ("bf16", 4)))
@@ -125,9 +136,12 @@ def env_step(run: Run, device: torch.device) -> dict:
 
 
 def _model(spec) -> torch.nn.Module:
+    """A model of ``FULL``/``QUICK`` with random weights: timm's, or transformers' by ``hf:`` spec."""
     import timm
 
     torch.manual_seed(0)
+    if isinstance(spec, str):
+        return evit.models.transformers_model(spec.removeprefix("hf:")).eval()
     name, kwargs = spec
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
@@ -172,7 +186,7 @@ def compile_step(run: Run, device: torch.device, cfg: dict) -> list[dict]:
     at the first batch size, plain and (bfloat16) with CUDA graphs; at batch 1 with CUDA graphs."""
     spec = next(iter(cfg["models"].values()))
     base = _model(spec).to(device)
-    size = (3, *base.patch_embed.img_size)
+    size = hosts.adapter(base).input_size
     keep = 0.7
     variants = {"unpatched": lambda m: evit.unpatch(m), "evit": lambda m: evit.patch(m, keep),
                 "ideal": lambda m: (patch_ideal(m, {"method": "evit", "keep_rate": keep}), m)[1]}
@@ -334,7 +348,7 @@ def _losses(run_dir: Path) -> tuple:
 
 
 #: the steps, in the order they run by default
-STEPS = ("env", "accuracy", "train", "bench", "overhead", "compile")
+STEPS = ("env", "accuracy", "train", "bench", "overhead", "compile", "transformers")
 
 
 def main(argv=None) -> int:
@@ -344,8 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="default: cuda (cpu with --quick)")
     p.add_argument("--budget-s", type=float, default=450.0, help="steps that would start after this are skipped")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    p.add_argument("--models", nargs="+", help=f"of the full run's {', '.join(FULL['models'])} (default: all); "
-                   "overhead and compile use the first")
+    p.add_argument("--models", nargs="+", help=f"of the full run's {', '.join(FULL['models'])} (default: the first "
+                   "two); overhead and compile use the first")
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device or ("cpu" if args.quick else "cuda"))
@@ -363,6 +377,8 @@ def main(argv=None) -> int:
                   f"{', '.join(FULL['models'])}", file=sys.stderr)
             return 2
         cfg = {**FULL, "models": {m: FULL["models"][m] for m in args.models}}
+    elif not args.quick:
+        cfg = {**FULL, "models": dict(list(FULL["models"].items())[:2])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.budget_s)
@@ -373,7 +389,8 @@ def main(argv=None) -> int:
         data_args = ["--data", "fashion-mnist", "--data-root", str(root)] if args.quick else []
         steps = {"env": (env_step, device), "accuracy": (accuracy_step, device, cfg, data_args),
                  "train": (train_step, device, cfg, root), "bench": (bench_step, device, cfg),
-                 "compile": (compile_step, device, cfg), "overhead": (overhead_step, device, cfg, _model, autocast)}
+                 "compile": (compile_step, device, cfg), "overhead": (overhead_step, device, cfg, _model, autocast),
+                 "transformers": (transformers_step, device, cfg)}
         for name in args.steps:
             fn, *rest = steps[name]
             run.step(name, fn, *rest)

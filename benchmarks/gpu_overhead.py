@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evit
+from evit import hosts
 from evit.bench import patch_ideal
 
 KEEP = 0.7
@@ -67,7 +68,7 @@ def _syncs(model, x) -> list[str]:
 def overhead_step(run, device: torch.device, cfg: dict, model_fn, autocast) -> list[dict]:
     """Per (dtype, batch size) of ``cfg['overhead']``: the four variants' host and wall time, ops, kernels, syncs."""
     model = model_fn(next(iter(cfg["models"].values()))).to(device)
-    size = (3, *model.patch_embed.img_size)
+    size = hosts.adapter(model).input_size
     r = max(cfg["tome_r"])
     variants = {"unpatched": lambda: evit.unpatch(model), "ideal": lambda: patch_ideal(model, {"method": "evit", "keep_rate": KEEP}),
                 "evit": lambda: evit.patch(model, KEEP), "tome": lambda: evit.patch(model, method="tome", r=r)}

@@ -27,7 +27,7 @@ def quick(tmp_path_factory):
 
 def test_every_step_runs_and_is_written(quick):
     results, out = quick
-    assert set(results["steps"]) == {"env", "accuracy", "train", "bench", "overhead", "compile"}
+    assert set(results["steps"]) == {"env", "accuracy", "train", "bench", "overhead", "compile", "transformers"}
     assert all(s["ok"] for s in results["steps"].values()), results["steps"]
     assert results["env"]["torch"] and results["env"]["device"] == "cpu"
     report = (out / "report.txt").read_text()
@@ -39,6 +39,7 @@ def test_bench_rows_give_speed_against_the_ideal(quick):
     rows = quick[0]["bench"]
     reduced = [r for r in rows if r["variant"] != "unpatched"]
     assert {r["variant"] for r in reduced} == {"evit", "tome"}
+    assert {r["model"] for r in rows} == {"vit_tiny", "hf_vit_tiny"}  # timm's and transformers' models alike
     assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
     for r in reduced:
         for key in ("speedup", "ideal_speedup", "of_ideal", "latency_speedup", "latency_of_ideal"):
@@ -91,6 +92,18 @@ def test_training_is_killed_resumed_and_exact(quick):
     assert train["loss_falls"], (train["loss_first"], train["loss_last"])
     assert train["resume_exact"] and train["control_two_runs_max_diff"] == 0.0
     assert train["runs"]["resumed"]["step"] == train["steps"]
+
+
+def test_transformers_rows_cover_every_family_and_implementation(quick):
+    rows = quick[0]["transformers"]
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_transformers import FAMILIES
+
+    assert {(r["model"], r["attn_implementation"]) for r in rows} == {(f, i) for f in FAMILIES for i in ("sdpa", "eager")}
+    for r in rows:  # CPU against CPU, and evit at zero reduction against the plain model: nothing may differ
+        assert r["unpatched_device_vs_cpu"] == 0.0 and r["evit 0.5 device_vs_cpu"] == 0.0, r
+        assert r["tome r=3 device_vs_cpu"] == 0.0 and r["zero_reduction_vs_unpatched"] < 1e-5, r
+        assert r["evit 0.5 bf16 finite"] and 0 < r["evit 0.5 bf16_vs_fp32"] < r["evit 0.5 scale"], r
 
 
 def test_full_mode_without_a_gpu_is_refused_in_one_line(tmp_path):

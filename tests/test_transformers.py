@@ -295,6 +295,34 @@ def test_a_patched_model_pickles_and_copies():
             assert evit.token_counts(other, 19) == evit.token_counts(model, 19) and evit.unpatch(other)
 
 
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher",
+                                  "Dinov2ForImageClassification", "Dinov2WithRegistersModel"])
+def test_layers_after_a_reduction_take_a_full_length_mask_that_masks_nothing(name, monkeypatch):
+    """Inside torch.compile before torch 2.14 (and under export) transformers makes its all-attending mask in
+    full, for the full-length sequence, and hands it to every layer: the layers after a reduction drop it."""
+    import copy
+    import io
+
+    import transformers.masking_utils as masking
+
+    model, x = build(name), images()
+    evit.patch(model, 0.5, locations=[1])
+    with torch.no_grad():
+        ref = hosts.adapter(model).forward(x)
+        monkeypatch.setattr(masking, "is_torchdynamo_exporting", lambda: True)  # what torch < 2.14 answers there
+        made = masking.create_bidirectional_mask(config=model.config, inputs_embeds=torch.zeros(3, 17, 32),
+                                                 attention_mask=None)
+        assert made is not None and made.shape[-1] == 17  # the mask really is made in full
+        torch.testing.assert_close(hosts.adapter(model).forward(x), ref)
+        loaded = torch.load(io.BytesIO((lambda b: (torch.save(model, b), b.getvalue())[1])(io.BytesIO())),
+                            weights_only=False)
+        for other in (loaded, copy.deepcopy(model)):
+            torch.testing.assert_close(hosts.adapter(other).forward(x), ref)
+    evit.unpatch(model)
+    layer_class = type(hosts.adapter(model).blocks[0])
+    assert all(type(b) is layer_class for b in hosts.adapter(model).blocks)
+
+
 def test_count_macs_counts_the_reduction_and_both_kernels_alike():
     for name in ("DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersForImageClassification"):
         counts = {}
@@ -335,6 +363,18 @@ def test_refusals_are_clear():
     with pytest.raises(TypeError, match="only timm VisionTransformer models .* and transformers' ViT"):
         evit.patch(clip_classifier, 0.5)
     assert not any(evit.reductions(m) for m in (siglip, flex, clip_classifier))
+
+
+def test_a_transformers_too_old_is_refused_in_one_line(monkeypatch, capsys):
+    """5.20 and older lay CLIP and DINOv2 out differently: refused by name, not failed deep inside."""
+    model = build("ViTForImageClassification")
+    monkeypatch.setattr("transformers.__version__", "5.20.2")
+    with pytest.raises(ValueError, match=r"transformers 5\.21 or newer, and this is transformers 5\.20\.2: pip install -U"):
+        evit.patch(model, 0.5)
+    assert not evit.reductions(model)
+    assert main(["bench", "--model", HF_TINY, "--reps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "transformers 5.21 or newer" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 # ---- the command line -------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Modu
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:  # an optional extra
-        raise RuntimeError("hf: models need transformers 5: pip install 'evit[transformers]'")
+        raise RuntimeError("hf: models need transformers 5.21 or newer: pip install 'evit[transformers]'")
     from .hosts.transformers import create_model as create, parse_spec
 
     name, overrides = parse_spec(spec)

@@ -97,11 +97,13 @@ _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 def _subclass(mixin: type, cls: type) -> type:
     """``cls`` with ``mixin`` in front; ``_evit_base`` names ``cls`` for :func:`unpatch`, and a reducing block's
-    ``_evit_view`` is its host's view class."""
+    ``_evit_view`` is its host's view class. (A host's follower mixin, :attr:`~evit.hosts.base.Host.follower_mixin`,
+    is named after itself.)"""
     if (mixin, cls) not in _SUBCLASSES:
-        prefix = "Reducing" if mixin is ReducingBlock else "SizeWeighted"
+        prefix = {ReducingBlock: "Reducing", SizeWeightedNorm: "SizeWeighted"}.get(mixin, mixin.__name__)
         view = {"_evit_view": hosts.view_class(cls)} if mixin is ReducingBlock else {}
-        _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"_evit_base": cls, **view})
+        _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls),
+                                       {"_evit_base": cls, "__reduce_ex__": _reduce_patched, **view})
     return _SUBCLASSES[mixin, cls]
 
 
@@ -160,8 +162,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     for block in host.blocks:
         base = getattr(type(block), "_evit_base", None)
         if base is not None:
+            if isinstance(block, ReducingBlock):
+                del block.reduction
             block.__class__ = base
-            del block.reduction
     norm = host.final_norm
     if isinstance(norm, SizeWeightedNorm):
         norm.__class__ = type(norm)._evit_base
@@ -193,6 +196,10 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
         block = blocks[i]
         block.__class__ = _subclass(ReducingBlock, type(block))
         block.reduction = method
+    if host.follower_mixin is not None:  # the blocks after the first reduction that keep their own forward
+        for block in blocks[min(methods) + 1:]:
+            if not isinstance(block, ReducingBlock):
+                block.__class__ = _subclass(host.follower_mixin, type(block))
     norm = host.final_norm
     if host.pooling in ("avg", "token+avg") and norm is not None and any(m.tracks_size for m in methods.values()):
         norm.__class__ = _subclass(SizeWeightedNorm, type(norm))

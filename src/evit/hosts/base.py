@@ -176,6 +176,10 @@ class Host:
         """The norm whose output an average pool reads (size-weighted after merges), if any."""
         return None
 
+    #: a mixin for the blocks after the first reducing one that the patch leaves as they are, when the host's
+    #: model hands its blocks something made for the full-length sequence (transformers' attention mask)
+    follower_mixin: Optional[type] = None
+
     @property
     def input_size(self) -> tuple[int, int, int]:
         """(C, H, W) the model takes now."""

@@ -34,6 +34,19 @@ from torch import Tensor, nn
 from .base import AttentionView, BlockView, Host, base_class
 
 IMPLEMENTATIONS = ("sdpa", "eager")
+#: the oldest transformers whose model classes are laid out as this file reads them (5.20 and older name
+#: CLIP's and DINOv2's parts differently); pyproject's extra asks for it too
+OLDEST = "5.21"
+
+
+def check_version() -> None:
+    """Refuse, in one line, a transformers older than :data:`OLDEST` (its models would fail deep inside)."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(OLDEST):
+        raise ValueError(f"evit serves transformers {OLDEST} or newer, and this is transformers {transformers.__version__}: "
+                         f"pip install -U 'transformers>={OLDEST}'")
 
 
 class HFAttention(AttentionView):
@@ -74,6 +87,21 @@ def _masks_nothing(mask: Tensor) -> bool:
     if torch.compiler.is_exporting():
         return True
     return bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+
+
+class MaskFollower(nn.Module):
+    """Mixin for a transformers layer after a token-reducing one, left as it is otherwise.
+
+    Its model makes one attention mask for the full-length sequence and hands it to every layer. Mostly that
+    mask is None (it masks nothing), but where transformers cannot look at it, it is made in full: inside
+    ``torch.compile`` before torch 2.14, and under ``torch.export``. A layer after a reduction gets a shorter
+    sequence; a mask that masks nothing is dropped here (one that masks something the reducing layer before
+    has already refused)."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if attention_mask is not None and _masks_nothing(attention_mask):
+            attention_mask = None
+        return super().forward(hidden_states, attention_mask, **kwargs)
 
 
 class HFLayer(BlockView):
@@ -243,8 +271,10 @@ class TransformersHost(Host):
         self.family = FAMILIES[self.family_name]
         self.backbone = model.base_model
         self.config = self.backbone.config
+        self.follower_mixin = MaskFollower if self.family.makes_mask else None
 
     def check(self) -> None:
+        check_version()
         impl = self.config._attn_implementation
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"evit cannot patch {self.name}: it runs attn_implementation={impl!r}; evit serves "
@@ -367,6 +397,7 @@ def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    check_version()
     model_class = overrides.pop("model_class", None)
     impl = overrides.pop("attn_implementation", "sdpa")
     folder = Path(spec)
