@@ -17,7 +17,8 @@ import evit
 SRC = Path(evit.__file__).parent
 
 LAYERS = [
-    ("hosts", {"evit.hosts", "evit.hosts.base", "evit.hosts.timm", "evit.hosts.transformers"}),
+    ("hosts", {"evit.hosts", "evit.hosts.base", "evit.hosts.timm", "evit.hosts.transformers",
+               "evit.hosts.transformers_models"}),
     ("mechanism", {"evit.attention", "evit.reduction", "evit.registry", "evit.patch"}),
     ("methods", {"evit.methods"} | {f"evit.methods.{p.stem}" for p in (SRC / "methods").glob("*.py")
                                     if p.stem != "__init__"}),
@@ -123,7 +124,8 @@ TRANSFORMERS_ATTRIBUTES = {
 }
 HOST_ATTRIBUTES = TIMM_ATTRIBUTES | TRANSFORMERS_ATTRIBUTES
 MODULE_API = set(dir(torch.nn.Module()))
-HOST_FILES = {"evit.hosts.timm", "evit.hosts.transformers", "evit.hosts", "evit.hosts.base"}
+HOST_FILES = {"evit.hosts.timm", "evit.hosts.transformers", "evit.hosts.transformers_models", "evit.hosts",
+              "evit.hosts.base"}
 
 
 def _read(where: str, receiver: ast.expr, attr: str) -> list[str]:

@@ -452,3 +452,71 @@ def test_cli_transformers_models_from_a_folder_and_offline(tmp_path, capsys):
     assert "returns an output object" in capsys.readouterr().err
     assert main(["eval", "--model", HF_TINY, "--img-size", "32"]) == 2
     assert "cannot resize" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_hf_specs_and_folders_in_one_line(tmp_path, capsys):
+    """Settings transformers would reject or silently ignore, classes of another type, weights that would not be
+    used, do not fit, lack tensors or hold NaN: each one line, exit 2."""
+    tiny = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,image_size=32,patch_size=8"
+    refused = {f"hf:vit:{tiny},hiden_size=3": "has no setting 'hiden_size'",
+               f"hf:vit:{tiny},hidden_size=abc": "refuses these settings",
+               f"hf:vit:{tiny},patch_size=0": "patch_size must be a whole number of at least 1",
+               "hf:vit:hidden_size=33,num_attention_heads=2": "not a multiple of num_attention_heads",
+               f"hf:vit:{tiny},model_class=BertModel": "BertModel is not a vit model",
+               f"hf:vit:{tiny},model_class=DeiTModel": "DeiTModel is not a vit model",
+               f"hf:vit:{tiny},attn_implementation=flash_attention_2": "could not build",
+               "hf:": "needs a model type", f"hf:{tmp_path / 'nope'}": "no such folder"}
+    model = build("ViTForImageClassification")
+    model.save_pretrained(tmp_path / "weights")
+    bad = build("ViTForImageClassification")
+    with torch.no_grad():
+        bad.classifier.bias[0] = float("nan")
+    bad.save_pretrained(tmp_path / "nan")
+    refused.update({f"hf:{tmp_path / 'weights'}": "pass --pretrained"})
+    capsys.readouterr()  # transformers' own progress bars while saving
+    for spec, words in refused.items():
+        assert main(["bench", "--model", spec, "--reps", "1"]) == 2, spec
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err, (spec, err)
+    for spec, words in {f"hf:{tmp_path / 'weights'}:hidden_size=64": "sizes do not fit",
+                        f"hf:{tmp_path / 'weights'}:model_class=ViTModel": "which would start random",
+                        f"hf:{tmp_path / 'nan'}": "non-finite", f"hf:vit:{tiny}": "has no weights"}.items():
+        assert main(["bench", "--model", spec, "--pretrained", "--reps", "1"]) == 2, spec
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, (spec, err)
+    from evit.models import create_model
+
+    deit = create_model(f"hf:deit:{tiny}")  # transformers starts DeiT's tokens at zero: every token would tie
+    assert deit.deit.embeddings.cls_token.abs().sum() > 0 and deit.deit.embeddings.distillation_token.abs().sum() > 0
+
+
+def test_eval_maps_folder_classes_by_the_models_own_names(jpeg_folder, tmp_path, capsys):
+    """A model recording its classes (id2label) is scored by name, not by folder order, and a dataset of other
+    classes or another head width is refused."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(jpeg_folder(1, 3), root)
+    for extra in sorted((root / "val" / "c0").iterdir())[1:]:
+        extra.unlink()  # c0: 1 image, c9: 3
+    config = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                         patch_size=8, num_labels=10, id2label={i: f"c{9 - i}" for i in range(10)})
+    model = T.ViTForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.arange(10, 0, -1).float())  # always output 0, which is "c9"
+    model.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    args = ["--model", f"hf:{tmp_path / 'model'}", "--pretrained", "--keep-rates", "1.0", "--speed-reps", "1", "--json"]
+    assert main(["eval", "--data", str(root), *args]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["images"] == 28 and row["top1"] == pytest.approx(100 * 3 / 28)  # by folder order it would be 1 / 28
+    (root / "val" / "apple").mkdir()
+    shutil.copy(next((root / "val" / "c1").iterdir()), root / "val" / "apple" / "a.jpg")
+    assert main(["eval", "--data", str(root), *args]) == 2
+    assert "'apple' is not one of the 10 classes of ViTForImageClassification's id2label" in capsys.readouterr().err
+    assert main(["eval", "--data", "bundled", *args]) == 2  # ten classes, but not Fashion-MNIST's
+    assert "are not Fashion-MNIST's" in capsys.readouterr().err
+    assert main(["eval", "--data", "bundled", "--model", "hf:vit:hidden_size=32,num_hidden_layers=2,num_attention_heads=2,"
+                 "image_size=28,patch_size=7,num_channels=1,num_labels=3", "--speed-reps", "1"]) == 2
+    assert "head has 3 outputs but Fashion-MNIST has 10 classes" in capsys.readouterr().err

@@ -51,7 +51,8 @@ def _add_budget_args(p: argparse.ArgumentParser, **keep_rates) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="timm model name (default: the embedded Fashion-MNIST ViT)")
+    p.add_argument("--model", help="timm model name, or hf:TYPE[:key=value,...] / hf:FOLDER / hf:HUB_ID for a "
+                   "transformers model (default: the embedded Fashion-MNIST ViT)")
     p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the network or a cache)")
     p.add_argument("--checkpoint", help="load weights from a local .safetensors or torch checkpoint (a state dict, "
@@ -60,7 +61,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="timm model name; default: the embedded Fashion-MNIST models")
+    p.add_argument("--model", help="timm model name, or hf:TYPE[:key=value,...] / hf:FOLDER / hf:HUB_ID for a "
+                   "transformers model; default: the embedded Fashion-MNIST models")
     p.add_argument("--recipe", help="take the model name and its arguments from a recipe")
     p.add_argument("--pretrained", action="store_true")
     p.add_argument("--checkpoint", help="weights (.safetensors or torch file); with compare: the baseline's")

@@ -184,15 +184,17 @@ def _export(args) -> int:
     with torch.inference_mode():
         diff = (onnx_runner(path)(x) - hosts.adapter(model).forward(x)).abs().max().item()
     tokens = token_counts(model, hosts.adapter(model).num_tokens())
+    print(f"onnxruntime vs PyTorch on a random batch of {args.batch_size}: max abs diff {diff:.2e}")
+    if not diff <= 1e-3:
+        for written in (path, path.with_name(path.name + ".data")):  # not kept: it is not the model asked for
+            written.unlink(missing_ok=True)
+        print(f"evit export: error: the ONNX model disagrees with PyTorch (max abs diff {diff:.2e} > 1e-3); "
+              f"{path} was not kept", file=sys.stderr)
+        return 1
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {label}, keep rate {args.keep_rate} "
           f"({args.method if args.keep_rate < 1 else 'unpatched'}), "
           f"tokens {'->'.join(map(str, tokens))}, input (batch, {', '.join(map(str, x.shape[1:]))}), "
           f"batch {args.batch_size if args.static_batch else 'dynamic'}")
-    print(f"onnxruntime vs PyTorch on a random batch of {args.batch_size}: max abs diff {diff:.2e}")
-    if not diff <= 1e-3:
-        print(f"evit export: error: the ONNX model disagrees with PyTorch (max abs diff {diff:.2e} > 1e-3)",
-              file=sys.stderr)
-        return 1
     return 0
 
 
@@ -236,11 +238,12 @@ def _eval_data(args, embedded_default: bool, models):
     from . import embedded
     from .data import TensorLoader, load_fashion_mnist
 
-    from .folders import check_workers, eval_batches, run_class_names
+    from .folders import check_fashion_mnist_heads, check_workers, eval_batches, run_class_names
 
     check_workers(args.workers)
     data = args.data or ("bundled" if embedded_default else "fashion-mnist")
     if data in ("bundled", "fashion-mnist"):
+        check_fashion_mnist_heads(models)
         images, labels = embedded.test_subset() if data == "bundled" else load_fashion_mnist("test", args.data_root)
         loader = TensorLoader(images, labels, args.batch_size)
         return data, lambda: loader.batches(0)

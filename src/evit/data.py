@@ -22,8 +22,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # per-channel statistics of the Fashion-MNIST training images
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-HOW_TO_GET = ("install Debian's package (apt-get install dataset-fashion-mnist), pass --data DIR with the "
-              "four idx .gz files, or pass --download to fetch it with torchvision")
+HOW_TO_GET = ("install Debian's package (apt-get install dataset-fashion-mnist), or pass --data-root DIR with the "
+              "four idx .gz files (evit train also takes --download, to fetch them with torchvision)")
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -100,7 +100,7 @@ def check_head(outputs: int, classes: int, source: str) -> None:
     """Refuse a model whose head is not as wide as the data's class list (both numbers named)."""
     if outputs != classes:
         raise ValueError(f"the model's head has {outputs} outputs but {source} has {classes} classes; "
-                         "build the model with num_classes equal to the class count (model_kwargs)")
+                         "build the model with that many outputs (timm: num_classes in model_kwargs; transformers: num_labels)")
 
 
 def check_subset(size: Optional[int], available: int, where: str) -> None:

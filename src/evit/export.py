@@ -100,6 +100,11 @@ def export_onnx(
         raise ValueError(f"opset must be at least 18 (the lowest the torch.onnx exporter writes), got {opset}")
     size = _input_size(model, input_size)
     _require("onnx", "onnxscript", purpose="ONNX export")
+    import onnx
+
+    if opset is not None and opset > onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset {opset} is newer than this onnx knows ({onnx.defs.onnx_opset_version()}); "
+                         "give at most that, or leave --opset out")
 
     param = next(model.parameters())
     example = torch.randn(max(batch_size, 2) if dynamic_batch else batch_size, *size, dtype=param.dtype)

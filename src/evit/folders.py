@@ -166,6 +166,27 @@ def run_class_names(weights: Optional[str]) -> Optional[tuple[list[str], str]]:
     return None
 
 
+def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
+    """Refuse a model whose head is not Fashion-MNIST's ten classes: by width, and by name where it records names."""
+    from .data import FASHION_MNIST_CLASSES
+
+    for model in models:
+        check_head(hosts.head_outputs(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
+        names = hosts.class_names(model)
+        if names is not None and [n.strip().lower() for n in names] != [n.lower() for n in FASHION_MNIST_CLASSES]:
+            raise ValueError(f"{hosts.model_name(model)}'s classes ({', '.join(names[:4])}, ...) are not Fashion-MNIST's "
+                             f"({', '.join(FASHION_MNIST_CLASSES[:4])}, ...) in its order; evaluate it on its own data")
+
+
+def model_class_names(models: Sequence[nn.Module]) -> Optional[tuple[list[str], str]]:
+    """(class names, where from) that the models record for their heads (transformers' ``id2label``), the same
+    for all of them; None when none records any."""
+    named = {tuple(n) for n in map(hosts.class_names, models) if n is not None}
+    if len(named) > 1:
+        raise ValueError("the models name their classes differently (id2label); evaluate them apart")
+    return (list(named.pop()), f"{hosts.model_name(models[0])}'s id2label") if named else None
+
+
 def class_list(root: Path, num_outputs: int, given: Optional[tuple[list[str], str]] = None) -> tuple[list[str], str]:
     """(class names in label order, where they come from) for a model with ``num_outputs`` outputs:
     ``given`` (a run's config), else ``root/train``'s sub-folders, else ``root/val``'s when they are
@@ -349,7 +370,7 @@ def eval_batches(root: Path, models: Sequence[nn.Module], batch_size: int, worke
     widths = {hosts.head_outputs(m) for m in models}
     if len(widths) != 1:
         raise ValueError(f"the models have heads of different widths {sorted(map(str, widths))}; evaluate them apart")
-    names, source = class_list(root, widths.pop(), run_classes)
+    names, source = class_list(root, widths.pop(), run_classes or model_class_names(models))
     return FolderEval(read_split(root / "val", names, source), models[0], batch_size, workers)
 
 

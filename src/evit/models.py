@@ -64,7 +64,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
         model = transformers_model(name[len(HF_PREFIX):], pretrained, **kwargs)
         if checkpoint:
             load_checkpoint(model, checkpoint)
-        return model
+        return _finite(model, name) if pretrained else model
     import timm
 
     if not timm.is_model(name):
@@ -77,7 +77,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
 
         hub_constants.HF_HUB_OFFLINE = True  # look in the local cache only; fail at once
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return _finite(timm.create_model(name, pretrained=True, **kwargs), name)
         except Exception as e:  # noqa: BLE001 - re-raised with what to do
             raise RuntimeError(
                 f"cannot load pretrained weights for {name}: the Hugging Face Hub ({HUB_HOST}) is not reachable "
@@ -87,6 +87,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint)
+    return _finite(model, name) if pretrained else model
+
+
+def _finite(model: nn.Module, name: str) -> nn.Module:
+    """``model``, or a one-line refusal when its pretrained weights hold NaN or inf."""
+    bad = first_non_finite(model.state_dict())
+    if bad:
+        raise ValueError(f"the pretrained weights of {name} hold non-finite values: {bad}; refusing to use them")
     return model
 
 
@@ -99,7 +107,7 @@ def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Modu
 
     if importlib.util.find_spec("transformers") is None:  # an optional extra
         raise RuntimeError("hf: models need transformers 5.21 or newer: pip install 'evit[transformers]'")
-    from .hosts.transformers import create_model as create, parse_spec
+    from .hosts.transformers_models import create_model as create, parse_spec
 
     name, overrides = parse_spec(spec)
     if not hub_reachable():  # a Hub id is looked up in the local cache only: fail at once, not after a minute

@@ -1,8 +1,9 @@
-"""The model libraries evit serves, one file each: all evit knows of a library lives in its file.
+"""The model libraries evit serves: all evit knows of a library lives in its host file(s).
 
 * :mod:`evit.hosts.timm`: timm's VisionTransformer (ViT, DeiT, DeiT III, DINOv2, CLIP, ...);
 * :mod:`evit.hosts.transformers`: Hugging Face transformers' ViT, DeiT, CLIP vision, DINOv2 (with
-  registers) and SigLIP vision models (the optional extra ``evit[transformers]``).
+  registers) and SigLIP vision models (the optional extra ``evit[transformers]``), and
+  :mod:`evit.hosts.transformers_models`, building them from a spec (``hf:vit:hidden_size=384``).
 
 A host file defines a :class:`~evit.hosts.base.Host` (the model: blocks, prefix tokens, pooling,
 input size), a :class:`~evit.hosts.base.BlockView` per block type and an
@@ -20,8 +21,8 @@ from torch import nn
 from . import timm as timm_host
 from .base import AttentionView, BlockView, Host, base_class
 
-__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "data_config", "find",
-           "head_outputs", "model_name", "unwrapped", "view_class"]
+__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "class_names", "data_config",
+           "find", "head_outputs", "model_name", "unwrapped", "view_class"]
 
 
 def _transformers():
@@ -91,6 +92,12 @@ def head_outputs(model: nn.Module) -> int:
     """Outputs of ``model``'s classification head: its host's answer, else timm's ``num_classes`` (0 if none)."""
     found = find(model)
     return found.head_outputs if found is not None else getattr(model, "num_classes", 0)
+
+
+def class_names(model: nn.Module) -> Optional[list[str]]:
+    """The names ``model`` records for its head's classes, in output order (transformers' ``id2label``); else None."""
+    found = find(model)
+    return found.class_names if found is not None else None
 
 
 def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict:

@@ -211,6 +211,11 @@ class Host:
     def head_outputs(self) -> int:
         raise NotImplementedError
 
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """The names of the head's classes in output order, where the model records real ones; else None."""
+        return None
+
     def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         """Preprocessing for images (at ``input_size`` (C, H, W), default the model's): input_size, mean, std,
         interpolation, crop_pct (timm's keys)."""

@@ -369,6 +369,15 @@ class TransformersHost(Host):
             raise ValueError(f"{self.name} has no classification head; use its ...ForImageClassification class")
         return self.model.config.num_labels
 
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """``id2label``'s names, unless they are transformers' placeholders (``LABEL_0``, ...)."""
+        labels = getattr(self.model.config, "id2label", None) or {}
+        names = [str(labels.get(i, labels.get(str(i), ""))) for i in range(len(labels))]
+        if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+            return None
+        return names
+
     def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         """The family's preprocessing (as transformers' image processor for it does), or the one a local
         folder's ``preprocessor_config.json`` gives."""
@@ -382,67 +391,3 @@ class TransformersHost(Host):
                 crop_pct = crop["height"] / (size.get("height") or size["shortest_edge"])
         size = tuple(int(s) for s in input_size) if input_size else self.input_size
         return dict(input_size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct)
-
-
-# ---- building models for the command line ------------------------------------------------------------
-
-def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
-    """A transformers model from ``spec``: a local folder with ``config.json`` (with ``pretrained``: its
-    weights too), or a model type (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``,
-    ``dinov2_with_registers``, ``siglip_vision_model``) whose default config ``overrides`` change, with
-    random weights; or, with network access, a Hub id. ``overrides`` may name ``model_class`` (default:
-    the type's image classifier, else its base model) and ``attn_implementation`` (default 'sdpa').
-    With ``HF_HUB_OFFLINE=1`` anything but a local folder or a type fails at once."""
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    check_version()
-    model_class = overrides.pop("model_class", None)
-    impl = overrides.pop("attn_implementation", "sdpa")
-    folder = Path(spec)
-    try:
-        if (folder / "config.json").is_file():
-            config = AutoConfig.from_pretrained(str(folder), **overrides)
-        elif spec in CONFIG_MAPPING:
-            config = AutoConfig.for_model(spec, **overrides)
-        else:
-            config = AutoConfig.from_pretrained(spec, **overrides)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"hf:{spec} is neither a local folder with config.json nor a transformers model type "
-                         f"({', '.join(sorted(t for t in CONFIG_MAPPING if t in _TYPES))}, ...), and the Hub could "
-                         f"not give it ({first})") from None
-    model_class = model_class or next(iter(getattr(config, "architectures", None) or []), None)  # a folder's own
-    if model_class is not None:
-        cls = getattr(transformers, model_class, None)
-        if cls is None or not isinstance(cls, type):
-            raise ValueError(f"transformers has no model class {model_class!r}")
-    else:
-        try:
-            cls = AutoModelForImageClassification._model_mapping[type(config)]
-        except KeyError:
-            cls = AutoModel._model_mapping[type(config)]
-        cls = cls[0] if isinstance(cls, (tuple, list)) else cls
-    if pretrained:
-        return cls.from_pretrained(str(folder) if folder.is_dir() else spec, config=config, attn_implementation=impl)
-    return cls._from_config(config, attn_implementation=impl)
-
-
-_TYPES = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers", "siglip_vision_model")
-
-
-def parse_spec(text: str) -> tuple[str, dict]:
-    """``CONFIG_OR_ID[:key=value,...]`` (values read as JSON where they parse, else as text) ->
-    (config or id, overrides): ``vit:hidden_size=384,num_hidden_layers=12,num_attention_heads=6``."""
-    spec, _, rest = (text, "", "") if Path(text).exists() else text.partition(":")
-    overrides = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"hf:{text}: settings are key=value pairs separated by commas, got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return spec, overrides

@@ -1,0 +1,176 @@
+"""Building Hugging Face transformers models from a spec, for the command line and the tools: a model
+type with its config's settings changed (random weights), a local folder, or a Hub id; everything
+transformers would refuse or silently get wrong is refused here in one line. Part of evit's
+transformers host (:mod:`evit.hosts.transformers`): only these two files read transformers' attributes.
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .transformers import check_version
+
+
+def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
+    """A transformers model from ``spec``: a local folder with ``config.json`` (with ``pretrained``: its
+    weights too), or a model type (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``,
+    ``dinov2_with_registers``, ``siglip_vision_model``) whose default config ``overrides`` change, with
+    random weights; or, with network access, a Hub id. ``overrides`` may name ``model_class`` (default:
+    the type's image classifier, else its base model) and ``attn_implementation`` (default 'sdpa').
+    With ``HF_HUB_OFFLINE=1`` anything but a local folder or a type fails at once. Settings the config
+    does not have, sizes below one, a class of another model type and anything transformers cannot
+    build or load are refused in one line (ValueError)."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    check_version()
+    model_class = overrides.pop("model_class", None)
+    impl = overrides.pop("attn_implementation", "sdpa")
+    folder = Path(spec)
+    if spec.startswith((".", "/", "~")) and not folder.is_dir():
+        raise ValueError(f"hf:{spec}: no such folder (a local model is a folder with config.json)")
+    if (folder / "config.json").is_file():
+        weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if weights and not pretrained:
+            raise ValueError(f"hf:{spec} holds weights ({weights[0]}) that random weights would silently replace: "
+                             "pass --pretrained (pretrained=True) to load them, or give a folder with only config.json")
+        make_config = lambda: AutoConfig.from_pretrained(str(folder), **overrides)  # noqa: E731
+    elif spec in CONFIG_MAPPING:
+        if pretrained:
+            raise ValueError(f"hf:{spec} is a model type, which has no weights: for --pretrained give a local folder "
+                             "with config.json and weights, or a Hub id")
+        make_config = lambda: AutoConfig.for_model(spec, **overrides)  # noqa: E731
+    else:
+        make_config = lambda: AutoConfig.from_pretrained(spec, **overrides)  # noqa: E731
+    try:
+        config = make_config()
+    except Exception as e:  # noqa: BLE001 - transformers' own refusals (OSError, validation errors), one line each
+        if spec in CONFIG_MAPPING or folder.is_dir():
+            raise ValueError(f"hf:{spec}: transformers refuses these settings ({_first_line(e)}; values are read as "
+                             "JSON: 64, true, null, [224, 224])") from None
+        raise ValueError(f"hf:{spec} is neither a local folder with config.json nor a transformers model type "
+                         f"({', '.join(sorted(t for t in CONFIG_MAPPING if t in _TYPES))}, ...), and the Hub could "
+                         f"not give it ({_first_line(e)})") from None
+    _check_settings(spec, config, overrides)
+    model_class = model_class or next(iter(getattr(config, "architectures", None) or []), None)  # a folder's own
+    if model_class is not None:
+        cls = getattr(transformers, str(model_class), None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ValueError(f"transformers has no model class {model_class!r}")
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"{model_class} is not a {config.model_type} model (it takes {cls.config_class.__name__}, "
+                             f"not {type(config).__name__}); give a model_class of that type, e.g. "
+                             f"{_default_class(config).__name__}")
+    else:
+        cls = _default_class(config)
+    try:
+        if not pretrained:
+            return _drawn_tokens(cls._from_config(config, attn_implementation=impl))
+        with _quiet_loading():
+            model, info = cls.from_pretrained(str(folder) if folder.is_dir() else spec, config=config,
+                                              attn_implementation=impl, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - a model transformers cannot build or load from these, in one line
+        if "ignore_mismatched_sizes" in str(e):
+            raise ValueError(f"hf:{spec}: the weights' sizes do not fit the model's config (and the settings given); "
+                             "give the settings the weights were trained with") from None
+        raise ValueError(f"transformers could not {'load' if pretrained else 'build'} {cls.__name__} from hf:{spec} "
+                         f"({_first_line(e)})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"hf:{spec}: the weights lack {len(missing)} of {cls.__name__}'s tensors ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}), which would start random; give the model_class the "
+                         "weights were saved from")
+    return model
+
+
+def _drawn_tokens(model: nn.Module) -> nn.Module:
+    """``model`` with its class, distillation and register tokens drawn at random where transformers starts them
+    at zero (DeiT): a zero class token's query is zero, so it attends to every token alike, and EViT's ranking of
+    a random model would be all ties (which kernels break differently). Drawn as ViT draws its class token."""
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "distillation_token", "register_tokens")) and not p.any():
+                p.normal_(0.0, std)
+    return model
+
+
+@contextmanager
+def _quiet_loading():
+    """transformers' loading report and progress bar off: evit says in one line what is wrong."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
+
+
+def _default_class(config) -> type:
+    """The model type's image classifier, else its base model."""
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    try:
+        cls = AutoModelForImageClassification._model_mapping[type(config)]
+    except KeyError:
+        cls = AutoModel._model_mapping[type(config)]
+    return cls[0] if isinstance(cls, (tuple, list)) else cls
+
+
+#: config settings that count something: below one (zero for registers) no model can be built
+_COUNTS = {"hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 1,
+           "patch_size": 1, "image_size": 1, "num_channels": 1, "num_labels": 1, "num_register_tokens": 0}
+
+
+def _check_settings(spec: str, config, overrides: dict) -> None:
+    """Refuse settings the config does not have (a typo would be ignored), counts below their least, and a
+    hidden size that the heads do not divide."""
+    known = set(type(config)().to_dict()) | {"num_labels", "id2label", "label2id"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"hf:{spec}: {type(config).__name__} has no setting {', '.join(map(repr, unknown))}")
+    for key, least in _COUNTS.items():
+        values = getattr(config, key, None)
+        for v in values if isinstance(values, (list, tuple)) else [values]:
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= least):
+                raise ValueError(f"hf:{spec}: {key} must be a whole number of at least {least}, got {values!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hf:{spec}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{config.num_attention_heads}")
+
+
+_TYPES = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers", "siglip_vision_model")
+
+
+def parse_spec(text: str) -> tuple[str, dict]:
+    """``CONFIG_OR_ID[:key=value,...]`` (values read as JSON where they parse, else as text) ->
+    (config or id, overrides): ``vit:hidden_size=384,num_hidden_layers=12,num_attention_heads=6``."""
+    spec, _, rest = (text, "", "") if Path(text).exists() else text.partition(":")
+    if not spec:
+        raise ValueError("hf: needs a model type (e.g. hf:vit), a local folder with config.json or a Hub id")
+    overrides = {}
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [...] belong to a list value
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"hf:{text}: settings are key=value pairs separated by commas, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return spec, overrides
