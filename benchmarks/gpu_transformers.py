@@ -5,8 +5,8 @@ For each served model family (small configs, random weights: the same weights on
 ``attn_implementation`` "sdpa" and "eager", on the same images:
 
 - the unpatched model on the device against the CPU (the device's kernels alone);
-- at zero reduction (EViT keep 1.0 and ToMe r=0 both run evit's own layer path), patched against
-  unpatched on the device: evit adds nothing there;
+- at zero reduction (EViT keep 1.0, ToMe r=0: the patched layers hand over to transformers' own forward),
+  patched against unpatched on the device: the patch changes nothing there;
 - EViT at keep 0.5 and ToMe at r=3 on the device against the CPU: a token chosen differently would show
   as a difference far above the kernels' own;
 - EViT at keep 0.5 in bfloat16 autocast on the device: finite, and how far from float32.

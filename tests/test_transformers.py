@@ -472,6 +472,7 @@ def test_cli_refuses_bad_hf_specs_and_folders_in_one_line(tmp_path, capsys):
     with torch.no_grad():
         bad.classifier.bias[0] = float("nan")
     bad.save_pretrained(tmp_path / "nan")
+    T.ViTModel(model.config).save_pretrained(tmp_path / "backbone")
     refused.update({f"hf:{tmp_path / 'weights'}": "pass --pretrained"})
     capsys.readouterr()  # transformers' own progress bars while saving
     for spec, words in refused.items():
@@ -479,7 +480,7 @@ def test_cli_refuses_bad_hf_specs_and_folders_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err, (spec, err)
     for spec, words in {f"hf:{tmp_path / 'weights'}:hidden_size=64": "sizes do not fit",
-                        f"hf:{tmp_path / 'weights'}:model_class=ViTModel": "which would start random",
+                        f"hf:{tmp_path / 'backbone'}:model_class=ViTForImageClassification": "which would start random",
                         f"hf:{tmp_path / 'nan'}": "non-finite", f"hf:vit:{tiny}": "has no weights"}.items():
         assert main(["bench", "--model", spec, "--pretrained", "--reps", "1"]) == 2, spec
         err = capsys.readouterr().err.strip()
@@ -514,9 +515,54 @@ def test_eval_maps_folder_classes_by_the_models_own_names(jpeg_folder, tmp_path,
     (root / "val" / "apple").mkdir()
     shutil.copy(next((root / "val" / "c1").iterdir()), root / "val" / "apple" / "a.jpg")
     assert main(["eval", "--data", str(root), *args]) == 2
-    assert "'apple' is not one of the 10 classes of ViTForImageClassification's id2label" in capsys.readouterr().err
+    assert "bear the names of ViTForImageClassification's id2label ('c0', ...) and some do not ('apple')" in \
+        capsys.readouterr().err
     assert main(["eval", "--data", "bundled", *args]) == 2  # ten classes, but not Fashion-MNIST's
     assert "are not Fashion-MNIST's" in capsys.readouterr().err
     assert main(["eval", "--data", "bundled", "--model", "hf:vit:hidden_size=32,num_hidden_layers=2,num_attention_heads=2,"
                  "image_size=28,patch_size=7,num_channels=1,num_labels=3", "--speed-reps", "1"]) == 2
     assert "head has 3 outputs but Fashion-MNIST has 10 classes" in capsys.readouterr().err
+
+
+def test_names_are_used_only_where_the_folders_bear_them(jpeg_folder, tmp_path, capsys, monkeypatch):
+    """Folders named another way (ImageNet's synset ids) keep folder order; names match without case or
+    punctuation; a folder mixing both is refused. Weights without a pooler, a checkpoint over a folder with
+    weights, a pre-release of the oldest transformers and a model type evit does not serve."""
+    from evit import folders
+    from evit.models import create_model
+
+    config = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         image_size=32, patch_size=8, num_labels=10, id2label={i: f"Class {i}" for i in range(10)})
+    model = T.ViTForImageClassification(config)
+    root = jpeg_folder(1, 1)  # c0..c9: no folder bears a name of the model's
+    assert folders.model_class_names([model], root / "val") is None
+    renamed = tmp_path / "val"
+    for i in range(10):
+        (renamed / f"CLASS_{9 - i}").mkdir(parents=True)
+    names, source = folders.model_class_names([model], renamed)
+    assert names == [f"CLASS_{i}" for i in range(10)] and "id2label" in source
+    (renamed / "c3").mkdir()
+    with pytest.raises(ValueError, match="some class folders bear the names of .* and some do not"):
+        folders.model_class_names([model], renamed)
+    fashion = T.ViTConfig(num_labels=10, id2label=dict(enumerate(["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
+                                                                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"])))
+    folders.check_fashion_mnist_heads([T.ViTForImageClassification(T.ViTConfig(**{**config.to_dict(), **{
+        "id2label": fashion.id2label, "label2id": fashion.label2id}}))])  # HF datasets' spelling of the same classes
+
+    backbone = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                      image_size=32, patch_size=8), add_pooling_layer=False)
+    backbone.save_pretrained(tmp_path / "no_pooler")
+    loaded = create_model(f"hf:{tmp_path / 'no_pooler'}", pretrained=True)
+    assert loaded.pooler is None and hosts.adapter(loaded).pooling == "sequence"
+    model.save_pretrained(tmp_path / "classifier")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ck.safetensors"))
+    with_checkpoint = create_model(f"hf:{tmp_path / 'classifier'}", checkpoint=str(tmp_path / "ck.safetensors"))
+    torch.testing.assert_close(with_checkpoint.classifier.weight, model.classifier.weight)
+    capsys.readouterr()
+    monkeypatch.setattr("transformers.__version__", "5.21.0.dev0")
+    evit.patch(build("ViTForImageClassification"), 0.5)  # a source build of the oldest served release
+    assert main(["bench", "--model", "hf:clip", "--reps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a clip model" in err and "clip_vision_model" in err and len(err.splitlines()) == 1

@@ -5,8 +5,8 @@ transforms for that size (``timm.data.create_transform``): a model built at ``im
 32 px crops, not 224 px ones shrunk afterwards. The listing is evit's own rather than timm's
 dataset, for three reasons that each hide a wrong number or a hang:
 
-* labels come from one class list (``train/``'s sub-folders, or a run's ``config.json``) and every
-  split is mapped onto it *by name*: a ``val/`` with a class missing is still scored against the
+* labels come from one class list (``train/``'s sub-folders, a run's ``config.json``, or the names the
+  model records for its classes, transformers' ``id2label``) and every split is mapped onto it *by name*: a ``val/`` with a class missing is still scored against the
   right labels, and a class the model does not know is refused;
 * a named pipe, socket, device or broken link is skipped when listed, never opened (opening a
   pipe blocks a worker for ever);
@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,11 @@ def run_class_names(weights: Optional[str]) -> Optional[tuple[list[str], str]]:
     return None
 
 
+def _plain(name: str) -> str:
+    """A class name as compared across datasets: lower case, letters and digits only ("T - shirt / top" = "T-shirt/top")."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
 def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
     """Refuse a model whose head is not Fashion-MNIST's ten classes: by width, and by name where it records names."""
     from .data import FASHION_MNIST_CLASSES
@@ -173,23 +179,43 @@ def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
     for model in models:
         check_head(hosts.head_outputs(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
         names = hosts.class_names(model)
-        if names is not None and [n.strip().lower() for n in names] != [n.lower() for n in FASHION_MNIST_CLASSES]:
+        if names is not None and list(map(_plain, names)) != list(map(_plain, FASHION_MNIST_CLASSES)):
             raise ValueError(f"{hosts.model_name(model)}'s classes ({', '.join(names[:4])}, ...) are not Fashion-MNIST's "
                              f"({', '.join(FASHION_MNIST_CLASSES[:4])}, ...) in its order; evaluate it on its own data")
 
 
-def model_class_names(models: Sequence[nn.Module]) -> Optional[tuple[list[str], str]]:
-    """(class names, where from) that the models record for their heads (transformers' ``id2label``), the same
-    for all of them; None when none records any."""
-    named = {tuple(n) for n in map(hosts.class_names, models) if n is not None}
-    if len(named) > 1:
+def model_class_names(models: Sequence[nn.Module], split: Path) -> Optional[tuple[list[str], str]]:
+    """(class list, where from) by the names the models record for their heads (transformers' ``id2label``),
+    when ``split``'s class folders are named so (compared in :func:`_plain` form): each folder then takes the
+    label of its name. None when no model records names, or no folder bears one of them (folders named another
+    way, e.g. ImageNet's synset ids, are labelled in folder order as for any model); some folders named so and
+    others not is refused."""
+    named = [(m, n) for m in models if (n := hosts.class_names(m)) is not None]
+    if not named:
+        return None
+    model, names = named[0]
+    if any(n != names for _, n in named):
         raise ValueError("the models name their classes differently (id2label); evaluate them apart")
-    return (list(named.pop()), f"{hosts.model_name(models[0])}'s id2label") if named else None
+    plain = [_plain(n) for n in names]
+    label_of = {p: i for i, p in enumerate(plain) if plain.count(p) == 1}
+    folders = list(class_folders(split))
+    matched = [f for f in folders if _plain(f) in label_of]
+    if not matched:
+        return None
+    source = f"{hosts.model_name(model)}'s id2label"
+    if len(matched) < len(folders):
+        other = [f for f in folders if f not in matched]
+        raise ValueError(f"{split}: some class folders bear the names of {source} ({matched[0]!r}, ...) and some do not "
+                         f"({other[0]!r}{', ...' if len(other) > 1 else ''}); name them all as the model does")
+    labels = list(names)
+    for folder in matched:
+        labels[label_of[_plain(folder)]] = folder
+    return labels, source
 
 
 def class_list(root: Path, num_outputs: int, given: Optional[tuple[list[str], str]] = None) -> tuple[list[str], str]:
     """(class names in label order, where they come from) for a model with ``num_outputs`` outputs:
-    ``given`` (a run's config), else ``root/train``'s sub-folders, else ``root/val``'s when they are
+    ``given`` (a run's config, or the model's own names), else ``root/train``'s sub-folders, else ``root/val``'s when they are
     exactly as many as the outputs. A head of another width is refused with both numbers."""
     if given is not None:
         names, source = given
@@ -362,15 +388,16 @@ class FolderEval:
 
 def eval_batches(root: Path, models: Sequence[nn.Module], batch_size: int, workers: int = 2,
                  run_classes: Optional[tuple[list[str], str]] = None) -> FolderEval:
-    """``root/val`` for evaluating ``models``, mapped by class name onto the class list (a run's, else
-    ``root/train``'s); every model's head must be as wide as that list."""
+    """``root/val`` for evaluating ``models``, mapped by class name onto the class list (a run's, else the
+    models' own names where the folders bear them, else ``root/train``'s); every model's head must be as wide
+    as that list."""
     check_workers(workers)
     check_folder(root)
     check_folder(root / "val")
     widths = {hosts.head_outputs(m) for m in models}
     if len(widths) != 1:
         raise ValueError(f"the models have heads of different widths {sorted(map(str, widths))}; evaluate them apart")
-    names, source = class_list(root, widths.pop(), run_classes or model_class_names(models))
+    names, source = class_list(root, widths.pop(), run_classes or model_class_names(models, root / "val"))
     return FolderEval(read_split(root / "val", names, source), models[0], batch_size, workers)
 
 

@@ -61,7 +61,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     if name.startswith(HF_PREFIX):
         if pretrained and checkpoint:
             raise ValueError("give either --pretrained or --checkpoint, not both")
-        model = transformers_model(name[len(HF_PREFIX):], pretrained, **kwargs)
+        model = transformers_model(name[len(HF_PREFIX):], pretrained, checkpoint=bool(checkpoint), **kwargs)
         if checkpoint:
             load_checkpoint(model, checkpoint)
         return _finite(model, name) if pretrained else model

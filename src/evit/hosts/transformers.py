@@ -44,7 +44,7 @@ def check_version() -> None:
     import transformers
     from packaging.version import Version
 
-    if Version(transformers.__version__) < Version(OLDEST):
+    if Version(transformers.__version__).release < Version(OLDEST).release:  # 5.21.0.dev0 is 5.21 here
         raise ValueError(f"evit serves transformers {OLDEST} or newer, and this is transformers {transformers.__version__}: "
                          f"pip install -U 'transformers>={OLDEST}'")
 
@@ -95,11 +95,11 @@ class MaskFollower(nn.Module):
     Its model makes one attention mask for the full-length sequence and hands it to every layer. Mostly that
     mask is None (it masks nothing), but where transformers cannot look at it, it is made in full: inside
     ``torch.compile`` before torch 2.14, and under ``torch.export``. A layer after a reduction gets a shorter
-    sequence; a mask that masks nothing is dropped here (one that masks something the reducing layer before
-    has already refused)."""
+    sequence, and the mask is dropped by its length alone (no value read, no graph break): the reducing layer
+    before has already refused one that masks anything."""
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        if attention_mask is not None and _masks_nothing(attention_mask):
+        if attention_mask is not None and attention_mask.shape[-1] != hidden_states.shape[1]:
             attention_mask = None
         return super().forward(hidden_states, attention_mask, **kwargs)
 

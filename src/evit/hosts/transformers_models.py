@@ -16,13 +16,14 @@ from torch import nn
 from .transformers import check_version
 
 
-def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
+def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, **overrides) -> nn.Module:
     """A transformers model from ``spec``: a local folder with ``config.json`` (with ``pretrained``: its
     weights too), or a model type (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``,
     ``dinov2_with_registers``, ``siglip_vision_model``) whose default config ``overrides`` change, with
     random weights; or, with network access, a Hub id. ``overrides`` may name ``model_class`` (default:
     the type's image classifier, else its base model) and ``attn_implementation`` (default 'sdpa').
-    With ``HF_HUB_OFFLINE=1`` anything but a local folder or a type fails at once. Settings the config
+    With ``HF_HUB_OFFLINE=1`` anything but a local folder or a type fails at once. ``checkpoint``: weights
+    will be loaded from a checkpoint file afterwards (a folder's own are then not needed). Settings the config
     does not have, sizes below one, a class of another model type and anything transformers cannot
     build or load are refused in one line (ValueError)."""
     import transformers
@@ -32,12 +33,12 @@ def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
     check_version()
     model_class = overrides.pop("model_class", None)
     impl = overrides.pop("attn_implementation", "sdpa")
-    folder = Path(spec)
+    folder = Path(spec).expanduser()
     if spec.startswith((".", "/", "~")) and not folder.is_dir():
         raise ValueError(f"hf:{spec}: no such folder (a local model is a folder with config.json)")
     if (folder / "config.json").is_file():
         weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-        if weights and not pretrained:
+        if weights and not pretrained and not checkpoint:
             raise ValueError(f"hf:{spec} holds weights ({weights[0]}) that random weights would silently replace: "
                              "pass --pretrained (pretrained=True) to load them, or give a folder with only config.json")
         make_config = lambda: AutoConfig.from_pretrained(str(folder), **overrides)  # noqa: E731
@@ -52,11 +53,15 @@ def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
         config = make_config()
     except Exception as e:  # noqa: BLE001 - transformers' own refusals (OSError, validation errors), one line each
         if spec in CONFIG_MAPPING or folder.is_dir():
-            raise ValueError(f"hf:{spec}: transformers refuses these settings ({_first_line(e)}; values are read as "
+            raise ValueError(f"hf:{spec}: transformers refuses these settings ({_summary(e)}; values are read as "
                              "JSON: 64, true, null, [224, 224])") from None
         raise ValueError(f"hf:{spec} is neither a local folder with config.json nor a transformers model type "
                          f"({', '.join(sorted(t for t in CONFIG_MAPPING if t in _TYPES))}, ...), and the Hub could "
-                         f"not give it ({_first_line(e)})") from None
+                         f"not give it ({_summary(e)})") from None
+    if config.model_type not in _TYPES:
+        raise ValueError(f"hf:{spec} is a {config.model_type} model; evit serves the model types {', '.join(_TYPES)}"
+                         + (" (CLIP's and SigLIP's image towers: clip_vision_model, siglip_vision_model)"
+                            if config.model_type in ("clip", "siglip") else ""))
     _check_settings(spec, config, overrides)
     model_class = model_class or next(iter(getattr(config, "architectures", None) or []), None)  # a folder's own
     if model_class is not None:
@@ -72,15 +77,19 @@ def create_model(spec: str, pretrained: bool = False, **overrides) -> nn.Module:
     try:
         if not pretrained:
             return _drawn_tokens(cls._from_config(config, attn_implementation=impl))
+        source = str(folder) if folder.is_dir() else spec
         with _quiet_loading():
-            model, info = cls.from_pretrained(str(folder) if folder.is_dir() else spec, config=config,
-                                              attn_implementation=impl, output_loading_info=True)
+            model, info = cls.from_pretrained(source, config=config, attn_implementation=impl, output_loading_info=True)
+            if info.get("missing_keys") and all(k.startswith("pooler.") for k in info["missing_keys"]):
+                # weights saved without the pooler (ViTModel(add_pooling_layer=False), DINO's): the model without it
+                model, info = cls.from_pretrained(source, config=config, attn_implementation=impl,
+                                                  output_loading_info=True, add_pooling_layer=False)
     except Exception as e:  # noqa: BLE001 - a model transformers cannot build or load from these, in one line
         if "ignore_mismatched_sizes" in str(e):
             raise ValueError(f"hf:{spec}: the weights' sizes do not fit the model's config (and the settings given); "
                              "give the settings the weights were trained with") from None
         raise ValueError(f"transformers could not {'load' if pretrained else 'build'} {cls.__name__} from hf:{spec} "
-                         f"({_first_line(e)})") from None
+                         f"({_summary(e)})") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(f"hf:{spec}: the weights lack {len(missing)} of {cls.__name__}'s tensors ({', '.join(missing[:3])}"
@@ -117,7 +126,8 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def _first_line(e: BaseException) -> str:
+def _summary(e: BaseException) -> str:
+    """An exception in one line: its type and its message's last line (transformers puts the point there)."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
 
@@ -150,7 +160,8 @@ def _check_settings(spec: str, config, overrides: dict) -> None:
         for v in values if isinstance(values, (list, tuple)) else [values]:
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= least):
                 raise ValueError(f"hf:{spec}: {key} must be a whole number of at least {least}, got {values!r}")
-    if config.hidden_size % config.num_attention_heads:
+    width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
         raise ValueError(f"hf:{spec}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
                          f"{config.num_attention_heads}")
 
