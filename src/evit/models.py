@@ -77,13 +77,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
 
         hub_constants.HF_HUB_OFFLINE = True  # look in the local cache only; fail at once
         try:
-            return _finite(timm.create_model(name, pretrained=True, **kwargs), name)
+            model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised with what to do
             raise RuntimeError(
                 f"cannot load pretrained weights for {name}: the Hugging Face Hub ({HUB_HOST}) is not reachable "
                 f"and they are not in the local cache ({type(e).__name__}). Run once with network access to cache "
                 "them, or pass a local checkpoint file (--checkpoint)."
             ) from None
+        return _finite(model, name)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint)

@@ -48,7 +48,6 @@ class ReducingBlock(nn.Module):
 
     reduction: TokenReduction
     _evit_view: type
-    __reduce_ex__ = _reduce_patched
 
     def forward(self, *args, **kwargs):
         view = self._evit_view(self)
@@ -80,7 +79,6 @@ class SizeWeightedNorm(nn.Module):
 
     token_state: TokenState
     num_prefix_tokens: int
-    __reduce_ex__ = _reduce_patched
 
     def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
