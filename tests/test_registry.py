@@ -128,3 +128,16 @@ def test_a_method_from_another_package_is_found_by_its_entry_point(tmp_path):
                           text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "plugin 'nothing' (no_such_module_here) failed to load" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_option_the_method_does_not_take_is_refused(capsys):
+    """--keep-rates (or a budget that picks one) with ToMe, --r with EViT: refused, not silently ignored."""
+    from evit.cli import main
+
+    for args, words in ((["bench", "--method", "tome", "--keep-rates", "0.5"], "--keep-rates sets a keep rate"),
+                        (["bench", "--method", "tome", "--speedup", "1.5"], "--speedup sets a keep rate"),
+                        (["bench", "--method", "evit", "--r", "4"], "--r sets r"),
+                        (["compare", "--methods", "evit", "topk", "--r", "3"], "which evit, topk do not take")):
+        assert main([*args, "--reps" if args[0] == "bench" else "--speed-reps", "1"]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err

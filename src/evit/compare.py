@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .evaluate import evaluate, setting_text
-from .registry import method_class, names
+from .registry import check_settings_apply, method_class, names
 
 
 def grid(methods: Sequence[str], keep_rates: Optional[Sequence[float]] = None,
@@ -43,6 +43,7 @@ def grid(methods: Sequence[str], keep_rates: Optional[Sequence[float]] = None,
             skipped.append(method)
         if method in trained:
             settings += [(trained[method], s) for s in specs]
+    check_settings_apply(methods, {"keep_rate": "--keep-rates" if keep_rates else "", "r": "--r" if r_values else ""})
     return settings, skipped
 
 

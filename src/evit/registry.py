@@ -48,6 +48,19 @@ def register(cls: type) -> type:
     return cls
 
 
+def check_settings_apply(methods, given: dict[str, str]) -> None:
+    """Refuse settings that no method of ``methods`` takes: ``given`` maps a setting kind (``keep_rate``, ``r``)
+    to the option that gave it (``--keep-rates``); an option none of the methods reads would be ignored."""
+    kinds = {method_class(m).setting for m in methods}
+    for kind, option in given.items():
+        if option and kind not in kinds:
+            takes = sorted(n for n, c in METHODS.items() if c.setting == kind and getattr(c, "listed", True))
+            what = {"keep_rate": "a keep rate", "r": "r (tokens merged per block)"}[kind]
+            raise ValueError(f"{option} sets {what}, which {', '.join(methods)} "
+                             f"{'does' if len(methods) == 1 else 'do'} not take (methods that do: {', '.join(takes)}); "
+                             "leave it out")
+
+
 def unregister(name: str) -> None:
     """Forget method ``name`` (tests, notebooks re-defining a method)."""
     METHODS.pop(name, None)
