@@ -111,10 +111,10 @@ def _bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device if args.backends is None else "cpu")  # a bad --device fails first
-    check_settings_apply([args.method], {
-        "keep_rate": next((o for o, v in (("--keep-rates", args.keep_rates is not BENCH_KEEP_RATES), ("--macs", args.macs),
-                                          ("--speedup", args.speedup), ("--match-macs", args.match_macs)) if v), ""),
-        "r": "--r" if args.r else ""})
+    keep_rate_options = (("--keep-rates", args.keep_rates is not BENCH_KEEP_RATES), ("--macs", args.macs),
+                         ("--speedup", args.speedup), ("--match-macs", args.match_macs))
+    keep_rate_given = next((option for option, given in keep_rate_options if given), "")
+    check_settings_apply([args.method], {"keep_rate": keep_rate_given, "r": "--r" if args.r else ""})
     args.model, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint)
     choice = _fit_budget(args, [model])
     rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else \

@@ -6,8 +6,9 @@ transforms for that size (``timm.data.create_transform``): a model built at ``im
 dataset, for three reasons that each hide a wrong number or a hang:
 
 * labels come from one class list (``train/``'s sub-folders, a run's ``config.json``, or the names the
-  model records for its classes, transformers' ``id2label``) and every split is mapped onto it *by name*: a ``val/`` with a class missing is still scored against the
-  right labels, and a class the model does not know is refused;
+  model records for its classes, transformers' ``id2label``) and every split is mapped onto it *by
+  name*: a ``val/`` with a class missing is still scored against the right labels, and a class the
+  model does not know is refused;
 * a named pipe, socket, device or broken link is skipped when listed, never opened (opening a
   pipe blocks a worker for ever);
 * an image that fails to decode is dropped from its batch and named once, not replaced by its
@@ -168,7 +169,8 @@ def run_class_names(weights: Optional[str]) -> Optional[tuple[list[str], str]]:
 
 
 def _plain(name: str) -> str:
-    """A class name as compared across datasets: lower case, letters and digits only ("T - shirt / top" = "T-shirt/top")."""
+    """A class name as compared across datasets: lower case, letters and digits only
+    ("T - shirt / top" = "T-shirt/top")."""
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
@@ -215,8 +217,8 @@ def model_class_names(models: Sequence[nn.Module], split: Path) -> Optional[tupl
 
 def class_list(root: Path, num_outputs: int, given: Optional[tuple[list[str], str]] = None) -> tuple[list[str], str]:
     """(class names in label order, where they come from) for a model with ``num_outputs`` outputs:
-    ``given`` (a run's config, or the model's own names), else ``root/train``'s sub-folders, else ``root/val``'s when they are
-    exactly as many as the outputs. A head of another width is refused with both numbers."""
+    ``given`` (a run's config, or the model's own names), else ``root/train``'s sub-folders, else
+    ``root/val``'s when they are exactly as many as the outputs. A head of another width is refused with both numbers."""
     if given is not None:
         names, source = given
     elif (root / "train").is_dir():

@@ -162,8 +162,7 @@ def _check_settings(spec: str, config, overrides: dict) -> None:
                 raise ValueError(f"hf:{spec}: {key} must be a whole number of at least {least}, got {values!r}")
     width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     if isinstance(width, int) and isinstance(heads, int) and width % heads:
-        raise ValueError(f"hf:{spec}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
-                         f"{config.num_attention_heads}")
+        raise ValueError(f"hf:{spec}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
 
 
 _TYPES = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers", "siglip_vision_model")
