@@ -57,6 +57,23 @@ def test_cli_bench_json(capsys):
     assert out["rows"][1]["gmacs"] < 0.7 * out["rows"][0]["gmacs"]
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "--keep-rates", "1.5"], "evit bench: error: argument --keep-rates: keep_rate must be in (0, 1]"),
+    (["eval", "--batch-size", "abc"], "evit eval: error: argument --batch-size: expected a positive integer"),
+    (["show", "--no-such-option"], "evit show: error: unrecognized arguments: --no-such-option"),
+    ([], "evit: error: the following arguments are required: command"),
+    (["benchh"], "evit: error: argument command: invalid choice: 'benchh'"),
+])
+def test_bad_arguments_get_one_line(capsys, argv, says):
+    """argparse's usage block is not printed: one line says what is wrong and which help to read."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(says), err
+    assert err.rstrip().endswith("--help')")
+
+
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--keep-rates", "1.5"])

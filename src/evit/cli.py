@@ -8,6 +8,18 @@ from typing import Optional, Sequence
 from .methods.evit import FUSIONS
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse reporting a bad argument in one line, what is wrong and where to look, without the usage block
+    (subcommands' parsers are of the parser's class, so they report alike)."""
+
+    def error(self, message: str):
+        self.exit(2, _bad_arguments(self.prog, message))
+
+
+def _bad_arguments(prog: str, message: str) -> str:
+    return f"{prog}: error: {message} (see '{prog} --help')\n"
+
+
 def _keep_rate(text: str) -> float:
     from .reduction import check_keep_rate
 
@@ -82,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .registry import method_class, names
 
     methods = names()  # every registered method the command line offers (evit.registry)
-    parser = argparse.ArgumentParser(prog="evit", description="Faster Vision Transformers by token reorganisation (EViT).")
+    parser = OneLineParser(prog="evit", description="Faster Vision Transformers by token reorganisation (EViT).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("bench", help="images/s, batch-1 latency, GMACs and speed-up (with the ideal) per keep rate")
@@ -196,7 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RuntimeError as e:  # a method plugin that fails to load (evit.registry)
         print(f"evit: error: {e}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named under the subcommand given, whose options are the ones to look up
+        parser.exit(2, _bad_arguments(f"evit {args.command}", f"unrecognized arguments: {' '.join(unknown)}"))
     try:
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, RuntimeError, OSError) as e:
