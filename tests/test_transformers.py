@@ -563,6 +563,40 @@ def test_names_are_used_only_where_the_folders_bear_them(jpeg_folder, tmp_path, 
     capsys.readouterr()
     monkeypatch.setattr("transformers.__version__", "5.21.0.dev0")
     evit.patch(build("ViTForImageClassification"), 0.5)  # a source build of the oldest served release
-    assert main(["bench", "--model", "hf:clip", "--reps", "1"]) == 2
+    assert main(["bench", "--model", "hf:swin", "--reps", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is a clip model" in err and "clip_vision_model" in err and len(err.splitlines()) == 1
+    assert "is a swin model" in err and "clip_vision_model" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_two_tower_models_image_tower_is_served(kind, tmp_path, capsys):
+    """A whole CLIP or SigLIP model saved as it comes (image and text towers): its image tower is built, CLIP's with
+    its projection, and gives the whole model's image features; settings given apply to the tower."""
+    from evit.models import create_model
+
+    towers = dict(text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                   vocab_size=99, bos_token_id=0, eos_token_id=1),
+                  vision_config=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                                     image_size=32, patch_size=8))
+    if kind == "clip":
+        whole = T.CLIPModel(T.CLIPConfig(**towers, projection_dim=24)).eval()
+    else:
+        whole = T.SiglipModel(T.SiglipConfig(**towers)).eval()
+    whole.save_pretrained(tmp_path / kind)
+    tower = create_model(f"hf:{tmp_path / kind}", pretrained=True).eval()
+    assert type(tower).__name__ == {"clip": "CLIPVisionModelWithProjection", "siglip": "SiglipVisionModel"}[kind]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = whole.get_image_features(pixel_values=x)
+        features = features if torch.is_tensor(features) else features.pooler_output
+        out = tower(pixel_values=x)
+        torch.testing.assert_close(out.image_embeds if kind == "clip" else out.pooler_output, features)
+    if kind == "clip":
+        evit.patch(tower, 0.5)
+        assert evit.token_counts(tower, 17) == [17, 10, 7, 5]
+        assert main(["bench", "--model", f"hf:{tmp_path / kind}", "--pretrained", "--keep-rates", "0.5", "--reps", "1",
+                     "--latency-reps", "1", "--batch-size", "2"]) == 0
+    assert main(["bench", "--model", f"hf:{tmp_path / kind}", "--reps", "1"]) == 2  # its weights need --pretrained
+    assert "--pretrained" in capsys.readouterr().err
+    wider = create_model(f"hf:{kind}:hidden_size=48,num_hidden_layers=2,num_attention_heads=3,intermediate_size=64")
+    assert wider.config.hidden_size == 48 and len(hosts.adapter(wider).blocks) == 2

@@ -5,6 +5,7 @@ transformers host (:mod:`evit.hosts.transformers`): only these two files read tr
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from contextlib import contextmanager
@@ -20,7 +21,8 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
     """A transformers model from ``spec``: a local folder with ``config.json`` (with ``pretrained``: its
     weights too), or a model type (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``,
     ``dinov2_with_registers``, ``siglip_vision_model``) whose default config ``overrides`` change, with
-    random weights; or, with network access, a Hub id. ``overrides`` may name ``model_class`` (default:
+    random weights; or, with network access, a Hub id. Of a CLIP or SigLIP model (both towers) the image tower
+    is built (CLIP's with its projection). ``overrides`` may name ``model_class`` (default:
     the type's image classifier, else its base model) and ``attn_implementation`` (default 'sdpa').
     With ``HF_HUB_OFFLINE=1`` anything but a local folder or a type fails at once. ``checkpoint``: weights
     will be loaded from a checkpoint file afterwards (a folder's own are then not needed). Settings the config
@@ -58,12 +60,15 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         raise ValueError(f"hf:{spec} is neither a local folder with config.json nor a transformers model type "
                          f"({', '.join(sorted(t for t in CONFIG_MAPPING if t in _TYPES))}, ...), and the Hub could "
                          f"not give it ({_summary(e)})") from None
-    if config.model_type not in _TYPES:
-        raise ValueError(f"hf:{spec} is a {config.model_type} model; evit serves the model types {', '.join(_TYPES)}"
-                         + (" (CLIP's and SigLIP's image towers: clip_vision_model, siglip_vision_model)"
-                            if config.model_type in ("clip", "siglip") else ""))
+    tower = _TOWERS.get(config.model_type)
+    if tower is not None:
+        config = _image_tower(config, overrides)
+    elif config.model_type not in _TYPES:
+        raise ValueError(f"hf:{spec} is a {config.model_type} model; evit serves the model types {', '.join(_TYPES)}, "
+                         f"and the image towers of {', '.join(_TOWERS)}")
     _check_settings(spec, config, overrides)
-    model_class = model_class or next(iter(getattr(config, "architectures", None) or []), None)  # a folder's own
+    # the class a folder's model was saved as; a two-tower model's image tower is its own class
+    model_class = model_class or tower or next(iter(getattr(config, "architectures", None) or []), None)
     if model_class is not None:
         cls = getattr(transformers, str(model_class), None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -166,6 +171,22 @@ def _check_settings(spec: str, config, overrides: dict) -> None:
 
 
 _TYPES = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers", "siglip_vision_model")
+
+#: two-tower (image and text) model types whose image tower evit serves, as the model of this class: CLIP's with its
+#: projection (the image embedding its text tower is compared with), SigLIP's as it is
+_TOWERS = {"clip": "CLIPVisionModelWithProjection", "siglip": "SiglipVisionModel"}
+
+
+def _image_tower(config, overrides: dict):
+    """The image tower's config of a two-tower model's ``config``, with ``overrides`` applied to it (transformers
+    applied them to the outer config). CLIP's projection width is the outer config's unless an override sets it.
+    The tower's weights load from the whole model's (their names match; the text tower's are left unused)."""
+    tower = copy.deepcopy(config.vision_config)
+    if hasattr(config, "projection_dim"):
+        tower.projection_dim = config.projection_dim
+    for key, value in overrides.items():
+        setattr(tower, key, value)
+    return tower
 
 
 def parse_spec(text: str) -> tuple[str, dict]:
