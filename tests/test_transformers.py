@@ -600,3 +600,29 @@ def test_a_two_tower_models_image_tower_is_served(kind, tmp_path, capsys):
     assert "--pretrained" in capsys.readouterr().err
     wider = create_model(f"hf:{kind}:hidden_size=48,num_hidden_layers=2,num_attention_heads=3,intermediate_size=64")
     assert wider.config.hidden_size == 48 and len(hosts.adapter(wider).blocks) == 2
+
+
+@pytest.mark.parametrize("spec", ["vit", "dinov2", "deit:model_class=DeiTForImageClassificationWithTeacher"])
+def test_a_save_pretrained_file_loads_as_a_checkpoint(spec, tmp_path):
+    """``save_pretrained`` writes transformers' saved layout (``attention.attention.query``), not the modules' names;
+    given as ``--checkpoint`` it loads as ``from_pretrained`` would load it: the same outputs as the saved model."""
+    from evit.models import create_model, load_checkpoint
+
+    name, _, extra = spec.partition(":")
+    settings = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,image_size=32,patch_size=8"
+    full = f"hf:{name}:{settings}" + (f",{extra}" if extra else "")
+    torch.manual_seed(0)
+    saved = create_model(full).eval()
+    saved.save_pretrained(tmp_path / "run")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "run" / "model.safetensors"))) != set(saved.state_dict())  # another layout
+    torch.manual_seed(1)
+    model = create_model(full).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(hosts.adapter(model).forward(x), hosts.adapter(saved).forward(x))
+    load_checkpoint(model, str(tmp_path / "run" / "model.safetensors"))
+    torch.testing.assert_close(hosts.adapter(model).forward(x), hosts.adapter(saved).forward(x))
+    other = create_model(f"hf:{name}:{settings.replace('hidden_size=32', 'hidden_size=48')}")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_checkpoint(other, str(tmp_path / "run" / "model.safetensors"))

@@ -24,6 +24,7 @@ submodules (``layernorm_before``, ``attention.q_proj``, ..., ``mlp``); only its 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -363,6 +364,31 @@ class TransformersHost(Host):
                 return getattr(out, key)
         raise TypeError(f"{self.name} returned no tensor evit knows ({type(out).__name__})")  # pragma: no cover
 
+    def adapt_state_dict(self, state: dict) -> dict:
+        """A file ``save_pretrained`` wrote (or a training script of an older transformers) names the tensors in
+        transformers' saved layout (``encoder.layer.0.attention.attention.query``), not the modules' own
+        (``layers.0.attention.q_proj``): such a state is read the way ``from_pretrained`` reads it, with
+        transformers' own conversion, into a model of this class and config. A state that fits as it is, or that
+        transformers cannot place either, is returned as it is (the caller names what does not fit)."""
+        own = self.model.state_dict()
+        if all(k in state for k in own) or not state:
+            return state
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="evit-") as folder, quiet_loading():
+            self.model.config.save_pretrained(folder)
+            save_file({k: v.contiguous() for k, v in state.items()}, f"{folder}/model.safetensors")
+            try:
+                loaded, info = type(self.model).from_pretrained(folder, config=self.model.config,
+                                                                output_loading_info=True)
+            except Exception:  # noqa: BLE001 - shapes transformers cannot take: the caller names them
+                return state
+        if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
+            return state
+        return loaded.state_dict()
+
     @property
     def head_outputs(self) -> int:
         if not hasattr(self.model, "classifier") and not hasattr(self.model, "cls_classifier"):
@@ -391,3 +417,19 @@ class TransformersHost(Host):
                 crop_pct = crop["height"] / (size.get("height") or size["shortest_edge"])
         size = tuple(int(s) for s in input_size) if input_size else self.input_size
         return dict(input_size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct)
+
+
+@contextmanager
+def quiet_loading():
+    """transformers' loading report and progress bar off: evit says in one line what is wrong."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

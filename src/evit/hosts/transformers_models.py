@@ -8,13 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .transformers import check_version
+from .transformers import check_version, quiet_loading
 
 
 def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, **overrides) -> nn.Module:
@@ -83,7 +82,7 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         if not pretrained:
             return _drawn_tokens(cls._from_config(config, attn_implementation=impl))
         source = str(folder) if folder.is_dir() else spec
-        with _quiet_loading():
+        with quiet_loading():
             model, info = cls.from_pretrained(source, config=config, attn_implementation=impl, output_loading_info=True)
             if info.get("missing_keys") and all(k.startswith("pooler.") for k in info["missing_keys"]):
                 # weights saved without the pooler (ViTModel(add_pooling_layer=False), DINO's): the model without it
@@ -113,22 +112,6 @@ def _drawn_tokens(model: nn.Module) -> nn.Module:
             if name.endswith(("cls_token", "distillation_token", "register_tokens")) and not p.any():
                 p.normal_(0.0, std)
     return model
-
-
-@contextmanager
-def _quiet_loading():
-    """transformers' loading report and progress bar off: evit says in one line what is wrong."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _summary(e: BaseException) -> str:
