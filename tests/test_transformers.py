@@ -626,3 +626,51 @@ def test_a_save_pretrained_file_loads_as_a_checkpoint(spec, tmp_path):
     other = create_model(f"hf:{name}:{settings.replace('hidden_size=32', 'hidden_size=48')}")
     with pytest.raises(ValueError, match="does not fit this model"):
         load_checkpoint(other, str(tmp_path / "run" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher",
+                                  "CLIPVisionModelWithProjection", "SiglipVisionModel", "Dinov2ForImageClassification",
+                                  "Dinov2WithRegistersModel"])
+def test_a_model_resized_gives_what_transformers_interpolation_gives(name, capsys):
+    """``set_input_size`` resamples the position embeddings once, with the family's own interpolation: the
+    resized model equals transformers' ``interpolate_pos_encoding=True`` at that size (DINOv2 interpolates at
+    every call: equal to the model as it is), patched and counted at the new token count."""
+    from evit.resolution import set_input_size
+
+    reference, model = build(name), build(name)
+    set_input_size(model, 48)
+    host = hosts.adapter(model)
+    assert host.input_size == (3, 48, 48) and host.num_tokens() == 36 + host.num_prefix_tokens
+    x = torch.randn(2, 3, 48, 48)
+    kwargs = {} if name.startswith("Dinov2") else {"interpolate_pos_encoding": True}
+    with torch.no_grad():
+        expected = reference(pixel_values=x, **kwargs)
+        key = next(k for k in ("logits", "image_embeds", "pooler_output", "last_hidden_state")
+                   if getattr(expected, k, None) is not None)
+        torch.testing.assert_close(host.forward(x), getattr(expected, key), atol=1e-6, rtol=1e-6)
+        if name != "SiglipVisionModel":
+            evit.patch(model, 0.5)
+            n = host.num_tokens()
+            assert evit.token_counts(model, n)[1] == host.num_prefix_tokens + 18 + 1
+            assert torch.isfinite(host.forward(x)).all()
+            assert evit.count_macs(model) < evit.count_macs(reference) * (36 / 16)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8x8"):
+        set_input_size(model, 50)
+    if name.startswith(("CLIP", "Siglip")):
+        with pytest.raises(ValueError, match="square inputs only"):
+            set_input_size(model, (48, 40))
+    else:
+        set_input_size(model, (48, 40))
+        assert host.input_size == (3, 48, 40) and host.forward(torch.randn(1, 3, 48, 40)).shape[0] == 1
+
+
+def test_cli_higher_resolution_at_the_same_cost_on_a_transformers_model(capsys):
+    """``--img-size`` with ``--match-macs``: the resized transformers model, at the keep rate that costs what the
+    model costs at its own size (the paper's higher resolution at equal cost)."""
+    spec = "hf:vit:hidden_size=32,num_hidden_layers=8,num_attention_heads=2,image_size=32,patch_size=8,intermediate_size=64"
+    assert main(["bench", "--model", spec, "--img-size", "40", "--match-macs", "--reps", "1", "--latency-reps", "1",
+                 "--batch-size", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    budget, row = out["budget"], out["rows"][1]
+    assert budget["img_size"] == [40, 40] and budget["native_size"] == [32, 32]
+    assert row["tokens"][0] == 26 and row["gmacs"] <= budget["native_gmacs"] < out["rows"][0]["gmacs"]

@@ -352,6 +352,42 @@ class TransformersHost(Host):
     def takes_any_size(self) -> bool:
         return self.family_name.startswith("dinov2")  # its position embeddings are interpolated at every call
 
+    def set_input_size(self, hw: tuple[int, int]) -> None:
+        """The position embeddings resampled by the family's own ``interpolate_pos_encoding`` (bicubic, prefix
+        tokens kept), once: the model then gives what transformers gives with ``interpolate_pos_encoding=True``
+        at that size, without interpolating at every call. DINOv2 interpolates at every call anyway: only the
+        size it is run at changes. Each side must be a multiple of the patch size (the patch embedding would crop
+        the image); CLIP and SigLIP take square inputs only."""
+        (h, w), (ph, pw) = hw, self._pair(self.config.patch_size)
+        if h % ph or w % pw:
+            raise ValueError(f"img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}: the patch embedding "
+                             f"would crop it; use e.g. {max(ph, h // ph * ph)}x{max(pw, w // pw * pw)}")
+        if (h, w) == tuple(self.input_size[1:]):
+            return
+        embeddings, grid = self.backbone.embeddings, (h // ph) * (w // pw)
+        table = getattr(embeddings, "position_embedding", None)  # CLIP, SigLIP: an nn.Embedding
+        if table is not None and h != w:
+            raise ValueError(f"{self.name} takes square inputs only (its embeddings check one side): use {h}x{h}")
+        if not self.takes_any_size:
+            n = grid + self.num_prefix_tokens
+            old = table.weight if table is not None else embeddings.position_embeddings
+            with torch.no_grad():
+                new = embeddings.interpolate_pos_encoding(old.new_empty(1, n, old.shape[-1]), h, w).detach().clone()
+            if table is not None:
+                embeddings.position_embedding = nn.Embedding(n, old.shape[-1], _weight=new[0], device=old.device,
+                                                             dtype=old.dtype)
+                embeddings.position_embedding.weight.requires_grad_(old.requires_grad)
+                embeddings.position_ids = torch.arange(n, device=old.device).expand(1, -1)
+                embeddings.num_patches, embeddings.num_positions, embeddings.image_size = grid, n, h
+            else:
+                embeddings.position_embeddings = nn.Parameter(new, requires_grad=old.requires_grad)
+        patches = getattr(embeddings, "patch_embeddings", None)
+        if patches is not None:  # ViT, DeiT, DINOv2: the patch embedding checks (or records) the size
+            patches.image_size, patches.num_patches = (h, w), grid
+            if hasattr(embeddings, "image_size"):
+                embeddings.image_size = (h, w)
+        self.config.image_size = h if h == w else [h, w]
+
     def forward(self, images: Tensor) -> Tensor:
         masks = {}
         if torch.compiler.is_exporting() and self.family.makes_mask:
