@@ -450,8 +450,8 @@ def test_cli_transformers_models_from_a_folder_and_offline(tmp_path, capsys):
     assert "does not train yet" in capsys.readouterr().err and not (tmp_path / "run").exists()
     assert main(["bench", "--model", HF_TINY, "--backends", "eager", "--keep-rates", "0.5"]) == 2
     assert "returns an output object" in capsys.readouterr().err
-    assert main(["eval", "--model", HF_TINY, "--img-size", "32"]) == 2
-    assert "cannot resize" in capsys.readouterr().err
+    assert main(["eval", "--model", HF_TINY, "--img-size", "30"]) == 2
+    assert "img_size 30x30 is not a multiple of the patch size 4x4" in capsys.readouterr().err
 
 
 def test_cli_refuses_bad_hf_specs_and_folders_in_one_line(tmp_path, capsys):
