@@ -260,6 +260,22 @@ def test_a_training_state_that_would_run_code_is_never_unpickled(recipe, run, ca
     assert not marker.exists()
 
 
+def test_resume_maps_a_folder_by_the_class_names_the_run_began_with(jpeg_folder, tmp_path, capsys):
+    """A class folder renamed between start and resume would permute the labels mid-run: refused."""
+    data, out = jpeg_folder(2, 1), tmp_path / "run"
+    recipe = tmp_path / "folder.json"
+    recipe.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": {**TINY, "img_size": 32, "in_chans": 3},
+                                  "epochs": 1, "warmup_epochs": 0, "workers": 0}))
+    argv = ["train", "--recipe", str(recipe), "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--no-progress"]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    for split in ("train", "val"):
+        (data / split / "c0").rename(data / split / "a0")  # now first in folder order
+    capsys.readouterr()
+    returned = main([*argv, "--resume"])
+    _one_line(capsys.readouterr().err, 2, returned, r"class 'a0' is not one of the 10 classes")
+
+
 # -------------------------------------------------------------------------- runs: recoveries
 
 def _in_process_resume(recipe, out) -> int:

@@ -162,13 +162,13 @@ RESUMABLE = ("out", "device", "workers", "save_every", "eval_every", "max_steps"
              "pretrained", "init")
 
 
-def check_resume(cfg: TrainConfig, out: Path) -> bool:
+def check_resume(cfg: TrainConfig, out: Path) -> TrainConfig:
     """Refuse resuming the run in ``out`` with options that change what it computes (its config.json
     records those it was started with): the resumed run would silently differ from the one asked for.
-    True when ``out`` holds the configuration of a started run."""
+    Returns ``cfg`` with the run's class list (a folder's classes are mapped by the names it began with)."""
     path = out / "config.json"
     if not path.is_file():
-        return False
+        return cfg
     try:
         started = json.loads(path.read_text())
         assert isinstance(started, dict)
@@ -189,7 +189,7 @@ def check_resume(cfg: TrainConfig, out: Path) -> bool:
     if differ:
         raise ValueError(f"--resume: the run in {out} was started with {', '.join(differ)}: resume it with the "
                          f"options it was started with ({path}), or train a new run from its weights with --init")
-    return True
+    return replace(cfg, class_names=cfg.class_names or started.get("class_names"))
 
 
 def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int = 1):
@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
         if folder is not None:
             folder.check()  # writes nothing: a refused run makes no folder
         if resume:
-            check_resume(cfg, out)
+            cfg = check_resume(cfg, out)
         with runs.StopSignals() as signals:
             return _run(cfg, resume, progress, signals, on_step, folder)
     except OSError as e:
