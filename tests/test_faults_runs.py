@@ -205,6 +205,13 @@ REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code,
     "non_finite_logits_reported": (lambda r, run, b, t: _eval(r, b / "huge.safetensors"), 2,
                                    r"model 'vit_tiny_patch16_224' \(unpatched\) gave non-finite logits \(NaN or inf\) "
                                    r"for 256 of 256 images; not scored"),
+    "checkpoint_is_a_run_folder": (lambda r, run, b, t: _eval(r, run), 2,
+                                   r"run is a folder, not a weights file: give a file in it \(an evit run's: "
+                                   r".*run/model.safetensors\)"),
+    "init_from_a_training_state": (lambda r, run, b, t: _train(r, t / "i", "--init",
+                                                                str(run / "checkpoints" / "step00000032.pt")), 2,
+                                   r"step00000032.pt is an evit run's training state \(optimizer, random generators\), "
+                                   r"not weights: give .*step00000032.safetensors beside it"),
     "missing_checkpoint_file": (lambda r, run, b, t: _eval(r, b / "nothere.pth"), 2, r"nothere.pth does not exist"),
     **{f"pretrained_without_model_{cmd[0]}": (lambda r, run, b, t, cmd=cmd: [*cmd, "--pretrained"], 2,
                                               r"--pretrained needs --model")

@@ -64,6 +64,9 @@ def read_state(path: str) -> dict[str, Tensor]:
     from timm.models import clean_state_dict  # drops DataParallel / DDP's 'module.', torch.compile's '_orig_mod.'
 
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a weights file: give a file in it (an evit run's: "
+                         f"{p / 'model.safetensors'})")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if p.suffix == ".safetensors":
@@ -88,6 +91,9 @@ def read_state(path: str) -> dict[str, Tensor]:
     if isinstance(loaded, Mapping):
         inner = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), Mapping)), None)
         loaded = inner if inner is not None else loaded
+    if isinstance(loaded, Mapping) and {"optimizer", "rng", "step"} <= set(loaded):  # evit.checkpoint's own
+        raise ValueError(f"checkpoint {path} is an evit run's training state (optimizer, random generators), not "
+                         f"weights: give {p.with_suffix('.safetensors')} beside it")
     if not isinstance(loaded, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(loaded).__name__}, not a state dict (parameter names "
                          f"to tensors, or a training checkpoint with one under {' or '.join(map(repr, STATE_KEYS))})")
