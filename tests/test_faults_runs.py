@@ -139,7 +139,18 @@ def bad_files(prior, tmp_path_factory):
         save_file(state, str(d / f"{name}.safetensors"))
     huge = dict(good, **{"head.weight": torch.full_like(good["head.weight"], 3e38)})  # finite, but logits overflow
     save_file(huge, str(d / "huge.safetensors"))
+    torch.save({"model": good, "hook": _RunsCode(d / "ran")}, d / "code.pth")
     return d
+
+
+class _RunsCode:
+    """Unpickled, it would create the file ``marker``: a checkpoint that runs code when loaded unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 def _eval(recipe, checkpoint):
@@ -158,6 +169,14 @@ REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code,
     "non_finite_loss_lr_1e6": (lambda r, run, b, t: _train(r, t / "diverged", "--lr", "1e6"), 2,
                                r"the loss is nan at step \d+: training diverged \(lower --lr\); the diverged "
                                r"weights were not saved"),
+    "resume_with_other_options": (lambda r, run, b, t: _train(r, run, "--resume", "--epochs", "3", "--fusion", "mean"),
+                                  2, r"--resume: the run in .*run was started with epochs 2 \(now 3\), fusion 'sum' "
+                                     r"\(now 'mean'\): resume it with the options it was started with"),
+    "zero_lr": (lambda r, run, b, t: _train(r, t / "z", "--lr", "0"), 2, r"--lr must be a positive number, got 0.0"),
+    "ema_decay_of_one": (lambda r, run, b, t: _train(r, t / "e", "--ema-decay", "1"), 2,
+                         r"--ema-decay must lie in \[0, 1\) .*got 1.0"),
+    "keep_warmup_beyond_the_run": (lambda r, run, b, t: _train(r, t / "k", "--keep-warmup-start", "1.5"), 2,
+                                   r"the keep-rate warm-up ends after epoch 2.5 .* beyond the run's 2 epochs"),
     "negative_keep_warmup": (lambda r, run, b, t: _train(r, t / "w", "--keep-warmup-epochs", "-1"), 2,
                              r"keep_warmup_epochs \(--keep-warmup-epochs\) must be a number of epochs >= 0, got -1"),
     "empty_safetensors": (lambda r, run, b, t: _eval(r, b / "empty.safetensors"), 2,
@@ -168,6 +187,8 @@ REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code,
                            r"random.safetensors is not a readable safetensors file"),
     "random_pth": (lambda r, run, b, t: _eval(r, b / "random.pth"), 2,
                    r"random.pth cannot be read safely: it is not a torch checkpoint \((?!.*weights_only).*\); save"),
+    "pth_holding_code": (lambda r, run, b, t: _eval(r, b / "code.pth"), 2,
+                         r"code.pth cannot be read safely: it holds pickled Python objects \((posix|nt).system\)"),
     "pth_holding_a_list": (lambda r, run, b, t: _eval(r, b / "list.pth"), 2,
                            r"list.pth holds a list, not a state dict"),
     "pth_holding_a_whole_model": (lambda r, run, b, t: _eval(r, b / "whole_model.pth"), 2,
@@ -184,6 +205,13 @@ REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code,
     "non_finite_logits_reported": (lambda r, run, b, t: _eval(r, b / "huge.safetensors"), 2,
                                    r"model 'vit_tiny_patch16_224' \(unpatched\) gave non-finite logits \(NaN or inf\) "
                                    r"for 256 of 256 images; not scored"),
+    "checkpoint_is_a_run_folder": (lambda r, run, b, t: _eval(r, run), 2,
+                                   r"run is a folder, not a weights file: give a file in it \(an evit run's: "
+                                   r".*run/model.safetensors\)"),
+    "init_from_a_training_state": (lambda r, run, b, t: _train(r, t / "i", "--init",
+                                                                str(run / "checkpoints" / "step00000032.pt")), 2,
+                                   r"step00000032.pt is an evit run's training state \(optimizer, random generators\), "
+                                   r"not weights: give .*step00000032.safetensors beside it"),
     "missing_checkpoint_file": (lambda r, run, b, t: _eval(r, b / "nothere.pth"), 2, r"nothere.pth does not exist"),
     **{f"pretrained_without_model_{cmd[0]}": (lambda r, run, b, t, cmd=cmd: [*cmd, "--pretrained"], 2,
                                               r"--pretrained needs --model")
@@ -201,6 +229,7 @@ def test_refused_with_one_line_and_no_earlier_file_changed(case, recipe, run, ba
     _one_line(capsys.readouterr().err, code, returned, pattern)
     assert _hashes(out) == before
     assert not (tmp_path / "diverged" / "model.safetensors").exists()  # NaN weights are never written
+    assert not (bad_files / "ran").exists()  # no file ran code
 
 
 def test_lock_of_a_live_process_keeps_a_second_run_out(recipe, run, capsys):
@@ -226,7 +255,67 @@ def test_latest_json_naming_a_missing_file_is_a_clear_error(recipe, run, capsys)
     assert _hashes(out) == before
 
 
+def test_a_training_state_that_would_run_code_is_never_unpickled(recipe, run, capsys):
+    """A run folder from elsewhere is resumed with ``weights_only``: its checkpoints' code never runs."""
+    out, _ = run
+    marker = out.parent / "ran"
+    for state in (out / "checkpoints").glob("*.pt"):
+        torch.save({"optimizer": {}, "scheduler": {}, "rng": {}, "step": 0, "hook": _RunsCode(marker)}, state)
+    returned = main(_train(recipe, out, "--resume"))
+    _one_line(capsys.readouterr().err, 2, returned, r"step00000032.pt cannot be read .*no earlier checkpoint .* can be "
+                                                    r"read: start afresh with --overwrite")
+    assert not marker.exists()
+
+
+def test_resume_maps_a_folder_by_the_class_names_the_run_began_with(jpeg_folder, tmp_path, capsys):
+    """A class folder renamed between start and resume would permute the labels mid-run: refused."""
+    data, out = jpeg_folder(2, 1), tmp_path / "run"
+    recipe = tmp_path / "folder.json"
+    recipe.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": {**TINY, "img_size": 32, "in_chans": 3},
+                                  "epochs": 1, "warmup_epochs": 0, "workers": 0}))
+    argv = ["train", "--recipe", str(recipe), "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--no-progress"]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    for split in ("train", "val"):
+        (data / split / "c0").rename(data / split / "a0")  # now first in folder order
+    capsys.readouterr()
+    returned = main([*argv, "--resume"])
+    _one_line(capsys.readouterr().err, 2, returned, r"class 'a0' is not one of the 10 classes")
+
+
 # -------------------------------------------------------------------------- runs: recoveries
+
+def _in_process_resume(recipe, out) -> int:
+    """``evit train --resume`` on one thread, as the earlier run was trained (bit-identical weights)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(_train(recipe, out, "--resume"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("damaged", ["pt", "safetensors"])
+def test_damaged_newest_checkpoint_resumes_from_the_one_before(damaged, recipe, prior, run, capsys):
+    out, _ = run
+    newest = out / "checkpoints" / f"step00000032.{damaged}"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+    (out / "model.safetensors").unlink()
+    assert _in_process_resume(recipe, out) == 0
+    err = capsys.readouterr().err
+    assert f"{newest} " in err and "resuming from the checkpoint before it (step 30)" in err, err
+    assert _same_weights(out / "model.safetensors", prior / "model.safetensors")  # steps 31 and 32 again, exactly
+
+
+def test_run_stopped_before_its_first_checkpoint_resumes_from_the_start(recipe, prior, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(prior / "config.json", out)  # all a run killed before its first checkpoint leaves
+    assert _in_process_resume(recipe, out) == 0
+    assert "stopped before its first checkpoint; starting it again from step 0" in capsys.readouterr().err
+    assert _same_weights(out / "model.safetensors", prior / "model.safetensors")
+
+
 
 def test_overwrite_moves_the_earlier_run_aside(recipe, run, capsys):
     out, before = run
@@ -300,21 +389,27 @@ def test_read_only_out_ends_cleanly(recipe, run):
 
 def test_full_disk_ends_cleanly_with_the_last_checkpoint_intact(recipe, run):
     """A disk that refuses to grow a file: RLIMIT_FSIZE makes the kernel fail writes past 20 kB (EFBIG),
-    as a full disk fails them with ENOSPC. The run resumes at step 32 of 64 and its first checkpoint fails."""
-    out, before = run
+    as a full disk fails them with ENOSPC. The run, killed after its checkpoint at step 30, resumes there and
+    its first checkpoint (step 31 with --save-every 1) fails."""
+    out, _ = run
+    for f in (out / "checkpoints").glob("step00000032.*"):
+        f.unlink()
+    (out / "checkpoints" / "latest.json").write_text(json.dumps(
+        {"step": 30, "weights": "step00000030.safetensors", "state": "step00000030.pt"}))
+    before = _hashes(out)
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    proc = _child(["-m", "evit.cli", *_train(recipe, out, "--resume", "--epochs", "4")], preexec_fn=limit)
+    proc = _child(["-m", "evit.cli", *_train(recipe, out, "--resume", "--save-every", "1")], preexec_fn=limit)
     _one_line(proc.stderr, 2, proc.returncode,
-              r"cannot write .*step00000035.safetensors: File too large; the last complete checkpoint \(step 32\)")
+              r"cannot write .*step00000031.safetensors: File too large; the last complete checkpoint \(step 30\)")
     after = _hashes(out)
     assert {k: after[k] for k in before if k != "config.json"} == \
-           {k: v for k, v in before.items() if k != "config.json"}  # config.json: rewritten with --epochs 4
+           {k: v for k, v in before.items() if k != "config.json"}  # config.json: rewritten with --save-every 1
     assert not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
-    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 32
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 30
 
 
 def test_checkpoint_pruning_keeps_what_latest_names(tmp_path):
@@ -421,6 +516,29 @@ def test_negative_warmups_are_refused(name):
         TrainConfig(**{name: -1})
     with pytest.raises(ValueError, match="warm-up lengths must be >= 0"):
         keep_rate_at(3, 0.5, 0 if name == "keep_warmup_epochs" else -1, -10 if name == "keep_warmup_epochs" else 5)
+
+
+def test_warmups_longer_than_the_run_are_refused():
+    with pytest.raises(ValueError, match=r"warmup_epochs 3 is longer than the run's 2 epochs"):
+        TrainConfig(epochs=2, warmup_epochs=3)
+    TrainConfig(epochs=2, warmup_epochs=2, keep_rate=0.5, keep_warmup_start=1, keep_warmup_epochs=1)  # ends on time
+
+
+@pytest.mark.parametrize("layout", ["module", "compiled_ddp", "model_ema", "state_dict_ema", "safetensors_module"])
+def test_state_dict_layouts_of_other_trainers_load_as_the_plain_one(layout, tmp_path):
+    """DataParallel / DDP's 'module.', torch.compile's '_orig_mod.', an EMA copy stored alone (DeiT: model_ema,
+    timm: state_dict_ema): the same weights as the plain state dict."""
+    from evit.weights import read_state
+
+    plain = _tiny_vit().state_dict()
+    path = tmp_path / ("w.safetensors" if layout.startswith("safetensors") else "w.pth")
+    wrapped = {"module": {f"module.{k}": v for k, v in plain.items()},
+               "compiled_ddp": {f"_orig_mod.module.{k}": v for k, v in plain.items()},
+               "model_ema": {"model_ema": plain, "epoch": 3}, "state_dict_ema": {"state_dict_ema": plain},
+               "safetensors_module": {f"module.{k}": v.contiguous() for k, v in plain.items()}}[layout]
+    save_file(wrapped, str(path)) if path.suffix == ".safetensors" else torch.save(wrapped, path)
+    read = read_state(str(path))
+    assert sorted(read) == sorted(plain) and all(torch.equal(read[k], plain[k]) for k in plain)
 
 
 @pytest.mark.parametrize("how", ["torch.save", "pickle", "deepcopy"])

@@ -146,7 +146,7 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_fashion, tiny_recipe, t
     resumed = _run_train(_train_cmd(toy_fashion, tmp_path / "cut", *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = json.loads(full.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
-    assert a["step"] == b["step"] == 30 and a["keep_rate"] == b["keep_rate"] < 1.0
+    assert a["step"] == b["step"] == 30 and a["keep_rate"] == b["keep_rate"] < 1.0 and a["loss"] == b["loss"]
     wa, wb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:

@@ -13,9 +13,11 @@ the weights compute.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -157,7 +159,11 @@ def _decode(text: str) -> Any:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state, as tensors and plain data (NumPy's key as a tensor): a checkpoint holding it
+    reads back with ``weights_only``."""
+    name, key, *rest = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), *rest)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # GPU training draws drop-path masks there
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -168,7 +174,8 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]  # the key: a tensor (an array in older checkpoints)
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
 
 
 def _steps(directory: Path) -> list[int]:
@@ -225,15 +232,63 @@ def latest(directory: Path) -> Optional[dict]:
     return found
 
 
+class Damaged(ValueError):
+    """A checkpoint's file cannot be read (cut short or changed after it was written)."""
+
+
+def _numpy_globals() -> list:
+    """What the weights-only unpickler must accept for the NumPy generator state of checkpoints written
+    before :func:`rng_state` kept it as a tensor (a uint32 array): NumPy's array reconstruction, plain data."""
+    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _read(found: dict) -> tuple[dict, dict]:
+    """(weights, training state) of checkpoint ``found``; :class:`Damaged` naming the file that cannot be read.
+    The state is read with ``weights_only`` (a run folder someone else wrote never runs code here)."""
+    try:
+        weights = read_state(str(found["weights"]))
+    except ValueError as e:
+        raise Damaged(str(e)) from None
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with allowed(_numpy_globals()) if allowed is not None else contextlib.nullcontext():
+            state = torch.load(str(found["state"]), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise Damaged(f"checkpoint {found['state']} cannot be read ({reason}): it is damaged or truncated") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
+        raise Damaged(f"checkpoint {found['state']} is not a training state evit wrote")
+    return weights, state
+
+
 def load(directory: Path, model: nn.Module) -> Optional[dict]:
-    """Load the newest checkpoint's weights into ``model``; return its saved state (or None)."""
+    """Load the newest checkpoint's weights into ``model``; return its saved state (or None).
+
+    When that checkpoint is damaged, the newest earlier one whose files can be read is loaded instead
+    (resuming is exact from any checkpoint), and the state's ``"fallback"`` says so; with none, the
+    damage is the error."""
+    directory = Path(directory)
     found = latest(directory)
     if found is None:
         return None
-    state = read_state(str(found["weights"]))
-    problem = mismatch(str(found["weights"]), model, state)
+    try:
+        weights, state = _read(found)
+    except Damaged as damage:
+        for step in reversed([s for s in _steps(directory) if s < found["step"]]):
+            files = _files(directory, step)
+            try:
+                weights, state = _read({"step": step, "weights": files[0], "state": files[1]})
+            except (Damaged, FileNotFoundError):
+                continue
+            state["fallback"] = f"{damage}; resuming from the checkpoint before it (step {step})"
+            found = {"step": step, "weights": files[0], "state": files[1]}
+            break
+        else:
+            raise ValueError(f"{damage}; no earlier checkpoint in {directory} can be read: start afresh with "
+                             "--overwrite (moves the run aside)") from None
+    problem = mismatch(str(found["weights"]), model, weights)
     if problem:
         raise ValueError(f"{problem}: resume with the run's own configuration")
-    model.load_state_dict(state)
-    # the run's own file (optimizer, scheduler, RNG states: numpy arrays and Python tuples)
-    return torch.load(str(found["state"]), map_location="cpu", weights_only=False)
+    model.load_state_dict(weights)
+    return state

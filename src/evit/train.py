@@ -84,6 +84,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number of epochs >= 0, got {value!r}")
+        if self.keep_rate < 1 and self.keep_warmup_start + self.keep_warmup_epochs > self.epochs:
+            raise ValueError(f"the keep-rate warm-up ends after epoch {self.keep_warmup_start + self.keep_warmup_epochs:g} "
+                             f"(--keep-warmup-start + --keep-warmup-epochs), beyond the run's {self.epochs} epochs: it "
+                             f"would never train at keep rate {self.keep_rate}; shorten it or raise --epochs")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs:g} is longer than the run's {self.epochs} epochs: the "
+                             "learning rate would never reach --lr; shorten the warm-up or raise --epochs")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie in [0, 1) (0: no EMA; 0.9998 is typical), got {self.ema_decay}")
         if self.keep_rate_min is not None and not 0 < self.keep_rate_min <= self.keep_rate:
             raise ValueError(f"keep_rate_min {self.keep_rate_min} must lie in (0, keep_rate={self.keep_rate}]")
         if self.distill_img_size and (self.mixup or self.cutmix):
@@ -143,6 +154,42 @@ def check_data_options(cfg: TrainConfig) -> None:
     if cfg.val_split is not None and not 0 < cfg.val_split < 1:
         raise ValueError(f"--val-split must lie strictly between 0 and 1 (a share of the training images), "
                          f"got {cfg.val_split}")
+
+
+#: options a resumed run may change: where and how fast it runs, when it checkpoints, validates or stops, and
+#: where it started from (the checkpoint replaces that); every other one changes what the run computes
+RESUMABLE = ("out", "device", "workers", "save_every", "eval_every", "max_steps", "data_root", "download",
+             "pretrained", "init")
+
+
+def check_resume(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """Refuse resuming the run in ``out`` with options that change what it computes (its config.json
+    records those it was started with): the resumed run would silently differ from the one asked for.
+    Returns ``cfg`` with the run's class list (a folder's classes are mapped by the names it began with)."""
+    path = out / "config.json"
+    if not path.is_file():
+        return cfg
+    try:
+        started = json.loads(path.read_text())
+        assert isinstance(started, dict)
+    except (OSError, ValueError, AssertionError) as e:
+        raise ValueError(f"--resume: {path} is damaged ({type(e).__name__}); it records the options the run was "
+                         "started with: restore it, or delete it to resume without comparing them") from None
+    given = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it: tuples as lists
+
+    def same(name: str) -> bool:
+        a, b = started[name], given[name]
+        if name in ("data", "distill") and isinstance(a, str) and isinstance(b, str):
+            a, b = os.path.realpath(a), os.path.realpath(b)  # the same folder, however it is named
+        return a == b
+
+    differ = [f"{k} {started[k]!r} (now {given[k]!r})" for k in given
+              if k in started and k not in RESUMABLE and not (k == "class_names" and given[k] is None)
+              and not same(k)]
+    if differ:
+        raise ValueError(f"--resume: the run in {out} was started with {', '.join(differ)}: resume it with the "
+                         f"options it was started with ({path}), or train a new run from its weights with --init")
+    return replace(cfg, class_names=cfg.class_names or started.get("class_names"))
 
 
 def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int = 1):
@@ -212,6 +259,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     try:
         if folder is not None:
             folder.check()  # writes nothing: a refused run makes no folder
+        if resume:
+            cfg = check_resume(cfg, out)
         with runs.StopSignals() as signals:
             return _run(cfg, resume, progress, signals, on_step, folder)
     except OSError as e:
@@ -265,19 +314,26 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     teacher = build_teacher(cfg).to(device) if cfg.distill else None
 
-    step = 0
+    step, state, keep, loss_avg = 0, None, 1.0, None
     if resume:
         state = checkpoint.load(out / "checkpoints", model)
-        if state is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+        if state is None and not (out / "config.json").is_file():
+            advice = "start afresh with --overwrite (moves it aside)" if runs.holds_run(out) else "start without --resume"
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; {advice}")
+        if state is None and rank == 0:  # started, stopped before its first checkpoint: it starts again, as it began
+            print(f"evit train: the run in {out} stopped before its first checkpoint; starting it again from step 0",
+                  file=sys.stderr)
+    if state is not None:
+        if state.get("fallback"):
+            print(f"evit train: {state['fallback']}", file=sys.stderr)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
-        step = state["step"]
+        step, keep, loss_avg = state["step"], state.get("keep_rate", 1.0), state.get("loss_avg")
     validation = Validation(val_loader, out, per_epoch, cfg.eval_every, step if resume else None,
-                            state.get("validation") if resume else None)
+                            state.get("validation") if state is not None else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.save_text(json.dumps(asdict(cfg), indent=2), out / "config.json")
@@ -286,7 +342,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
 
     warm_start, warm_span = int(cfg.keep_warmup_start * per_epoch), int(cfg.keep_warmup_epochs * per_epoch)
     model.train()
-    seen, t0, loss_avg, keep = 0, time.perf_counter(), None, 1.0
+    seen, t0 = 0, time.perf_counter()
 
     def finite() -> None:  # before weights are validated or written: NaN or inf never is
         bad = first_non_finite(model.state_dict())
@@ -297,7 +353,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
         if rank == 0:
             finite()
             extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep,
-                     "validation": validation.state()}
+                     "loss_avg": loss_avg, "validation": validation.state()}
             if ema is not None:
                 extra["ema"] = ema.module.state_dict()
             checkpoint.save(out / "checkpoints", step, model, extra, settings=trained_with)

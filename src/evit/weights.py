@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from . import hosts
 
-#: keys under which training scripts store the model's state dict (DeiT, EViT: 'model'; Lightning: 'state_dict')
-STATE_KEYS = ("model", "state_dict")
+#: keys under which training scripts store the model's state dict (DeiT, EViT: 'model'; Lightning, timm:
+#: 'state_dict'), the model's own before its EMA copy (DeiT: 'model_ema'; timm: 'state_dict_ema'), taken
+#: when a file holds only that
+STATE_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 
 
 def _shape(t: Tensor) -> str:
@@ -49,7 +51,7 @@ def check_finite(model: nn.Module, what: str) -> None:
 def _torch_reason(e: Exception) -> str:
     """What torch's weights-only unpickler objected to, without its advice to turn the safety off."""
     text = str(e)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"unsupported (?:global:? )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
     if found:
         return f"it holds pickled Python objects ({found.group(1)}), not only tensors and plain data"
     found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
@@ -59,7 +61,12 @@ def _torch_reason(e: Exception) -> str:
 
 def read_state(path: str) -> dict[str, Tensor]:
     """The state dict in ``path`` (see the module docstring), or a one-line error naming the file."""
+    from timm.models import clean_state_dict  # drops DataParallel / DDP's 'module.', torch.compile's '_orig_mod.'
+
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a weights file: give a file in it (an evit run's: "
+                         f"{p / 'model.safetensors'})")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if p.suffix == ".safetensors":
@@ -67,7 +74,7 @@ def read_state(path: str) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(p))
+            return clean_state_dict(load_file(str(p)))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"checkpoint {path} is not a readable safetensors file ({p.stat().st_size} bytes: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); it is damaged or "
@@ -84,6 +91,9 @@ def read_state(path: str) -> dict[str, Tensor]:
     if isinstance(loaded, Mapping):
         inner = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), Mapping)), None)
         loaded = inner if inner is not None else loaded
+    if isinstance(loaded, Mapping) and {"optimizer", "rng", "step"} <= set(loaded):  # evit.checkpoint's own
+        raise ValueError(f"checkpoint {path} is an evit run's training state (optimizer, random generators), not "
+                         f"weights: give {p.with_suffix('.safetensors')} beside it")
     if not isinstance(loaded, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(loaded).__name__}, not a state dict (parameter names "
                          f"to tensors, or a training checkpoint with one under {' or '.join(map(repr, STATE_KEYS))})")
@@ -91,7 +101,7 @@ def read_state(path: str) -> dict[str, Tensor]:
     if odd is not None:
         raise ValueError(f"checkpoint {path} is not a state dict: entry {odd!r} is a {type(loaded[odd]).__name__}, "
                          f"not a tensor (keys: {', '.join(map(str, list(loaded)[:5]))})")
-    return dict(loaded)
+    return clean_state_dict(dict(loaded))
 
 
 def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor]) -> Optional[str]:
