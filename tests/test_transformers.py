@@ -598,6 +598,10 @@ def test_a_two_tower_models_image_tower_is_served(kind, tmp_path, capsys):
                      "--latency-reps", "1", "--batch-size", "2"]) == 0
     assert main(["bench", "--model", f"hf:{tmp_path / kind}", "--reps", "1"]) == 2  # its weights need --pretrained
     assert "--pretrained" in capsys.readouterr().err
+    assert main(["eval", "--model", f"hf:{tmp_path / kind}", "--pretrained"]) == 2  # no head: no accuracy
+    assert "no classification head (it gives embeddings)" in capsys.readouterr().err
+    assert main(["eval", "--model", f"{HF_TINY},model_class=ViTModel"]) == 2
+    assert "load the weights as ViTForImageClassification" in capsys.readouterr().err
     wider = create_model(f"hf:{kind}:hidden_size=48,num_hidden_layers=2,num_attention_heads=3,intermediate_size=64")
     assert wider.config.hidden_size == 48 and len(hosts.adapter(wider).blocks) == 2
 

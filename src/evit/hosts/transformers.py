@@ -428,7 +428,11 @@ class TransformersHost(Host):
     @property
     def head_outputs(self) -> int:
         if not hasattr(self.model, "classifier") and not hasattr(self.model, "cls_classifier"):
-            raise ValueError(f"{self.name} has no classification head; use its ...ForImageClassification class")
+            classifier = next((c for c, (family, _) in CLASSES.items()
+                               if family == self.family_name and "Classification" in c), None)
+            raise ValueError(f"{self.name} has no classification head (it gives embeddings), so it has no accuracy to "
+                             "score; " + (f"load the weights as {classifier} (model_class={classifier}) to score them"
+                                          if classifier else "evit bench, show and export serve it"))
         return self.model.config.num_labels
 
     @property
