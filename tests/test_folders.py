@@ -122,3 +122,29 @@ def test_killed_and_resumed_run_ends_bit_identical(data, recipe, uninterrupted, 
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{name}: {k} differs after resume")
     a, b = ([{k: v for k, v in row.items() if k != "img_per_s"} for row in _rows(run)] for run in (full, cut))
     assert a == b and len(b) == 2  # one row per epoch, none twice
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["c0..c9", "class names, alphabetical"])
+def test_embedded_model_scores_its_own_images_in_a_folder_as_in_the_bundle(named, tmp_path, capsys):
+    """The bundled test images as 28 px PNGs in val/: the embedded baseline scores them exactly as the
+    bundled tensors (its Fashion-MNIST normalisation, uncropped; not vit_tiny's mean 0.5 and 0.9 crop), and
+    folders named by class ('Ankle boot', 'Bag', ... in natural order) are labelled by name, not by position."""
+    import numpy as np
+    from PIL import Image
+
+    from evit import embedded
+    from evit.data import FASHION_MNIST_CLASSES, normalize
+
+    images, labels = embedded.test_subset()
+    chosen = torch.cat([torch.nonzero(labels == c)[:6, 0] for c in range(10)])
+    for i in chosen.tolist():
+        c = int(labels[i])
+        folder = tmp_path / "val" / (FASHION_MNIST_CLASSES[c].replace("/", "_") if named else f"c{c}")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i, 0].numpy().astype(np.uint8)).save(folder / f"{i}.png")
+    with torch.no_grad():
+        expected = (embedded.load_model()(normalize(images[chosen])).argmax(-1) == labels[chosen]).float().mean()
+    assert main(["eval", "--data", str(tmp_path), "--keep-rates", "1", "--speed-reps", "1", "--workers", "0",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["images"] == 60 and row["top1"] == pytest.approx(100 * expected.item(), abs=1e-4)

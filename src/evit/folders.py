@@ -204,7 +204,8 @@ def model_class_names(models: Sequence[nn.Module], split: Path) -> Optional[tupl
     matched = [f for f in folders if _plain(f) in label_of]
     if not matched:
         return None
-    source = f"{hosts.model_name(model)}'s id2label"
+    record = "id2label" if getattr(hosts.find(model), "library", "") == "transformers" else "class names"
+    source = f"{hosts.model_name(model)}'s {record}"
     if len(matched) < len(folders):
         other = [f for f in folders if f not in matched]
         raise ValueError(f"{split}: some class folders bear the names of {source} ({matched[0]!r}, ...) and some do not "

@@ -229,6 +229,12 @@ class TimmHost(Host):
     def head_outputs(self) -> int:
         return self.model.num_classes
 
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """timm's ``label_names`` of the pretrained config (one per output), e.g. the embedded model's."""
+        names = (getattr(self.model, "pretrained_cfg", None) or {}).get("label_names")
+        return list(names) if names and len(names) == self.head_outputs else None
+
     def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         return data_config(self.model, input_size)
 
