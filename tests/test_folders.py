@@ -148,3 +148,22 @@ def test_embedded_model_scores_its_own_images_in_a_folder_as_in_the_bundle(named
                  "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["images"] == 60 and row["top1"] == pytest.approx(100 * expected.item(), abs=1e-4)
+
+
+def test_a_16_bit_image_reads_as_its_8_bit_self_and_a_32_bit_one_out_of_range_is_named(tmp_path):
+    """PIL's own conversion clips 16-bit pixels at 255 (a white picture, scored silently)."""
+    import numpy as np
+    from PIL import Image
+
+    from evit.folders import open_image
+
+    pixels = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) % 256
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(pixels * 257).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
+    for mode in ("L", "RGB"):
+        assert np.array_equal(np.asarray(open_image(str(tmp_path / "sixteen.png"), mode)),
+                              np.asarray(open_image(str(tmp_path / "eight.png"), mode)))
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tiff")
+    with pytest.raises(ValueError, match="pixels span 70000..70000, not 0..255"):
+        open_image(str(tmp_path / "wide.tiff"), "L")
