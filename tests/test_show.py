@@ -99,3 +99,13 @@ def test_evit_show_runs_a_model_at_its_own_size_and_channels(tmp_path, channels,
     Image.new("RGB", (60, 40), (200, 30, 90)).save(image)
     assert main(["show", "--recipe", str(recipe), str(image), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in capsys.readouterr().out
+
+
+def test_evit_show_refuses_to_write_over_an_image_it_shows(tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "mine.png"
+    Image.new("L", (28, 28), 128).save(image)
+    before = image.read_bytes()
+    assert main(["show", str(image), "--out", str(image)]) == 2
+    assert "is an image this command reads" in capsys.readouterr().err and image.read_bytes() == before
