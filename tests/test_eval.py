@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evit.cli import main
 from evit.evaluate import accuracy, evaluate, format_rows, paired_gap
 
 
@@ -119,3 +120,8 @@ def test_eval_resizes_fashion_mnist_to_the_models_input(tmp_path, capsys):
                  "--batch-size", "1000", "--json"]) == 0
     rows = _json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["images"] == 3000 and rows[0]["gmacs"] > 0
+
+
+def test_a_folder_given_as_checkpoint_is_named_a_folder(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path), "--keep-rates", "1"]) == 2
+    assert f"checkpoint {tmp_path} is a folder, not a weights file" in capsys.readouterr().err

@@ -60,6 +60,8 @@ def _torch_reason(e: Exception) -> str:
 def read_state(path: str) -> dict[str, Tensor]:
     """The state dict in ``path`` (see the module docstring), or a one-line error naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a weights file; give the .safetensors or torch file in it")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if p.suffix == ".safetensors":
