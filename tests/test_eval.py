@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evit.cli import main
 from evit.evaluate import accuracy, evaluate, format_rows, paired_gap
 
 
@@ -119,3 +120,26 @@ def test_eval_resizes_fashion_mnist_to_the_models_input(tmp_path, capsys):
                  "--batch-size", "1000", "--json"]) == 0
     rows = _json.loads(capsys.readouterr().out)["rows"]
     assert rows[0]["images"] == 3000 and rows[0]["gmacs"] > 0
+
+
+def test_a_folder_given_as_checkpoint_is_named_a_folder(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path), "--keep-rates", "1"]) == 2
+    assert f"checkpoint {tmp_path} is a folder, not a weights file" in capsys.readouterr().err
+
+
+def test_weights_are_read_by_their_bytes_not_their_name(tmp_path, capsys):
+    """A torch file named .safetensors and a safetensors file named .pth (a renamed or mislabelled download)
+    load as what they are; each was refused before, the first as 'damaged or truncated'."""
+    from safetensors.torch import save_file
+
+    from evit import embedded
+
+    state = embedded.load_model().state_dict()
+    torch.save(state, tmp_path / "torch.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "safe.pth")
+    for name in ("torch.safetensors", "safe.pth"):  # the file's row beside the bundled baseline, both at 0.7
+        assert main(["eval", "--checkpoint", str(tmp_path / name), "--keep-rates", "0.7", "--speed-reps", "1",
+                     "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)["rows"]
+        assert [r["model"] for r in rows] == ["baseline", "baseline", name.split(".")[0]]
+        assert rows[2]["top1"] == rows[1]["top1"] and rows[2]["images"] == 3000

@@ -141,3 +141,17 @@ def test_export_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert not any(tmp_path.iterdir())
     assert main(["export", "--onnx", str(tmp_path / "missing" / "m.onnx")]) == 2
     assert "evit export: error: cannot write" in capsys.readouterr().err
+
+
+def test_export_refuses_to_write_over_its_own_checkpoint(tmp_path, capsys):
+    """`--onnx W --checkpoint W` (or a link to W) would replace the user's weights with the ONNX file."""
+    from evit import embedded
+
+    weights = tmp_path / "w.pt"
+    torch.save(embedded.load_model().state_dict(), weights)
+    before = weights.read_bytes()
+    (tmp_path / "link.pt").symlink_to(weights)
+    for target in (weights, tmp_path / "link.pt"):
+        assert main(["export", "--onnx", str(target), "--checkpoint", str(weights)]) == 2
+        assert "is the checkpoint this command reads" in capsys.readouterr().err
+    assert weights.read_bytes() == before

@@ -122,3 +122,48 @@ def test_killed_and_resumed_run_ends_bit_identical(data, recipe, uninterrupted, 
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{name}: {k} differs after resume")
     a, b = ([{k: v for k, v in row.items() if k != "img_per_s"} for row in _rows(run)] for run in (full, cut))
     assert a == b and len(b) == 2  # one row per epoch, none twice
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["c0..c9", "class names, alphabetical"])
+def test_embedded_model_scores_its_own_images_in_a_folder_as_in_the_bundle(named, tmp_path, capsys):
+    """The bundled test images as 28 px PNGs in val/: the embedded baseline scores them exactly as the
+    bundled tensors (its Fashion-MNIST normalisation, uncropped; not vit_tiny's mean 0.5 and 0.9 crop), and
+    folders named by class ('Ankle boot', 'Bag', ... in natural order) are labelled by name, not by position."""
+    import numpy as np
+    from PIL import Image
+
+    from evit import embedded
+    from evit.data import FASHION_MNIST_CLASSES, normalize
+
+    images, labels = embedded.test_subset()
+    chosen = torch.cat([torch.nonzero(labels == c)[:6, 0] for c in range(10)])
+    for i in chosen.tolist():
+        c = int(labels[i])
+        folder = tmp_path / "val" / (FASHION_MNIST_CLASSES[c].replace("/", "_") if named else f"c{c}")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i, 0].numpy().astype(np.uint8)).save(folder / f"{i}.png")
+    with torch.no_grad():
+        expected = (embedded.load_model()(normalize(images[chosen])).argmax(-1) == labels[chosen]).float().mean()
+    assert main(["eval", "--data", str(tmp_path), "--keep-rates", "1", "--speed-reps", "1", "--workers", "0",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["images"] == 60 and row["top1"] == pytest.approx(100 * expected.item(), abs=1e-4)
+
+
+def test_a_16_bit_image_reads_as_its_8_bit_self_and_a_32_bit_one_out_of_range_is_named(tmp_path):
+    """PIL's own conversion clips 16-bit pixels at 255 (a white picture, scored silently)."""
+    import numpy as np
+    from PIL import Image
+
+    from evit.folders import open_image
+
+    pixels = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) % 256
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(pixels * 257).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
+    for mode in ("L", "RGB"):
+        assert np.array_equal(np.asarray(open_image(str(tmp_path / "sixteen.png"), mode)),
+                              np.asarray(open_image(str(tmp_path / "eight.png"), mode)))
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tiff")
+    with pytest.raises(ValueError, match="pixels span 70000..70000, not 0..255"):
+        open_image(str(tmp_path / "wide.tiff"), "L")

@@ -82,3 +82,30 @@ def test_evit_show_bad_inputs(tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
     assert main(["show", "--out", str(tmp_path / "missing" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_evit_show_runs_a_model_at_its_own_size_and_channels(tmp_path, channels, capsys):
+    """A user's model built at 48 px (and grayscale): the image is cut at 48 px in the model's channels, not at
+    the 224 px RGB of the architecture's pretrained config (timm's assertion, exit 1, before)."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from PIL import Image
+
+    recipe, image, out = tmp_path / "r.json", tmp_path / "a.png", tmp_path / "tokens.png"
+    recipe.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": {
+        "img_size": 48, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 3, "in_chans": channels}}))
+    Image.new("RGB", (60, 40), (200, 30, 90)).save(image)
+    assert main(["show", "--recipe", str(recipe), str(image), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in capsys.readouterr().out
+
+
+def test_evit_show_refuses_to_write_over_an_image_it_shows(tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "mine.png"
+    Image.new("L", (28, 28), 128).save(image)
+    before = image.read_bytes()
+    assert main(["show", str(image), "--out", str(image)]) == 2
+    assert "is an image this command reads" in capsys.readouterr().err and image.read_bytes() == before

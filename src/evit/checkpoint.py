@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .reduction import NOT_APPLIED, TRAINED_WITH, trained_settings  # noqa: F401 - where models are loaded and saved
-from .weights import first_non_finite, mismatch, read_state
+from .weights import first_non_finite, is_safetensors, mismatch, read_state
 
 POINTER = "latest.json"
 
@@ -135,7 +135,7 @@ def recorded_settings(path: Path) -> dict[str, Any]:
     for a training run's ``model.safetensors`` written before evit recorded them there, the run's
     ``config.json`` beside it; else {} (e.g. a torch ``.pth`` file: none recorded)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if not (path.is_file() and is_safetensors(path)):
         return {}
     from safetensors import safe_open
 

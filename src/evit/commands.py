@@ -17,6 +17,14 @@ def _fit_budget(args, models):
     return fit(models, args.img_size, args.locations, args.match_macs, args.macs, args.speedup)
 
 
+def _not_an_input(out: str, option: str, inputs: dict) -> None:
+    """Refuse an output path that is a file this command reads ({what: path}): writing would destroy it."""
+    for what, path in inputs.items():
+        if path and os.path.isfile(out) and os.path.isfile(path) and os.path.samefile(out, path):
+            raise ValueError(f"{option} {out} is {what} this command reads: writing there would destroy it; "
+                             "give another file name")
+
+
 def _train(args) -> int:
     from .embedded import recipe_path
     from .train import TrainConfig, train
@@ -170,6 +178,7 @@ def _export(args) -> int:
     from .loading import load_model
     from .patch import patch, token_counts
 
+    _not_an_input(args.onnx, "--onnx", {"the checkpoint": args.checkpoint})
     label, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint,
                               kind="evit" if args.keep_rate < 1 else "baseline")
     if args.checkpoint:
@@ -211,6 +220,7 @@ def _show(args) -> int:
     from .registry import method_class
     from .show import fashion_images, load_images, show
 
+    _not_an_input(args.out, "--out", {"the checkpoint": args.checkpoint, **{"an image": p for p in args.images}})
     class_names = None
     learned = (lambda m: patch(m, 1.0, method=args.method)) if method_class(args.method).learned else None
     kind = args.method if args.method in embedded.WEIGHTS else "baseline"  # bundled weights trained with it
@@ -285,6 +295,8 @@ def _compare(args) -> int:
     from .models import device_text, resolve_device
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
+    _not_an_input(args.plot, "--plot", {"the checkpoint": args.checkpoint,
+                                        **{"a --trained file": t.partition("=")[2] for t in args.trained}})
     default = not (args.model or args.recipe)
     models = {"baseline": load_model(args.model, args.recipe, args.pretrained, args.checkpoint)[1]}
     name, kwargs = architecture(args.model, args.recipe)

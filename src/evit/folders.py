@@ -204,7 +204,8 @@ def model_class_names(models: Sequence[nn.Module], split: Path) -> Optional[tupl
     matched = [f for f in folders if _plain(f) in label_of]
     if not matched:
         return None
-    source = f"{hosts.model_name(model)}'s id2label"
+    record = "id2label" if getattr(hosts.find(model), "library", "") == "transformers" else "class names"
+    source = f"{hosts.model_name(model)}'s {record}"
     if len(matched) < len(folders):
         other = [f for f in folders if f not in matched]
         raise ValueError(f"{split}: some class folders bear the names of {source} ({matched[0]!r}, ...) and some do not "
@@ -253,6 +254,27 @@ def seeded(seed: Optional[int]):
         np.random.set_state(states[2])
 
 
+def open_image(path: str, mode: str):
+    """The image file ``path`` decoded to the PIL ``mode`` ('RGB' or 'L'), or ValueError with the reason. A 16-bit
+    image is scaled to 8 bits first (PIL's own conversion clips it at 255: a white picture); one of 32-bit integers
+    or floats, whose range says nothing of black and white, is refused unless it lies in 0..255."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith("I;16"):
+                image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+            elif image.mode in ("I", "F"):
+                low, high = np.asarray(image).min(), np.asarray(image).max()
+                if not 0 <= low <= high <= 255:
+                    raise ValueError(f"its {image.mode} pixels span {low}..{high}, not 0..255; save it as an 8 or "
+                                     "16-bit image")
+            return image.convert(mode)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """A split's images through one transform. An image that cannot be read comes back as
     (path, reason): the loader drops it from the batch and names it, nothing stands in for it."""
@@ -264,15 +286,12 @@ class FolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, Optional[int]]):
-        from PIL import Image
-
         index, seed = key
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert(self.mode)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return path, str(e).splitlines()[0] if str(e) else type(e).__name__
+            image = open_image(path, self.mode)
+        except ValueError as e:
+            return path, str(e)
         with seeded(seed):
             return self.transform(image), label
 
@@ -342,7 +361,7 @@ class FolderLoader:
             yield images, labels
 
 
-def _transform(model: nn.Module, size: Sequence[int], train: bool):
+def image_transform(model: nn.Module, size: Sequence[int], train: bool):
     """timm's train or eval transform for ``size`` (C, H, W), with ``model``'s mean, std, interpolation
     and crop share (its host's data configuration, one value per channel), and the PIL mode to decode to."""
     from timm.data import create_transform
@@ -361,7 +380,7 @@ def _transform(model: nn.Module, size: Sequence[int], train: bool):
 def split_loader(split: Split, model: nn.Module, batch_size: int, train: bool, size: Optional[Sequence[int]] = None,
                  seed: int = 0, workers: int = 2, rank: int = 0, world: int = 1) -> FolderLoader:
     """A loader over ``split`` at ``size`` (C, H, W; default: ``model``'s own input size as built)."""
-    transform, mode = _transform(model, size or native_input_size(model), train)
+    transform, mode = image_transform(model, size or native_input_size(model), train)
     return FolderLoader(FolderDataset(split, transform, mode), batch_size, train, seed, workers, rank, world)
 
 

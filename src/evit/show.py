@@ -92,23 +92,21 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
     return path
 
 
-def load_images(paths: Sequence[str], model: nn.Module, grayscale: bool = False) -> tuple[Tensor, list[np.ndarray]]:
-    """(model input batch, display arrays) for image files, with the model's own preprocessing (its host's
-    data configuration, applied by timm's transforms)."""
-    from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform
+def load_images(paths: Sequence[str], model: nn.Module) -> tuple[Tensor, list[np.ndarray]]:
+    """(model input batch, display arrays) for image files, with the model's own preprocessing at the size and
+    channels it was built for (its host's data configuration, applied by timm's transforms)."""
+    from .cost import native_input_size
+    from .folders import image_transform, open_image
 
-    config = hosts.data_config(model)
-    transform = create_transform(**config)
-    mean, std = torch.tensor(config["mean"]).view(-1, 1, 1), torch.tensor(config["std"]).view(-1, 1, 1)
+    transform, mode = image_transform(model, native_input_size(model), train=False)
+    norm = transform.transforms[-1]  # timm's evaluation transform ends by normalising
+    mean, std = torch.as_tensor(norm.mean).view(-1, 1, 1), torch.as_tensor(norm.std).view(-1, 1, 1)
     batch, display = [], []
     for p in paths:
         try:
-            img = Image.open(p)
-            img = img.convert("L" if grayscale else "RGB")
-        except (OSError, UnidentifiedImageError) as e:
+            x = transform(open_image(p, mode))
+        except ValueError as e:
             raise ValueError(f"cannot read image {p}: {e}") from None
-        x = transform(img)
         batch.append(x)
         shown = (x * std + mean).clamp(0, 1)
         display.append(shown.expand(3, -1, -1).permute(1, 2, 0).numpy())
@@ -118,17 +116,16 @@ def load_images(paths: Sequence[str], model: nn.Module, grayscale: bool = False)
 def fashion_images(paths: Sequence[str] = (), count: int = 4) -> tuple[Tensor, list[np.ndarray]]:
     """(input batch, display arrays) for the embedded Fashion-MNIST model: image files made 28 x 28
     grey, or, with no paths, the first bundled test image of each of ``count`` classes."""
-    from PIL import Image, UnidentifiedImageError
-
     from . import embedded
     from .data import normalize
+    from .folders import open_image
 
     if paths:
         grey = []
         for p in paths:
             try:
-                grey.append(torch.from_numpy(np.asarray(Image.open(p).convert("L").resize((28, 28)))))
-            except (OSError, UnidentifiedImageError) as e:
+                grey.append(torch.from_numpy(np.array(open_image(p, "L").resize((28, 28)))))
+            except ValueError as e:
                 raise ValueError(f"cannot read image {p}: {e}") from None
         raw = torch.stack(grey).unsqueeze(1)
     else:

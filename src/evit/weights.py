@@ -59,6 +59,17 @@ def _torch_reason(e: Exception) -> str:
     return f"it is not a torch checkpoint ({reason.strip()[:120]})"
 
 
+def is_safetensors(p: Path) -> bool:
+    """Whether ``p`` is read as safetensors, by its first bytes more than its name: a torch file (a zip, or a
+    legacy pickle) named .safetensors is read as torch, and safetensors named .pth (an 8-byte header length,
+    then the JSON header's '{') as safetensors."""
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return False
+    return p.suffix == ".safetensors" or head[8:9] == b"{"
+
+
 def read_state(path: str) -> dict[str, Tensor]:
     """The state dict in ``path`` (see the module docstring), or a one-line error naming the file."""
     from timm.models import clean_state_dict  # drops DataParallel / DDP's 'module.', torch.compile's '_orig_mod.'
@@ -69,7 +80,7 @@ def read_state(path: str) -> dict[str, Tensor]:
                          f"{p / 'model.safetensors'})")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if p.suffix == ".safetensors":
+    if is_safetensors(p):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -83,8 +94,8 @@ def read_state(path: str) -> dict[str, Tensor]:
     # can be told so; an older torch refuses such a file, naming the Namespace)
     allowed = getattr(torch.serialization, "safe_globals", None)
     try:
-        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext():
-            loaded = torch.load(str(p), map_location="cpu", weights_only=True)
+        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext(), open(p, "rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)  # a file, so torch goes by bytes, not name
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"checkpoint {path} cannot be read safely: {_torch_reason(e)}; save the model's "
                          "state_dict() with torch.save or safetensors") from None

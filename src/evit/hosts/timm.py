@@ -122,6 +122,12 @@ def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     return resolve_data_config({"input_size": tuple(int(s) for s in input_size)} if input_size else {}, model=model)
 
 
+def record_training(model: nn.Module, **settings) -> None:
+    """Record in timm's pretrained config how ``model``'s weights were trained (mean, std, crop_pct,
+    interpolation, label_names): :func:`data_config` and :attr:`TimmHost.class_names` read it back."""
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **settings}
+
+
 def model_name(model: nn.Module) -> str:
     """timm's architecture name of ``model`` (any timm model), else its class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -228,6 +234,12 @@ class TimmHost(Host):
     @property
     def head_outputs(self) -> int:
         return self.model.num_classes
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """timm's ``label_names`` of the pretrained config (one per output), e.g. the embedded model's."""
+        names = (getattr(self.model, "pretrained_cfg", None) or {}).get("label_names")
+        return list(names) if names and len(names) == self.head_outputs else None
 
     def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         return data_config(self.model, input_size)
