@@ -72,8 +72,6 @@ def is_safetensors(p: Path) -> bool:
 
 def read_state(path: str) -> dict[str, Tensor]:
     """The state dict in ``path`` (see the module docstring), or a one-line error naming the file."""
-    from timm.models import clean_state_dict  # drops DataParallel / DDP's 'module.', torch.compile's '_orig_mod.'
-
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"checkpoint {path} is a folder, not a weights file: give a file in it (an evit run's: "
@@ -85,7 +83,7 @@ def read_state(path: str) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return clean_state_dict(load_file(str(p)))
+            return hosts.clean_state_dict(load_file(str(p)))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"checkpoint {path} is not a readable safetensors file ({p.stat().st_size} bytes: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); it is damaged or "
@@ -112,7 +110,7 @@ def read_state(path: str) -> dict[str, Tensor]:
     if odd is not None:
         raise ValueError(f"checkpoint {path} is not a state dict: entry {odd!r} is a {type(loaded[odd]).__name__}, "
                          f"not a tensor (keys: {', '.join(map(str, list(loaded)[:5]))})")
-    return clean_state_dict(dict(loaded))
+    return hosts.clean_state_dict(dict(loaded))  # 'module.', '_orig_mod.' dropped
 
 
 def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor]) -> Optional[str]:

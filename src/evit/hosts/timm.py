@@ -122,6 +122,14 @@ def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     return resolve_data_config({"input_size": tuple(int(s) for s in input_size)} if input_size else {}, model=model)
 
 
+def clean_state_dict(state: dict) -> dict:
+    """timm's own ``clean_state_dict``: the prefixes wrappers add dropped (DataParallel / DDP's ``module.``,
+    torch.compile's ``_orig_mod.``)."""
+    from timm.models import clean_state_dict as clean
+
+    return clean(state)
+
+
 def record_training(model: nn.Module, **settings) -> None:
     """Record in timm's pretrained config how ``model``'s weights were trained (mean, std, crop_pct,
     interpolation, label_names): :func:`data_config` and :attr:`TimmHost.class_names` read it back."""
