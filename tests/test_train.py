@@ -109,6 +109,17 @@ def test_training_learns_with_evit(toy_fashion, tiny_recipe, tmp_path):
     assert recorded_settings(out / "best.safetensors") == trained_with
     assert json.loads((out / "config.json").read_text())["fusion"] == "mean"
     loaded = create_model("vit_tiny_patch16_224", checkpoint=str(out / "model.safetensors"), **TINY)
+    # trained on Fashion-MNIST's tensors, recorded so: a folder of its images is read as they were, labelled by name
+    from evit import hosts
+    from evit.checkpoint import recorded_data
+    from evit.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    assert recorded_data(out / "model.safetensors") == "fashion-mnist" == recorded_data(out / "best.safetensors")
+    seen = hosts.data_config(loaded)
+    assert (seen["mean"], seen["std"], seen["crop_pct"]) == ((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,), 1.0)
+    assert hosts.class_names(loaded) == list(FASHION_MNIST_CLASSES)
+    plain = create_model("vit_tiny_patch16_224", **TINY)
+    assert hosts.data_config(plain)["mean"] != seen["mean"] and hosts.class_names(plain) is None
     apply_setting(loaded, 0.5)  # evaluated as trained: the recorded fusion, unless a setting says otherwise
     assert {m.fusion for m in evit.reductions(loaded).values()} == {"mean"}
     apply_setting(loaded, {"keep_rate": 0.5, "fusion": "sum"})

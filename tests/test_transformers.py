@@ -678,3 +678,21 @@ def test_cli_higher_resolution_at_the_same_cost_on_a_transformers_model(capsys):
     budget, row = out["budget"], out["rows"][1]
     assert budget["img_size"] == [40, 40] and budget["native_size"] == [32, 32]
     assert row["tokens"][0] == 26 and row["gmacs"] <= budget["native_gmacs"] < out["rows"][0]["gmacs"]
+
+
+def test_weights_trained_on_fashion_mnist_tensors_read_a_folder_as_they_were_trained(tmp_path):
+    """A transformers model whose weights file records Fashion-MNIST's tensors reads images with their mean, std
+    and whole frame, and names its classes by them (a folder of its images is then labelled by name)."""
+    from evit.checkpoint import TRAINED_ON, save_weights
+    from evit.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN
+    from evit.models import create_model, load_checkpoint
+
+    model = create_model(f"{HF_TINY}")
+    assert hosts.data_config(model)["mean"] != (FASHION_MNIST_MEAN,) and hosts.class_names(model) is None
+    setattr(model, TRAINED_ON, "fashion-mnist")
+    save_weights(model, tmp_path / "w.safetensors")
+    loaded = create_model(f"{HF_TINY}")
+    load_checkpoint(loaded, str(tmp_path / "w.safetensors"))
+    seen = hosts.data_config(loaded)
+    assert (seen["mean"], seen["crop_pct"], seen["interpolation"]) == ((FASHION_MNIST_MEAN,), 1.0, "bilinear")
+    assert hosts.class_names(loaded) == list(FASHION_MNIST_CLASSES)

@@ -96,12 +96,34 @@ def save_text(text: str, path: Path) -> None:
     _atomic(Path(path), lambda f: f.write(text.encode()))
 
 
-def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, Any]] = None) -> None:
+#: metadata key naming evit's own data the weights were trained on ("fashion-mnist": its tensors), which says
+#: how they see images (:func:`evit.data.record_fashion_mnist_training`); absent for a folder (the model's own)
+DATA_KEY = "evit_data"
+#: the attribute in which a model being trained carries that name (every weights file written of it records it)
+TRAINED_ON = "evit_trained_on"
+
+
+def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, Any]] = None,
+                 data: Optional[str] = None) -> None:
     """Write ``model``'s weights with the token-reduction ``settings`` they were trained with
-    (default: those recorded where the model's weights were loaded from, :data:`TRAINED_WITH`)."""
+    (default: those recorded where the model's weights were loaded from, :data:`TRAINED_WITH`) and the
+    data they were trained on (default: the model's :data:`TRAINED_ON`)."""
     settings = getattr(model, TRAINED_WITH, {}) if settings is None else settings
+    data = getattr(model, TRAINED_ON, None) if data is None else data
+    metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {})}
     save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path,
-                 metadata=settings_metadata(settings) or None)
+                 metadata=metadata or None)
+
+
+def recorded_data(path: Path) -> Optional[str]:
+    """The :data:`DATA_KEY` weights file ``path`` recorded, else None."""
+    path = Path(path)
+    if not (path.is_file() and is_safetensors(path)):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get(DATA_KEY)
 
 
 #: metadata keys are this prefix and a setting's name

@@ -54,6 +54,7 @@ def load_model(kind: str = "baseline") -> nn.Module:
     from safetensors.torch import load_file
 
     from .checkpoint import TRAINED_WITH, recorded_settings
+    from .data import record_fashion_mnist_training
     from .models import create_model
 
     path = ASSETS / WEIGHTS[kind]
@@ -67,20 +68,8 @@ def load_model(kind: str = "baseline") -> nn.Module:
         patch(model, 1.0, method="dynamicvit")
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     setattr(model, TRAINED_WITH, recorded_settings(path))  # the EViT model: trained with fusion="mean"
-    return _trained_on_fashion_mnist(model).eval()
-
-
-def _trained_on_fashion_mnist(model: nn.Module) -> nn.Module:
-    """``model`` with timm's pretrained config saying how the bundled weights were trained: Fashion-MNIST's
-    mean and std, whole (uncropped) images, resized bilinearly, its classes in label order. A folder of
-    images is then read and labelled as the training set was, not with vit_tiny's ImageNet settings
-    (mean 0.5, a 0.9 crop), which cost the baseline 15 points of top-1 on the same images."""
-    from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from .hosts import timm as timm_host
-
-    timm_host.record_training(model, mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,), crop_pct=1.0,
-                              interpolation="bilinear", label_names=list(FASHION_MNIST_CLASSES))
-    return model
+    record_fashion_mnist_training(model)  # a folder of its images is read as its training tensors were
+    return model.eval()
 
 
 def test_subset() -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import hosts
-from .checkpoint import TRAINED_WITH, recorded_settings
+from .checkpoint import TRAINED_WITH, recorded_data, recorded_settings
+from .data import record_fashion_mnist_training
 from .weights import first_non_finite, mismatch, read_state
 
 HUB_HOST = "huggingface.co"
@@ -140,3 +141,5 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise ValueError(problem)
     model.load_state_dict(state, strict=False)
     setattr(model, TRAINED_WITH, recorded_settings(Path(path)))
+    if recorded_data(Path(path)) == "fashion-mnist":
+        record_fashion_mnist_training(model)

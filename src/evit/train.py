@@ -293,6 +293,8 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
     trained_with = checkpoint.config_settings(asdict(cfg))
     setattr(model, checkpoint.TRAINED_WITH, trained_with)
+    # Fashion-MNIST's tensors: how the weights see images (a folder: the model's own preprocessing, nothing to record)
+    setattr(model, checkpoint.TRAINED_ON, "fashion-mnist" if cfg.data == "fashion-mnist" else None)
     loader, val_loader, class_names = make_loaders(cfg, model, rank, world)
     cfg = replace(cfg, class_names=class_names)  # recorded in config.json: eval maps a val/ by these names
     per_epoch = len(loader)

@@ -221,6 +221,13 @@ class Host:
         interpolation, crop_pct (timm's keys)."""
         raise NotImplementedError
 
+    def record_preprocessing(self, mean: tuple, std: tuple, crop_pct: float, interpolation: str,
+                             class_names: Sequence[str]) -> None:
+        """Record how the model's weights were trained to see images (timm's keys) and name its classes, where the
+        model keeps such a record: :meth:`data_config` and :attr:`class_names` then give them, so images from a
+        folder are read, and labelled, as the training data was."""
+        raise NotImplementedError
+
     def adapt_state_dict(self, state: dict) -> dict:
         """``state`` adapted to this model before loading (e.g. position embeddings resampled)."""
         return state

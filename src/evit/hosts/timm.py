@@ -130,12 +130,6 @@ def clean_state_dict(state: dict) -> dict:
     return clean(state)
 
 
-def record_training(model: nn.Module, **settings) -> None:
-    """Record in timm's pretrained config how ``model``'s weights were trained (mean, std, crop_pct,
-    interpolation, label_names): :func:`data_config` and :attr:`TimmHost.class_names` read it back."""
-    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **settings}
-
-
 def model_name(model: nn.Module) -> str:
     """timm's architecture name of ``model`` (any timm model), else its class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -251,6 +245,13 @@ class TimmHost(Host):
 
     def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         return data_config(self.model, input_size)
+
+    def record_preprocessing(self, mean: tuple, std: tuple, crop_pct: float, interpolation: str,
+                             class_names: Sequence[str]) -> None:
+        """In timm's pretrained config, which timm's data config and :attr:`class_names` (``label_names``) read."""
+        self.model.pretrained_cfg = {**(getattr(self.model, "pretrained_cfg", None) or {}), "mean": tuple(mean),
+                                     "std": tuple(std), "crop_pct": crop_pct, "interpolation": interpolation,
+                                     "label_names": list(class_names)}
 
     def adapt_state_dict(self, state: dict) -> dict:
         """timm's own filter: position embeddings resampled to this input size (higher-resolution fine-tuning)."""

@@ -435,6 +435,17 @@ class TransformersHost(Host):
                                           if classifier else "evit bench, show and export serve it"))
         return self.model.config.num_labels
 
+    #: the model's attribute holding what :meth:`record_preprocessing` recorded
+    RECORD = "evit_preprocessing"
+
+    def record_preprocessing(self, mean: tuple, std: tuple, crop_pct: float, interpolation: str,
+                             class_names: Sequence[str]) -> None:
+        """On the model (read first by :meth:`data_config`), and the names in its config's ``id2label``."""
+        setattr(self.model, self.RECORD, dict(mean=tuple(mean), std=tuple(std), crop_pct=crop_pct,
+                                              interpolation=interpolation))
+        self.model.config.id2label = dict(enumerate(class_names))
+        self.model.config.label2id = {name: i for i, name in enumerate(class_names)}
+
     @property
     def class_names(self) -> Optional[list[str]]:
         """``id2label``'s names, unless they are transformers' placeholders (``LABEL_0``, ...)."""
@@ -456,7 +467,8 @@ class TransformersHost(Host):
             if given.get("do_center_crop") and crop.get("height") and (size.get("height") or size.get("shortest_edge")):
                 crop_pct = crop["height"] / (size.get("height") or size["shortest_edge"])
         size = tuple(int(s) for s in input_size) if input_size else self.input_size
-        return dict(input_size=size, mean=mean, std=std, interpolation="bicubic", crop_pct=crop_pct)
+        return dict(input_size=size, **{"mean": mean, "std": std, "interpolation": "bicubic", "crop_pct": crop_pct,
+                                        **getattr(self.model, self.RECORD, {})})
 
 
 @contextmanager
