@@ -167,3 +167,32 @@ def test_a_16_bit_image_reads_as_its_8_bit_self_and_a_32_bit_one_out_of_range_is
     Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tiff")
     with pytest.raises(ValueError, match="pixels span 70000..70000, not 0..255"):
         open_image(str(tmp_path / "wide.tiff"), "L")
+
+
+def test_images_pil_reads_beyond_png_and_jpeg_are_counted_and_other_files_named(tmp_path, capsys):
+    """BMP, GIF, TIFF and WebP files are read (timm's list has PNG and JPEG only): the same images in those
+    formats score exactly as the bundled tensors; a file that is no image is named in one warning, not counted."""
+    import numpy as np
+    from PIL import Image
+
+    from evit import embedded
+    from evit.data import normalize
+
+    images, labels = embedded.test_subset()
+    chosen = torch.cat([torch.nonzero(labels == c)[:4, 0] for c in range(10)])
+    formats = [(".bmp", {}), (".gif", {}), (".tif", {}), (".webp", {"lossless": True}), (".png", {})]
+    for n, i in enumerate(chosen.tolist()):
+        folder = tmp_path / "val" / f"c{int(labels[i])}"
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix, options = formats[n % len(formats)]
+        Image.fromarray(images[i, 0].numpy().astype(np.uint8)).save(folder / f"{i}{suffix}", **options)
+    (tmp_path / "val" / "c3" / "notes.txt").write_text("not an image")
+    with torch.no_grad():
+        expected = (embedded.load_model()(normalize(images[chosen])).argmax(-1) == labels[chosen]).float().mean()
+    assert main(["eval", "--data", str(tmp_path), "--keep-rates", "1", "--speed-reps", "1", "--workers", "0",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)["rows"][0]
+    assert row["images"] == 40 and row["top1"] == pytest.approx(100 * expected.item(), abs=1e-4)
+    warnings = [line for line in captured.err.splitlines() if "not an image evit reads" in line]
+    assert len(warnings) == 1 and "1 file in class folders is" in warnings[0] and ".txt" in warnings[0]

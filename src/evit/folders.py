@@ -41,10 +41,14 @@ LAYOUT = ("an ImageNet-style data set is a folder with train/ and val/, each hol
           "of images per class")
 
 
+#: image files PIL reads beyond timm's list (which has PNG and JPEG only): a folder of them is counted, not skipped
+MORE_EXTENSIONS = (".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
 def _extensions() -> tuple[str, ...]:
     from timm.data.readers.img_extensions import get_img_extensions
 
-    return tuple(get_img_extensions())
+    return tuple(dict.fromkeys((*get_img_extensions(), *MORE_EXTENSIONS)))
 
 
 def _natural(text: str):
@@ -97,9 +101,10 @@ def class_folders(split: Path) -> dict[str, Path]:
     return folders
 
 
-def _images_under(folder: Path, skipped: list[str]) -> list[str]:
+def _images_under(folder: Path, skipped: list[str], others: list[str]) -> list[str]:
     """Image files under ``folder`` (sub-folders included, each linked folder once); files that are not
-    regular (pipes, sockets, devices, broken links) go to ``skipped`` unopened."""
+    regular (pipes, sockets, devices, broken links) go to ``skipped`` unopened, other files (not hidden) to
+    ``others``."""
     found, seen, todo = [], set(), [folder]
     while todo:
         here = todo.pop()
@@ -115,6 +120,8 @@ def _images_under(folder: Path, skipped: list[str]) -> list[str]:
                 todo.append(Path(entry.path))
             elif _is_image_name(entry.name):
                 (found if entry.is_file() else skipped).append(entry.path)
+            else:
+                others.append(entry.path)
     return sorted(found, key=_natural)
 
 
@@ -142,11 +149,16 @@ def read_split(split: Path, classes: Sequence[str], source: str) -> Split:
         raise ValueError(f"{split / unknown[0]}: class {unknown[0]!r} is not one of the {len(classes)} classes of "
                          f"{source} ({shown})" + (f"; {len(unknown) - 1} more unknown" if len(unknown) > 1 else "")
                          + "; rename or remove it")
-    samples, skipped = [], []
+    samples, skipped, others = [], [], []
     for name, folder in folders.items():
-        samples += [(path, index[name]) for path in _images_under(folder, skipped)]
+        samples += [(path, index[name]) for path in _images_under(folder, skipped, others)]
     for path in skipped:
         warn(f"skipped {path}: not a regular file (a named pipe, socket, device or broken link); not counted")
+    if others:
+        kinds = sorted({Path(p).suffix.lower() or "no extension" for p in others})
+        warn(f"{split}: {len(others)} file{'s' if len(others) > 1 else ''} in class folders {'are' if len(others) > 1 else 'is'} "
+             f"not an image evit reads ({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''}; it reads "
+             f"{', '.join(_extensions())}), e.g. {others[0]}; not counted")
     if not samples:
         raise ValueError(f"{split} holds no images ({', '.join(_extensions())} files in class sub-folders)")
     return Split(split, samples, tuple(classes))
