@@ -73,6 +73,8 @@ def test_evit_show_writes_a_png(tmp_path, method, capsys):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "wrote" in capsys.readouterr().out
+    assert main(["show", "--method", method, "--r", "2", "--count", "1", "--out", str(tmp_path / "plain")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'plain.png'}" and (tmp_path / "plain.png").is_file()
 
 
 def test_evit_show_bad_inputs(tmp_path, capsys):

@@ -85,6 +85,8 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
     fig.suptitle(f"{first.label or type(first).__name__}: patches greyed out were {fused}{groups}", fontsize=9)
     fig.tight_layout()
     path = Path(out)
+    if not path.suffix:  # matplotlib writes a PNG there under the name with .png: the name said is the one written
+        path = path.with_name(path.name + ".png")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {path.parent} does not exist")
     fig.savefig(path, dpi=110)
