@@ -38,3 +38,16 @@ def test_evit_compare_on_the_embedded_model(tmp_path, capsys):
     trained = {r["model"] for r in rows}
     assert {"evit-trained", "dynamicvit-trained"} <= trained, "the bundled trained weights are compared too"
     assert plot.stat().st_size > 10_000
+
+
+def test_compare_draws_calibration_images_only_for_a_method_that_uses_them(tmp_path, monkeypatch, capsys):
+    """Sample images (and the note on where they come from) only when a compared method chooses tokens from data."""
+    import evit.commands
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration images drawn for methods that do not use them")
+
+    monkeypatch.setattr(evit.commands, "_calibration_images", refuse)
+    assert main(["compare", "--methods", "evit", "tome", "--keep-rates", "0.5", "--r", "4", "--speed-reps", "1",
+                 "--batch-size", "1000", "--plot", str(tmp_path / "c.png"), "--data", "bundled"]) == 0
+    assert "Patch Slimming" not in capsys.readouterr().err

@@ -293,6 +293,7 @@ def _compare(args) -> int:
     from .evaluate import format_rows
     from .loading import architecture, load_model
     from .models import device_text, resolve_device
+    from .registry import method_class
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     _not_an_input(args.plot, "--plot", {"the checkpoint": args.checkpoint,
@@ -313,8 +314,9 @@ def _compare(args) -> int:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
     data, batches = _eval_data(args, default, list(models.values()))
+    needs_images = any(method_class(s["method"]).needs_images for _, s in settings if isinstance(s, dict))
     rows = compare(models, settings, batches, speed_reps=args.speed_reps,
-                   images=_calibration_images(data, batches, models["baseline"]),
+                   images=_calibration_images(data, batches, models["baseline"]) if needs_images else None,
                    device=str(device))
     path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
     if args.json:
