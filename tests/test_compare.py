@@ -49,5 +49,7 @@ def test_compare_draws_calibration_images_only_for_a_method_that_uses_them(tmp_p
 
     monkeypatch.setattr(evit.commands, "_calibration_images", refuse)
     assert main(["compare", "--methods", "evit", "tome", "--keep-rates", "0.5", "--r", "4", "--speed-reps", "1",
-                 "--batch-size", "1000", "--plot", str(tmp_path / "c.png"), "--data", "bundled"]) == 0
-    assert "Patch Slimming" not in capsys.readouterr().err
+                 "--batch-size", "1000", "--plot", str(tmp_path / "c"), "--data", "bundled", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "Patch Slimming" not in captured.err
+    assert json.loads(captured.out)["plot"] == str(tmp_path / "c.png") and (tmp_path / "c.png").is_file()  # as written

@@ -143,3 +143,22 @@ def test_weights_are_read_by_their_bytes_not_their_name(tmp_path, capsys):
         rows = json.loads(capsys.readouterr().out)["rows"]
         assert [r["model"] for r in rows] == ["baseline", "baseline", name.split(".")[0]]
         assert rows[2]["top1"] == rows[1]["top1"] and rows[2]["images"] == 3000
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_safetensors(tmp_path):
+    """A safetensors file begins with its header's length: one ending in byte 0x80 (1 in 256 files) starts the file
+    as a torch pickle does, and must still be read as safetensors (and its recorded settings with it)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from evit.checkpoint import recorded_settings
+    from evit.weights import read_state
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(300):
+        save_file({"w": torch.ones(2)}, str(path), metadata={"evit.method": "evit", "x": "y" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert torch.equal(read_state(str(path))["w"], torch.ones(2))
+    assert recorded_settings(path) == {"method": "evit"}

@@ -167,6 +167,11 @@ def test_a_16_bit_image_reads_as_its_8_bit_self_and_a_32_bit_one_out_of_range_is
     Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tiff")
     with pytest.raises(ValueError, match="pixels span 70000..70000, not 0..255"):
         open_image(str(tmp_path / "wide.tiff"), "L")
+    Image.fromarray((pixels / 255).astype(np.float32)).save(tmp_path / "unit.tiff")  # 0..1: black if read as 0..255
+    with pytest.raises(ValueError, match="F pixels span 0..1, not 0..255"):
+        open_image(str(tmp_path / "unit.tiff"), "L")
+    Image.fromarray(pixels.astype(np.float32)).save(tmp_path / "float.tiff")  # floats on 0..255 read as they are
+    assert np.array_equal(np.asarray(open_image(str(tmp_path / "float.tiff"), "L")), pixels)
 
 
 def test_images_pil_reads_beyond_png_and_jpeg_are_counted_and_other_files_named(tmp_path, capsys):

@@ -111,3 +111,5 @@ def test_evit_show_refuses_to_write_over_an_image_it_shows(tmp_path, capsys):
     before = image.read_bytes()
     assert main(["show", str(image), "--out", str(image)]) == 2
     assert "is an image this command reads" in capsys.readouterr().err and image.read_bytes() == before
+    assert main(["show", str(image), "--out", str(tmp_path / "mine")]) == 2  # matplotlib would write mine.png
+    assert "is an image this command reads" in capsys.readouterr().err and image.read_bytes() == before

@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .reduction import NOT_APPLIED, TRAINED_WITH, trained_settings  # noqa: F401 - where models are loaded and saved
-from .weights import first_non_finite, is_safetensors, mismatch, read_state
+from .weights import first_non_finite, is_safetensors, mismatch, read_state, torch_reason
 
 POINTER = "latest.json"
 
@@ -276,9 +276,10 @@ def _read(found: dict) -> tuple[dict, dict]:
     try:
         with allowed(_numpy_globals()) if allowed is not None else contextlib.nullcontext():
             state = torch.load(str(found["state"]), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise Damaged(f"checkpoint {found['state']} cannot be read ({reason}): it is damaged or truncated") from None
+    except EOFError:
+        raise Damaged(f"checkpoint {found['state']} cannot be read (it ends early): it is damaged or truncated") from None
+    except (pickle.UnpicklingError, RuntimeError, ValueError, AttributeError, TypeError) as e:
+        raise Damaged(f"checkpoint {found['state']} cannot be read safely: {torch_reason(e)}") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
         raise Damaged(f"checkpoint {found['state']} is not a training state evit wrote")
     return weights, state

@@ -218,9 +218,10 @@ def _show(args) -> int:
     from .loading import load_model
     from .patch import patch
     from .registry import method_class
-    from .show import fashion_images, load_images, show
+    from .show import fashion_images, figure_path, load_images, show
 
-    _not_an_input(args.out, "--out", {"the checkpoint": args.checkpoint, **{"an image": p for p in args.images}})
+    _not_an_input(str(figure_path(args.out)), "--out",
+                  {"the checkpoint": args.checkpoint, **{"an image": p for p in args.images}})
     class_names = None
     learned = (lambda m: patch(m, 1.0, method=args.method)) if method_class(args.method).learned else None
     kind = args.method if args.method in embedded.WEIGHTS else "baseline"  # bundled weights trained with it
@@ -294,9 +295,10 @@ def _compare(args) -> int:
     from .loading import architecture, load_model
     from .models import device_text, resolve_device
     from .registry import method_class
+    from .show import figure_path
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
-    _not_an_input(args.plot, "--plot", {"the checkpoint": args.checkpoint,
+    _not_an_input(str(figure_path(args.plot)), "--plot", {"the checkpoint": args.checkpoint,
                                         **{"a --trained file": t.partition("=")[2] for t in args.trained}})
     default = not (args.model or args.recipe)
     models = {"baseline": load_model(args.model, args.recipe, args.pretrained, args.checkpoint)[1]}

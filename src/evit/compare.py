@@ -75,10 +75,10 @@ def compare(models: dict[str, nn.Module], settings, batches_fn, speed_reps: int 
 
 def plot(rows: list[dict], out: str, title: str = "") -> Path:
     """Top-1 against measured speed-up and against GMACs, one line per method and weights."""
-    from .show import _require_matplotlib
+    from .show import _require_matplotlib, figure_path
 
     plt = _require_matplotlib()
-    path = Path(out)
+    path = figure_path(out)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {path.parent} does not exist")
     base = next((r for r in rows if r["method"] == "none"), None)

@@ -269,7 +269,8 @@ def seeded(seed: Optional[int]):
 def open_image(path: str, mode: str):
     """The image file ``path`` decoded to the PIL ``mode`` ('RGB' or 'L'), or ValueError with the reason. A 16-bit
     image is scaled to 8 bits first (PIL's own conversion clips it at 255: a white picture); one of 32-bit integers
-    or floats, whose range says nothing of black and white, is refused unless it lies in 0..255."""
+    or floats, whose range says nothing of black and white, is refused unless it lies in 0..255 (floats within
+    0..1, a scale of their own, are refused too: read as 0..255 they would be black)."""
     from PIL import Image
 
     try:
@@ -279,8 +280,8 @@ def open_image(path: str, mode: str):
                 image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
             elif image.mode in ("I", "F"):
                 low, high = np.asarray(image).min(), np.asarray(image).max()
-                if not 0 <= low <= high <= 255:
-                    raise ValueError(f"its {image.mode} pixels span {low}..{high}, not 0..255; save it as an 8 or "
+                if not 0 <= low <= high <= 255 or (image.mode == "F" and high <= 1):  # 0..1 would read as black
+                    raise ValueError(f"its {image.mode} pixels span {low:g}..{high:g}, not 0..255; save it as an 8 or "
                                      "16-bit image")
             return image.convert(mode)
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:

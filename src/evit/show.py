@@ -19,6 +19,13 @@ from .masks import token_groups
 from .patch import reductions
 
 
+def figure_path(out: str) -> Path:
+    """The file a figure saved to ``out`` lands in: matplotlib adds ``.png`` to a name without an extension, so
+    that is the name to check against the inputs and to report."""
+    path = Path(out)
+    return path.with_name(path.name + ".png") if not path.suffix else path
+
+
 def _require_matplotlib():
     try:
         import matplotlib
@@ -84,9 +91,7 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
     fused = "fused or dropped" if getattr(first, "fuse", False) else "dropped"
     fig.suptitle(f"{first.label or type(first).__name__}: patches greyed out were {fused}{groups}", fontsize=9)
     fig.tight_layout()
-    path = Path(out)
-    if not path.suffix:  # matplotlib writes a PNG there under the name with .png: the name said is the one written
-        path = path.with_name(path.name + ".png")
+    path = figure_path(out)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {path.parent} does not exist")
     fig.savefig(path, dpi=110)

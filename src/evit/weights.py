@@ -48,7 +48,7 @@ def check_finite(model: nn.Module, what: str) -> None:
         raise ValueError(f"{what} holds non-finite weights: {bad}; refusing to use them")
 
 
-def _torch_reason(e: Exception) -> str:
+def torch_reason(e: Exception) -> str:
     """What torch's weights-only unpickler objected to, without its advice to turn the safety off."""
     text = str(e)
     found = re.search(r"unsupported (?:global:? )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
@@ -65,9 +65,11 @@ def is_safetensors(p: Path) -> bool:
     then the JSON header's '{') as safetensors."""
     with open(p, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if head[8:9] == b"{":  # first: a header length ending in byte 0x80 starts the file as a pickle would
+        return True
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # byte 8 of these is never '{'
         return False
-    return p.suffix == ".safetensors" or head[8:9] == b"{"
+    return p.suffix == ".safetensors"
 
 
 def read_state(path: str) -> dict[str, Tensor]:
@@ -95,7 +97,7 @@ def read_state(path: str) -> dict[str, Tensor]:
         with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext(), open(p, "rb") as f:
             loaded = torch.load(f, map_location="cpu", weights_only=True)  # a file, so torch goes by bytes, not name
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        raise ValueError(f"checkpoint {path} cannot be read safely: {_torch_reason(e)}; save the model's "
+        raise ValueError(f"checkpoint {path} cannot be read safely: {torch_reason(e)}; save the model's "
                          "state_dict() with torch.save or safetensors") from None
     if isinstance(loaded, Mapping):
         inner = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), Mapping)), None)
