@@ -388,13 +388,13 @@ class TransformersHost(Host):
                 embeddings.image_size = (h, w)
         self.config.image_size = h if h == w else [h, w]
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, runner: Optional[nn.Module] = None) -> Tensor:
         masks = {}
         if torch.compiler.is_exporting() and self.family.makes_mask:
             # under torch.export, transformers hands every layer a full-length all-attending mask, which a layer
             # after a reduction cannot take; a 1 x 1 mask that masks nothing broadcasts to any length instead
             masks["attention_mask"] = images.new_zeros(1, 1, 1, 1)
-        out = self.model(pixel_values=images, **masks)
+        out = (runner or self.model)(pixel_values=images, **masks)
         for key in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
             if getattr(out, key, None) is not None:
                 return getattr(out, key)
@@ -424,6 +424,13 @@ class TransformersHost(Host):
         if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
             return state
         return loaded.state_dict()
+
+    def check_trainable(self) -> None:
+        self.head_outputs  # a base model (ViTModel, CLIPVisionModel, ...) has no classification head
+        if hasattr(self.model, "cls_classifier"):  # DeiTForImageClassificationWithTeacher
+            raise ValueError(f"{self.name} is inference-only in transformers (its logits average a class-token head "
+                             "and a distillation head, and no teacher trains the latter): train "
+                             "DeiTForImageClassification (model_class=DeiTForImageClassification) instead")
 
     @property
     def head_outputs(self) -> int:
