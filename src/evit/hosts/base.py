@@ -209,8 +209,8 @@ class Host:
         return (runner or self.model)(images)
 
     def check_trainable(self) -> None:
-        """Raise ValueError naming the reason when the model cannot be trained as a classifier on its logits."""
-        self.head_outputs  # a model without a classification head says so
+        """Raise ValueError naming the reason when the model cannot be trained as a classifier on its logits
+        (a head of the wrong width is refused later, against the data's classes)."""
 
     @property
     def head_outputs(self) -> int:

@@ -426,20 +426,30 @@ class TransformersHost(Host):
         return loaded.state_dict()
 
     def check_trainable(self) -> None:
-        self.head_outputs  # a base model (ViTModel, CLIPVisionModel, ...) has no classification head
+        if not self._has_head:  # a base model (ViTModel, CLIPVisionModel, ...)
+            raise self._headless("logits to train", "train {}")
         if hasattr(self.model, "cls_classifier"):  # DeiTForImageClassificationWithTeacher
             raise ValueError(f"{self.name} is inference-only in transformers (its logits average a class-token head "
                              "and a distillation head, and no teacher trains the latter): train "
                              "DeiTForImageClassification (model_class=DeiTForImageClassification) instead")
 
     @property
+    def _has_head(self) -> bool:
+        return hasattr(self.model, "classifier") or hasattr(self.model, "cls_classifier")
+
+    def _headless(self, lacks: str, remedy: str) -> ValueError:
+        """The refusal of a model without a head: it has no ``lacks``; ``remedy`` formats its family's classifier
+        class, where the family has one."""
+        classifier = next((c for c, (family, _) in CLASSES.items()
+                           if family == self.family_name and "Classification" in c), None)
+        return ValueError(f"{self.name} has no classification head (it gives embeddings), so it has no {lacks}; " +
+                          (remedy.format(f"{classifier} (model_class={classifier})") if classifier
+                           else "evit bench, show and export serve it"))
+
+    @property
     def head_outputs(self) -> int:
-        if not hasattr(self.model, "classifier") and not hasattr(self.model, "cls_classifier"):
-            classifier = next((c for c, (family, _) in CLASSES.items()
-                               if family == self.family_name and "Classification" in c), None)
-            raise ValueError(f"{self.name} has no classification head (it gives embeddings), so it has no accuracy to "
-                             "score; " + (f"load the weights as {classifier} (model_class={classifier}) to score them"
-                                          if classifier else "evit bench, show and export serve it"))
+        if not self._has_head:
+            raise self._headless("accuracy to score", "load the weights as {} to score them")
         return self.model.config.num_labels
 
     #: the model's attribute holding what :meth:`record_preprocessing` recorded
