@@ -446,8 +446,9 @@ def test_cli_transformers_models_from_a_folder_and_offline(tmp_path, capsys):
     assert "neither a local folder with config.json nor a transformers model type" in err and "Traceback" not in err
     assert main(["bench", "--model", "hf:vit:hidden_size"]) == 2
     assert "key=value" in capsys.readouterr().err
-    assert main(["train", "--model", HF_TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
-    assert "does not train yet" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["train", "--model", f"hf:{tmp_path}", "--pretrained", "--out", str(tmp_path / "run"),
+                 "--max-steps", "1"]) == 2  # trained: ViT/DeiT/DINOv2 classifiers (tests/test_train_transformers.py)
+    assert "is inference-only in transformers" in capsys.readouterr().err and not (tmp_path / "run").exists()
     assert main(["bench", "--model", HF_TINY, "--backends", "eager", "--keep-rates", "0.5"]) == 2
     assert "returns an output object" in capsys.readouterr().err
     assert main(["eval", "--model", HF_TINY, "--img-size", "30"]) == 2

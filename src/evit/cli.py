@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_positive, default=4, help="bundled images to show (default: %(default)s)")
     p.add_argument("--out", default="evit_show.png", help="PNG to write (default: %(default)s)")
 
-    p = sub.add_parser("train", help="train or fine-tune a timm ViT with EViT (keep rate warmed up from 1)")
+    p = sub.add_parser("train", help="train or fine-tune a timm ViT or a transformers image classifier with EViT "
+                                     "(keep rate warmed up from 1)")
     p.add_argument("--recipe", help="bundled recipe name (fashion_mnist_baseline, ...; see evit/assets/recipes) or JSON file")
-    p.add_argument("--model", help="timm model name (overrides the recipe)")
+    p.add_argument("--model", help="timm model name, or hf:TYPE[:key=value,...] / hf:FOLDER / hf:HUB_ID for a "
+                   "transformers image classifier (overrides the recipe)")
     p.add_argument("--pretrained", action="store_true", default=None)
     p.add_argument("--init", help="local weights to start from (fine-tuning)")
     p.add_argument("--data", help="'fashion-mnist' or an ImageNet-style folder with train/ and val/")

@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint, hosts, runs
 from .cost import native_input_size
 from .loading import load_model
-from .models import HF_PREFIX, resolve_device
+from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
@@ -141,7 +141,7 @@ def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor)
     the unpatched model's full output is a richer target than the label alone.
     """
     with torch.no_grad():
-        target = teacher(x).float().log_softmax(dim=-1)
+        target = hosts.forward(teacher)(x).float().log_softmax(dim=-1)
     return F.kl_div(logits.float().log_softmax(dim=-1), target, log_target=True, reduction="batchmean")
 
 
@@ -250,9 +250,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     which checkpoint is intact. ``on_step(step)`` is called after every optimizer step (e.g. by tests
     that kill the process mid-run)."""
     check_data_options(cfg)
-    if str(cfg.model).startswith(HF_PREFIX):  # refused before any run folder is made
-        raise ValueError(f"evit train trains timm models; {cfg.model} is a transformers model, which evit evaluates, "
-                         "compares, benchmarks and exports but does not train yet (its output is not logits)")
     out = Path(cfg.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     folder = runs.RunFolder(out, resume, overwrite) if rank0 else None
@@ -290,6 +287,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
+    hosts.check_trainable(model)  # before any run folder is made
     # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
     trained_with = checkpoint.config_settings(asdict(cfg))
     setattr(model, checkpoint.TRAINED_WITH, trained_with)
@@ -341,6 +339,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
         checkpoint.save_text(json.dumps(asdict(cfg), indent=2), out / "config.json")
     ddp_devices = [device] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices) if world > 1 else model
+    forward = hosts.forward(net)  # the logits, whatever the model's library returns (timm: net itself)
 
     warm_start, warm_span = int(cfg.keep_warmup_start * per_epoch), int(cfg.keep_warmup_epochs * per_epoch)
     model.train()
@@ -379,7 +378,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
             if mixup:
                 x, y = mixup(x, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = net(x)
+                logits = forward(x)
                 loss = criterion(logits, y)
                 if teacher is not None:
                     seen_by_teacher = x if cfg.distill_img_size is None else resize_images(images, cfg.distill_img_size)

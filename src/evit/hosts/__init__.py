@@ -13,17 +13,18 @@ reach a model only through these. A new host is one more file here and one more 
 """
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from . import timm as timm_host
 from .base import AttentionView, BlockView, Host, base_class
 
-__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "class_names",
-           "clean_state_dict", "data_config",
-           "find", "head_outputs", "model_name", "unwrapped", "view_class"]
+__all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "check_trainable",
+           "class_names", "clean_state_dict", "data_config", "find", "forward", "head_outputs", "model_name",
+           "unwrapped", "view_class"]
 
 
 def _transformers():
@@ -87,6 +88,24 @@ def attention_view(module: nn.Module) -> AttentionView:
     if view is None:
         raise TypeError(f"evit does not know attention module {type(module).__name__}")
     return view
+
+
+def forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """What to call for ``model``'s main output tensor on images (a classifier's logits): ``model`` itself when
+    its library returns that tensor (timm: the very same call, at the same speed), else its host's forward run
+    through ``model``, so that a DDP wrapper's own call (which syncs the gradients) is the one made."""
+    found = find(model)
+    if found is None or found.returns_tensor:
+        return model
+    return functools.partial(found.forward, runner=model)
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Raise ValueError, in one line, when ``model`` cannot be trained as a classifier on its logits (no
+    classification head, or a head its library does not train); a model no host serves is left to timm."""
+    found = find(model)
+    if found is not None:
+        found.check_trainable()
 
 
 def head_outputs(model: nn.Module) -> int:

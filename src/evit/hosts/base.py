@@ -203,9 +203,14 @@ class Host:
         """Make the model take ``hw`` inputs, in place (position embeddings resampled)."""
         raise ValueError(f"evit cannot resize {self.name} ({self.library}): build it at the input size you want")
 
-    def forward(self, images: Tensor) -> Tensor:
-        """The model's main output tensor for ``images``: logits for a classifier, else its embedding."""
-        return self.model(images)
+    def forward(self, images: Tensor, runner: Optional[nn.Module] = None) -> Tensor:
+        """The model's main output tensor for ``images``: logits for a classifier, else its embedding.
+        ``runner``: the module called, a wrapper of the model (DDP, whose call syncs gradients); default the model."""
+        return (runner or self.model)(images)
+
+    def check_trainable(self) -> None:
+        """Raise ValueError naming the reason when the model cannot be trained as a classifier on its logits
+        (a head of the wrong width is refused later, against the data's classes)."""
 
     @property
     def head_outputs(self) -> int:

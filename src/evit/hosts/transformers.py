@@ -388,13 +388,13 @@ class TransformersHost(Host):
                 embeddings.image_size = (h, w)
         self.config.image_size = h if h == w else [h, w]
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, runner: Optional[nn.Module] = None) -> Tensor:
         masks = {}
         if torch.compiler.is_exporting() and self.family.makes_mask:
             # under torch.export, transformers hands every layer a full-length all-attending mask, which a layer
             # after a reduction cannot take; a 1 x 1 mask that masks nothing broadcasts to any length instead
             masks["attention_mask"] = images.new_zeros(1, 1, 1, 1)
-        out = self.model(pixel_values=images, **masks)
+        out = (runner or self.model)(pixel_values=images, **masks)
         for key in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
             if getattr(out, key, None) is not None:
                 return getattr(out, key)
@@ -425,14 +425,31 @@ class TransformersHost(Host):
             return state
         return loaded.state_dict()
 
+    def check_trainable(self) -> None:
+        if not self._has_head:  # a base model (ViTModel, CLIPVisionModel, ...)
+            raise self._headless("logits to train", "train {}")
+        if hasattr(self.model, "cls_classifier"):  # DeiTForImageClassificationWithTeacher
+            raise ValueError(f"{self.name} is inference-only in transformers (its logits average a class-token head "
+                             "and a distillation head, and no teacher trains the latter): train "
+                             "DeiTForImageClassification (model_class=DeiTForImageClassification) instead")
+
+    @property
+    def _has_head(self) -> bool:
+        return hasattr(self.model, "classifier") or hasattr(self.model, "cls_classifier")
+
+    def _headless(self, lacks: str, remedy: str) -> ValueError:
+        """The refusal of a model without a head: it has no ``lacks``; ``remedy`` formats its family's classifier
+        class, where the family has one."""
+        classifier = next((c for c, (family, _) in CLASSES.items()
+                           if family == self.family_name and "Classification" in c), None)
+        return ValueError(f"{self.name} has no classification head (it gives embeddings), so it has no {lacks}; " +
+                          (remedy.format(f"{classifier} (model_class={classifier})") if classifier
+                           else "evit bench, show and export serve it"))
+
     @property
     def head_outputs(self) -> int:
-        if not hasattr(self.model, "classifier") and not hasattr(self.model, "cls_classifier"):
-            classifier = next((c for c, (family, _) in CLASSES.items()
-                               if family == self.family_name and "Classification" in c), None)
-            raise ValueError(f"{self.name} has no classification head (it gives embeddings), so it has no accuracy to "
-                             "score; " + (f"load the weights as {classifier} (model_class={classifier}) to score them"
-                                          if classifier else "evit bench, show and export serve it"))
+        if not self._has_head:
+            raise self._headless("accuracy to score", "load the weights as {} to score them")
         return self.model.config.num_labels
 
     #: the model's attribute holding what :meth:`record_preprocessing` recorded
