@@ -317,6 +317,15 @@ def test_run_stopped_before_its_first_checkpoint_resumes_from_the_start(recipe, 
 
 
 
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_started_again(recipe, run, capsys):
+    """Only a run that never checkpointed starts again on --resume; one that finished keeps its weights."""
+    out, hashes = run
+    shutil.rmtree(out / "checkpoints")
+    returned = _in_process_resume(recipe, out)
+    _one_line(capsys.readouterr().err, 2, returned, r"no checkpoint in .*but the run finished")
+    assert _hashes(out) == {k: v for k, v in hashes.items() if not k.startswith("checkpoints")}
+
+
 def test_overwrite_moves_the_earlier_run_aside(recipe, run, capsys):
     out, before = run
     assert main(_train(recipe, out, "--overwrite", "--max-steps", "2")) == 0

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,18 @@ def test_images_pil_reads_beyond_png_and_jpeg_are_counted_and_other_files_named(
     assert row["images"] == 40 and row["top1"] == pytest.approx(100 * expected.item(), abs=1e-4)
     warnings = [line for line in captured.err.splitlines() if "not an image evit reads" in line]
     assert len(warnings) == 1 and "1 file in class folders is" in warnings[0] and ".txt" in warnings[0]
+
+
+def test_a_folder_given_relative_resumes_from_another_working_directory(data, recipe, tmp_path, monkeypatch):
+    """config.json records the folder's absolute path: the same folder, named from elsewhere, resumes; another
+    folder of the same relative name does not."""
+    out = tmp_path / "run"
+    monkeypatch.chdir(data.parent)
+    cfg = TrainConfig.from_file(str(recipe), data=data.name, out=str(out), workers=0, max_steps=1)
+    train(cfg, progress=False)
+    assert json.loads((out / "config.json").read_text())["data"] == str(data)
+    monkeypatch.chdir(tmp_path)
+    train(replace(cfg, data=str(data), max_steps=2), resume=True, progress=False)
+    (tmp_path / data.name).mkdir()  # the same relative name, here: another folder
+    with pytest.raises(ValueError, match="was started with data"):
+        train(replace(cfg, max_steps=3), resume=True, progress=False)

@@ -250,6 +250,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, overwri
     which checkpoint is intact. ``on_step(step)`` is called after every optimizer step (e.g. by tests
     that kill the process mid-run)."""
     check_data_options(cfg)
+    # folders recorded by their absolute paths: a resume from another working directory compares the same folder
+    cfg = replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("data", "distill")
+                          if getattr(cfg, k) not in (None, "fashion-mnist") and os.path.exists(getattr(cfg, k))})
     out = Path(cfg.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     folder = runs.RunFolder(out, resume, overwrite) if rank0 else None
@@ -317,6 +320,11 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     step, state, keep, loss_avg = 0, None, 1.0, None
     if resume:
         state = checkpoint.load(out / "checkpoints", model)
+        if state is None and (out / "model.safetensors").exists():  # it finished and its checkpoints are gone:
+            # starting again would redo it and write over its weights
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}, but the run finished "
+                                    f"({out / 'model.safetensors'}): start afresh with --overwrite (moves it aside), "
+                                    "or train on from its weights with --init")
         if state is None and not (out / "config.json").is_file():
             advice = "start afresh with --overwrite (moves it aside)" if runs.holds_run(out) else "start without --resume"
             raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; {advice}")
