@@ -59,6 +59,21 @@ def torch_reason(e: Exception) -> str:
     return f"it is not a torch checkpoint ({reason.strip()[:120]})"
 
 
+#: what PyTorch's wrappers put before a module's parameter names: DataParallel / DDP, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrapped_names(state: dict) -> dict:
+    """``state`` with the wrappers' prefixes dropped, in any order and nesting (a compiled DDP model saves
+    ``_orig_mod.module.blocks...``), which timm's ``clean_state_dict`` of timm 1.0.16 does not do."""
+    def name(key: str) -> str:
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key[len(next(p for p in WRAPPER_PREFIXES if key.startswith(p))):]
+        return key
+
+    return {name(k): v for k, v in state.items()}
+
+
 def is_safetensors(p: Path) -> bool:
     """Whether ``p`` is read as safetensors, by its first bytes more than its name: a torch file (a zip, or a
     legacy pickle) named .safetensors is read as torch, and safetensors named .pth (an 8-byte header length,
@@ -85,7 +100,7 @@ def read_state(path: str) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return hosts.clean_state_dict(load_file(str(p)))
+            return unwrapped_names(load_file(str(p)))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"checkpoint {path} is not a readable safetensors file ({p.stat().st_size} bytes: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); it is damaged or "
@@ -112,7 +127,7 @@ def read_state(path: str) -> dict[str, Tensor]:
     if odd is not None:
         raise ValueError(f"checkpoint {path} is not a state dict: entry {odd!r} is a {type(loaded[odd]).__name__}, "
                          f"not a tensor (keys: {', '.join(map(str, list(loaded)[:5]))})")
-    return hosts.clean_state_dict(dict(loaded))  # 'module.', '_orig_mod.' dropped
+    return unwrapped_names(dict(loaded))
 
 
 def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor]) -> Optional[str]:

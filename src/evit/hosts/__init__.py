@@ -23,7 +23,7 @@ from . import timm as timm_host
 from .base import AttentionView, BlockView, Host, base_class
 
 __all__ = ["AttentionView", "BlockView", "Host", "adapter", "attention_view", "base_class", "check_trainable",
-           "class_names", "clean_state_dict", "data_config", "find", "forward", "head_outputs", "model_name",
+           "class_names", "data_config", "find", "forward", "head_outputs", "model_name",
            "unwrapped", "view_class"]
 
 
@@ -118,11 +118,6 @@ def class_names(model: nn.Module) -> Optional[list[str]]:
     """The names ``model`` records for its head's classes, in output order (transformers' ``id2label``); else None."""
     found = find(model)
     return found.class_names if found is not None else None
-
-
-def clean_state_dict(state: dict) -> dict:
-    """``state`` without the key prefixes that wrappers add (``module.``, ``_orig_mod.``), any model's."""
-    return timm_host.clean_state_dict(state)
 
 
 def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict:

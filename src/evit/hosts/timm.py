@@ -122,14 +122,6 @@ def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     return resolve_data_config({"input_size": tuple(int(s) for s in input_size)} if input_size else {}, model=model)
 
 
-def clean_state_dict(state: dict) -> dict:
-    """timm's own ``clean_state_dict``: the prefixes wrappers add dropped (DataParallel / DDP's ``module.``,
-    torch.compile's ``_orig_mod.``)."""
-    from timm.models import clean_state_dict as clean
-
-    return clean(state)
-
-
 def model_name(model: nn.Module) -> str:
     """timm's architecture name of ``model`` (any timm model), else its class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
