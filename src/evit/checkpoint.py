@@ -117,13 +117,17 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
 
 def recorded_data(path: Path) -> Optional[str]:
     """The :data:`DATA_KEY` weights file ``path`` recorded, else None."""
-    path = Path(path)
+    return _metadata(Path(path)).get(DATA_KEY)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of weights file ``path``; {} for any other file (a torch file records none)."""
     if not (path.is_file() and is_safetensors(path)):
-        return None
+        return {}
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get(DATA_KEY)
+        return f.metadata() or {}
 
 
 #: metadata keys are this prefix and a setting's name
@@ -159,11 +163,7 @@ def recorded_settings(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not (path.is_file() and is_safetensors(path)):
         return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    found = {k[len(PREFIX):]: _decode(v) for k, v in metadata.items() if k.startswith(PREFIX)}
+    found = {k[len(PREFIX):]: _decode(v) for k, v in _metadata(path).items() if k.startswith(PREFIX)}
     config = path.with_name("config.json")
     if not found and path.name == "model.safetensors" and config.is_file():
         try:
@@ -277,7 +277,8 @@ def _read(found: dict) -> tuple[dict, dict]:
         with allowed(_numpy_globals()) if allowed is not None else contextlib.nullcontext():
             state = torch.load(str(found["state"]), map_location="cpu", weights_only=True)
     except EOFError:
-        raise Damaged(f"checkpoint {found['state']} cannot be read (it ends early): it is damaged or truncated") from None
+        raise Damaged(f"checkpoint {found['state']} cannot be read (it ends early): it is damaged or "
+                      "truncated") from None
     except (pickle.UnpicklingError, RuntimeError, ValueError, AttributeError, TypeError) as e:
         raise Damaged(f"checkpoint {found['state']} cannot be read safely: {torch_reason(e)}") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AttentionView, BlockView, Host, base_class
+from .base import AttentionView, BlockView, Host, base_class, check_patch_multiple
 
 
 def _classes():
@@ -216,12 +216,8 @@ class TimmHost(Host):
         h, w = hw
         embed = self.model.patch_embed
         ph, pw = embed.patch_size
-        if (h % ph or w % pw) and not getattr(embed, "dynamic_img_pad", False):
-            below = (max(ph, h // ph * ph), max(pw, w // pw * pw))
-            raise ValueError(
-                f"img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}: the patch embedding would crop it; "
-                f"use e.g. {below[0]}x{below[1]} or {-(-h // ph) * ph}x{-(-w // pw) * pw}"
-            )
+        if not getattr(embed, "dynamic_img_pad", False):
+            check_patch_multiple((h, w), (ph, pw))
         if tuple(embed.img_size or ()) != (h, w):
             self.model.set_input_size(img_size=(h, w))
 

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import AttentionView, BlockView, Host, base_class
+from .base import AttentionView, BlockView, Host, base_class, check_patch_multiple
 
 IMPLEMENTATIONS = ("sdpa", "eager")
 #: the oldest transformers whose model classes are laid out as this file reads them (5.20 and older name
@@ -359,9 +359,7 @@ class TransformersHost(Host):
         size it is run at changes. Each side must be a multiple of the patch size (the patch embedding would crop
         the image); CLIP and SigLIP take square inputs only."""
         (h, w), (ph, pw) = hw, self._pair(self.config.patch_size)
-        if h % ph or w % pw:
-            raise ValueError(f"img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}: the patch embedding "
-                             f"would crop it; use e.g. {max(ph, h // ph * ph)}x{max(pw, w // pw * pw)}")
+        check_patch_multiple((h, w), (ph, pw))
         if (h, w) == tuple(self.input_size[1:]):
             return
         embeddings, grid = self.backbone.embeddings, (h // ph) * (w // pw)
