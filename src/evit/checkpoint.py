@@ -13,7 +13,6 @@ the weights compute.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -29,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .reduction import NOT_APPLIED, TRAINED_WITH, trained_settings  # noqa: F401 - where models are loaded and saved
-from .weights import first_non_finite, is_safetensors, mismatch, read_state, torch_reason
+from .weights import first_non_finite, is_safetensors, load_torch, mismatch, read_state, torch_reason
 
 POINTER = "latest.json"
 
@@ -117,13 +116,13 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
 
 def recorded_data(path: Path) -> Optional[str]:
     """The :data:`DATA_KEY` weights file ``path`` recorded, else None."""
-    return _metadata(Path(path)).get(DATA_KEY)
+    return (_metadata(Path(path)) or {}).get(DATA_KEY)
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    """The safetensors metadata of weights file ``path``; {} for any other file (a torch file records none)."""
+def _metadata(path: Path) -> Optional[dict[str, str]]:
+    """The safetensors metadata of weights file ``path``; None for any other file (a torch file records none)."""
     if not (path.is_file() and is_safetensors(path)):
-        return {}
+        return None
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -161,9 +160,10 @@ def recorded_settings(path: Path) -> dict[str, Any]:
     for a training run's ``model.safetensors`` written before evit recorded them there, the run's
     ``config.json`` beside it; else {} (e.g. a torch ``.pth`` file: none recorded)."""
     path = Path(path)
-    if not (path.is_file() and is_safetensors(path)):
+    metadata = _metadata(path)
+    if metadata is None:
         return {}
-    found = {k[len(PREFIX):]: _decode(v) for k, v in _metadata(path).items() if k.startswith(PREFIX)}
+    found = {k[len(PREFIX):]: _decode(v) for k, v in metadata.items() if k.startswith(PREFIX)}
     config = path.with_name("config.json")
     if not found and path.name == "model.safetensors" and config.is_file():
         try:
@@ -272,10 +272,8 @@ def _read(found: dict) -> tuple[dict, dict]:
         weights = read_state(str(found["weights"]))
     except ValueError as e:
         raise Damaged(str(e)) from None
-    allowed = getattr(torch.serialization, "safe_globals", None)
     try:
-        with allowed(_numpy_globals()) if allowed is not None else contextlib.nullcontext():
-            state = torch.load(str(found["state"]), map_location="cpu", weights_only=True)
+        state = load_torch(found["state"], _numpy_globals())
     except EOFError:
         raise Damaged(f"checkpoint {found['state']} cannot be read (it ends early): it is damaged or "
                       "truncated") from None

@@ -156,7 +156,8 @@ def read_split(split: Path, classes: Sequence[str], source: str) -> Split:
         warn(f"skipped {path}: not a regular file (a named pipe, socket, device or broken link); not counted")
     if others:
         kinds = sorted({Path(p).suffix.lower() or "no extension" for p in others})
-        warn(f"{split}: {len(others)} file{'s' if len(others) > 1 else ''} in class folders {'are' if len(others) > 1 else 'is'} "
+        many = len(others) > 1
+        warn(f"{split}: {len(others)} file{'s' if many else ''} in class folders {'are' if many else 'is'} "
              f"not an image evit reads ({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''}; it reads "
              f"{', '.join(_extensions())}), e.g. {others[0]}; not counted")
     if not samples:

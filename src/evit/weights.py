@@ -87,6 +87,15 @@ def is_safetensors(p: Path) -> bool:
     return p.suffix == ".safetensors"
 
 
+def load_torch(path: Path, plain_data: list) -> object:
+    """``torch.load`` of ``path`` with ``weights_only`` (a file never runs code), accepting the classes in
+    ``plain_data`` as data where torch can be told so (2.5 and newer). The file is opened here, so torch reads
+    it by its bytes, not by its name."""
+    allowed = getattr(torch.serialization, "safe_globals", None)
+    with allowed(plain_data) if allowed is not None else contextlib.nullcontext(), open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def read_state(path: str) -> dict[str, Tensor]:
     """The state dict in ``path`` (see the module docstring), or a one-line error naming the file."""
     p = Path(path)
@@ -107,10 +116,8 @@ def read_state(path: str) -> dict[str, Tensor]:
                              "truncated: write it again") from None
     # argparse.Namespace: the ``args`` DeiT-style training stores beside the weights, plain data (torch >= 2.5
     # can be told so; an older torch refuses such a file, naming the Namespace)
-    allowed = getattr(torch.serialization, "safe_globals", None)
     try:
-        with allowed([argparse.Namespace]) if allowed is not None else contextlib.nullcontext(), open(p, "rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)  # a file, so torch goes by bytes, not name
+        loaded = load_torch(p, [argparse.Namespace])
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"checkpoint {path} cannot be read safely: {torch_reason(e)}; save the model's "
                          "state_dict() with torch.save or safetensors") from None
