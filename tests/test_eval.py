@@ -162,3 +162,21 @@ def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read_as_
     assert path.read_bytes()[:1] == b"\x80"
     assert torch.equal(read_state(str(path))["w"], torch.ones(2))
     assert recorded_settings(path) == {"method": "evit"}
+
+
+def test_any_bytes_named_as_a_torch_file_are_refused_in_one_line(tmp_path):
+    """torch's weights-only unpickler raises all kinds of errors on arbitrary bytes (IndexError, KeyError, ...):
+    each is a refusal naming the file, never a traceback. Seeded draws, so a failure repeats."""
+    import random
+
+    import pytest
+
+    from evit.weights import read_state
+
+    draw = random.Random(0)
+    path = tmp_path / "random.pth"
+    for _ in range(300):
+        head = bytes([0x80, draw.choice([2, 3, 4, 5])])  # a pickle's start, so the unpickler reads on
+        path.write_bytes(head + bytes(draw.getrandbits(8) for _ in range(draw.choice([16, 64, 512]))))
+        with pytest.raises(ValueError, match="random.pth cannot be read safely"):
+            read_state(str(path))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import random
 import re
 from pathlib import Path
@@ -277,7 +276,9 @@ def _read(found: dict) -> tuple[dict, dict]:
     except EOFError:
         raise Damaged(f"checkpoint {found['state']} cannot be read (it ends early): it is damaged or "
                       "truncated") from None
-    except (pickle.UnpicklingError, RuntimeError, ValueError, AttributeError, TypeError) as e:
+    except OSError:  # the file could not be opened: said as the system says it
+        raise
+    except Exception as e:  # noqa: BLE001 - the unpickler raises anything on arbitrary bytes (IndexError, ...)
         raise Damaged(f"checkpoint {found['state']} cannot be read safely: {torch_reason(e)}") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng", "step"} <= set(state):
         raise Damaged(f"checkpoint {found['state']} is not a training state evit wrote")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import pickle
 import re
 from pathlib import Path
 from typing import Mapping, Optional
@@ -118,7 +117,9 @@ def read_state(path: str) -> dict[str, Tensor]:
     # can be told so; an older torch refuses such a file, naming the Namespace)
     try:
         loaded = load_torch(p, [argparse.Namespace])
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+    except OSError:  # the file could not be opened: said as the system says it
+        raise
+    except Exception as e:  # noqa: BLE001 - the unpickler raises anything on arbitrary bytes (IndexError, ...)
         raise ValueError(f"checkpoint {path} cannot be read safely: {torch_reason(e)}; save the model's "
                          "state_dict() with torch.save or safetensors") from None
     if isinstance(loaded, Mapping):
