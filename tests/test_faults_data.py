@@ -118,7 +118,6 @@ REFUSED = {
                                  r"class 'c3_renamed' is not one of the 10 classes of the run config"),
     "train_class_not_in_recipe_names": Refused(lambda c: c.train(recipe="named"),
                                                r"train/c9: class 'c9' is not one of the 10 classes of the recipe"),
-    "head_width_train": Refused(lambda c: c.train(recipe="head7"), r"head has 7 outputs but \S+/train has 10 classes"),
     "head_width_eval": Refused(lambda c: c.eval(recipe="head7", checkpoint=False),
                                r"head has 7 outputs but \S+/train has 10 classes"),
     "input_channels_4": Refused(lambda c: c.train(recipe="chans4"), r"takes 4 input channels"),

@@ -99,8 +99,8 @@ def held_out(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
 def check_head(outputs: int, classes: int, source: str) -> None:
     """Refuse a model whose head is not as wide as the data's class list (both numbers named)."""
     if outputs != classes:
-        raise ValueError(f"the model's head has {outputs} outputs but {source} has {classes} classes; build the "
-                         "model with that many outputs (timm: num_classes in model_kwargs; transformers: num_labels)")
+        raise ValueError(f"the model's head has {outputs} outputs but {source} has {classes} classes; use weights "
+                         "trained on these classes (evit train fine-tunes weights onto them: --init WEIGHTS, or --pretrained)")
 
 
 def check_subset(size: Optional[int], available: int, where: str) -> None:

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .models import create_model, load_checkpoint
+from .models import classes_keyword, create_model, head_rows, load_checkpoint, read_checkpoint
 
 EMBEDDED_LABEL = "embedded Fashion-MNIST ViT"
 
@@ -32,16 +32,17 @@ def architecture(model: Optional[str] = None, recipe: Optional[str] = None) -> t
 
 def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretrained: bool = False,
                checkpoint: Optional[str] = None, img_size: Optional[int] = None, kind: str = "baseline",
-               model_kwargs: Optional[dict] = None,
-               before_weights: Optional[Callable[[nn.Module], object]] = None) -> tuple[str, nn.Module]:
+               model_kwargs: Optional[dict] = None, before_weights: Optional[Callable[[nn.Module], object]] = None,
+               fresh_head: bool = False) -> tuple[str, nn.Module]:
     """(label, model) for a command's --model, --recipe, --pretrained and --checkpoint: the one path every
     command takes, so no flag is ignored.
 
     The architecture: --model (a timm name; with --recipe, the recipe's ``model_kwargs``), --recipe's
     model, else the embedded default's. The weights: --pretrained (timm's, for a named model only),
     --checkpoint (any file :func:`evit.models.load_checkpoint` reads; refused in one line when it does
-    not fit), else for the embedded default its bundled ``kind`` weights ('baseline', 'evit',
-    'dynamicvit'), else timm's random initialisation. ``img_size``: build the embedded architecture at
+    not fit), else for the embedded default its bundled ``kind`` weights ('baseline', 'evit', 'dynamicvit'),
+    else timm's random initialisation. A checkpoint for another number of classes builds the model with its
+    head; with ``fresh_head`` (fine-tuning on other classes) it loads without it. ``img_size``: build the embedded architecture at
     this size, for a checkpoint trained there. ``model_kwargs`` add to the recipe's.
     ``before_weights(model)`` runs before the checkpoint loads (patch a learned method in first, so its
     weights have modules to load into).
@@ -63,11 +64,17 @@ def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretra
     kwargs = {**kwargs, **(model_kwargs or {})}
     if embedded_default and img_size:
         kwargs["img_size"] = img_size
-    built = create_model(name, pretrained=pretrained, **kwargs)
+    built = create_model(name, pretrained=pretrained, weights_follow=bool(checkpoint), **kwargs)
     if before_weights is not None:
         before_weights(built)
     if checkpoint:
-        load_checkpoint(built, checkpoint)
+        state = read_checkpoint(built, checkpoint)
+        rows = None if fresh_head else head_rows(built, state)
+        if rows is not None:  # weights for another number of classes: the model is built with their head
+            built = create_model(name, weights_follow=True, **{**kwargs, classes_keyword(name): rows})
+            if before_weights is not None:
+                before_weights(built)
+        load_checkpoint(built, checkpoint, fresh_head=fresh_head, state=state)
     if not (embedded_default and checkpoint):
         return name.split("/")[-1], built
     path = os.path.normpath(checkpoint)  # the run's folder for a run's model.safetensors, else the file's stem

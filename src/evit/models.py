@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -56,13 +57,16 @@ def device_text(device: torch.device) -> str:
     return f"{device}, {torch.get_num_threads()} threads"
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, weights_follow: bool = False,
+                 **kwargs) -> nn.Module:
     """``timm.create_model`` with clear errors for unknown names, offline weights and bad checkpoints; a name
-    ``hf:CONFIG_OR_ID`` builds a transformers model instead (:func:`transformers_model`)."""
+    ``hf:CONFIG_OR_ID`` builds a transformers model instead (:func:`transformers_model`). ``weights_follow``: the
+    caller loads a checkpoint into it next (a transformers folder's own weights are then not needed)."""
     if name.startswith(HF_PREFIX):
         if pretrained and checkpoint:
             raise ValueError("give either --pretrained or --checkpoint, not both")
-        model = transformers_model(name[len(HF_PREFIX):], pretrained, checkpoint=bool(checkpoint), **kwargs)
+        model = transformers_model(name[len(HF_PREFIX):], pretrained, checkpoint=bool(checkpoint) or weights_follow,
+                                   **kwargs)
         if checkpoint:
             load_checkpoint(model, checkpoint)
         return _finite(model, name) if pretrained else model
@@ -119,13 +123,15 @@ def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Modu
     return create(name, pretrained, **{**overrides, **kwargs})
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights from a ``.safetensors`` file or a torch checkpoint into ``model``, or refuse in one line.
+def classes_keyword(name: str) -> str:
+    """The building keyword that sizes model ``name``'s head: transformers' ``num_labels``, timm's ``num_classes``."""
+    return "num_labels" if name.startswith(HF_PREFIX) else "num_classes"
 
-    A ViT trained at another input size loads with its position embeddings resampled (its host's filter: timm's),
-    for fine-tuning at a higher resolution. The token-reduction settings the file recorded (EViT's
-    fusion, :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches
-    it the way it was trained."""
+
+def read_checkpoint(model: nn.Module, path: str) -> dict:
+    """The weights of ``path`` (a ``.safetensors`` file or a torch checkpoint) in ``model``'s names, or a one-line
+    refusal: non-finite values are refused; a ViT trained at another input size has its position embeddings
+    resampled (its host's filter: timm's), for fine-tuning at a higher resolution."""
     state = read_state(path)
     bad = first_non_finite(state)
     if bad:
@@ -136,7 +142,35 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
             state = host.adapt_state_dict(state)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-    problem = mismatch(path, model, state)
+    return state
+
+
+def head_rows(model: nn.Module, state: dict) -> Optional[int]:
+    """The outputs of the head in ``state`` when they differ from ``model``'s (weights for other classes); else None."""
+    own = model.state_dict()
+    for name in hosts.head_names(model):
+        key = f"{name}.weight"
+        if key in state and key in own and state[key].dim() == own[key].dim() and state[key].shape != own[key].shape:
+            return int(state[key].shape[0])
+    return None
+
+
+def load_checkpoint(model: nn.Module, path: str, fresh_head: bool = False, state: Optional[dict] = None) -> None:
+    """Load weights from a ``.safetensors`` file or a torch checkpoint into ``model``, or refuse in one line.
+
+    ``state``: the file as :func:`read_checkpoint` read it for ``model``, when already read. ``fresh_head``
+    (fine-tuning on other classes): a head of another width in the file is left out, and the model's starts
+    untrained (said on stderr). The token-reduction settings the file recorded (EViT's fusion,
+    :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches it the way it
+    was trained."""
+    state = read_checkpoint(model, path) if state is None else state
+    rows = head_rows(model, state) if fresh_head else None
+    if rows is not None:
+        head = tuple(f"{name}." for name in hosts.head_names(model))
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+        print(f"evit: the head of {path} has {rows} outputs and the model's {hosts.head_outputs(model)}: the rest "
+              "loads, the head starts untrained", file=sys.stderr)
+    problem = mismatch(path, model, state, fresh_head=rows is not None)
     if problem:
         raise ValueError(problem)
     model.load_state_dict(state, strict=False)

@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint, hosts, runs
 from .cost import native_input_size
 from .loading import load_model
-from .models import resolve_device
+from .models import classes_keyword, resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
@@ -115,22 +115,43 @@ class TrainConfig:
         return cls(**values)
 
 
+def data_classes(cfg: TrainConfig) -> int:
+    """How many classes the run's data has (the recorded class list's, Fashion-MNIST's, or the folder's train/
+    sub-folders): the model's head is built that wide."""
+    if cfg.class_names:
+        return len(cfg.class_names)
+    if cfg.data == "fashion-mnist":
+        from .data import FASHION_MNIST_CLASSES
+
+        return len(FASHION_MNIST_CLASSES)
+    from .folders import check_folder, class_folders
+
+    check_folder(Path(cfg.data))  # named as it was given
+    return len(class_folders(Path(cfg.data) / "train"))
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
+    """The model to train: ``cfg.model`` with a head as wide as the data's classes; ``cfg.init``'s weights
+    (a head trained on other classes is left out and starts untrained), patched as the run trains it."""
     def patched(model: nn.Module) -> None:  # patched first: a learned method's weights load with it
         if cfg.keep_rate < 1.0 or cfg.method != "evit":
             settings = {"fusion": cfg.fusion} if cfg.method == "evit" else {}  # EViT's own setting
             patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **settings, **cfg.method_settings)
 
-    return load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init, model_kwargs=cfg.model_kwargs,
-                      before_weights=patched)[1]
+    kwargs = {**cfg.model_kwargs, classes_keyword(cfg.model): data_classes(cfg)}
+    return load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init, model_kwargs=kwargs,
+                      before_weights=patched, fresh_head=True)[1]
 
 
-def build_teacher(cfg: TrainConfig) -> nn.Module:
-    """The unpatched model with weights ``cfg.distill``, frozen, for soft targets."""
+def build_teacher(cfg: TrainConfig, classes: int) -> nn.Module:
+    """The unpatched model with weights ``cfg.distill``, frozen, for soft targets over the data's ``classes``."""
     if not Path(cfg.distill).is_file():
         raise FileNotFoundError(f"distill: teacher weights {cfg.distill} not found; train the baseline first")
     kwargs = dict(cfg.model_kwargs, **({"img_size": cfg.distill_img_size} if cfg.distill_img_size else {}))
     teacher = load_model(cfg.model, checkpoint=cfg.distill, model_kwargs=kwargs)[1]
+    if hosts.head_outputs(teacher) != classes:
+        raise ValueError(f"--distill: the teacher {cfg.distill} has {hosts.head_outputs(teacher)} outputs but the data "
+                         f"{classes} classes; distil from a teacher trained on these classes")
     return teacher.eval().requires_grad_(False)
 
 
@@ -315,7 +336,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
                    num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.label_smoothing)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    teacher = build_teacher(cfg).to(device) if cfg.distill else None
+    teacher = build_teacher(cfg, num_classes).to(device) if cfg.distill else None
 
     step, state, keep, loss_avg = 0, None, 1.0, None
     if resume:

@@ -138,13 +138,15 @@ def read_state(path: str) -> dict[str, Tensor]:
     return unwrapped_names(dict(loaded))
 
 
-def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor]) -> Optional[str]:
-    """One line naming the first keys whose shapes differ and the missing / unexpected keys; None if it fits."""
+def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_head: bool = False) -> Optional[str]:
+    """One line naming the first keys whose shapes differ and the missing / unexpected keys; None if it fits.
+    ``fresh_head``: the head's keys may be missing (it starts untrained)."""
     own = model.state_dict()
     shapes = [f"{k} (checkpoint {_shape(v)}, model {_shape(own[k])})" for k, v in state.items()
               if k in own and v.shape != own[k].shape]
-    # a learned method's fresh modules may start untrained
-    missing = [k for k in own if k not in state and ".reduction." not in k]
+    # a learned method's fresh modules may start untrained, and a fresh head
+    head = tuple(f"{name}." for name in hosts.head_names(model)) if fresh_head else ()
+    missing = [k for k in own if k not in state and ".reduction." not in k and not (head and k.startswith(head))]
     unexpected = [k for k in state if k not in own]
     if not (shapes or missing or unexpected):
         return None

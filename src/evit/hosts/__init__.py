@@ -114,6 +114,12 @@ def head_outputs(model: nn.Module) -> int:
     return found.head_outputs if found is not None else getattr(model, "num_classes", 0)
 
 
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """Names of the modules holding ``model``'s classification head (:attr:`~evit.hosts.base.Host.head_names`)."""
+    found = find(model)
+    return found.head_names if found is not None else ()
+
+
 def class_names(model: nn.Module) -> Optional[list[str]]:
     """The names ``model`` records for its head's classes, in output order (transformers' ``id2label``); else None."""
     found = find(model)

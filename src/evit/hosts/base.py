@@ -227,6 +227,12 @@ class Host:
         raise NotImplementedError
 
     @property
+    def head_names(self) -> tuple[str, ...]:
+        """Names of the modules holding the classification head (their parameters' name prefixes): what a
+        checkpoint trained on other classes does not give (fine-tuning starts them afresh)."""
+        return ()
+
+    @property
     def class_names(self) -> Optional[list[str]]:
         """The names of the head's classes in output order, where the model records real ones; else None."""
         return None

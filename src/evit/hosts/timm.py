@@ -226,6 +226,14 @@ class TimmHost(Host):
         return self.model.num_classes
 
     @property
+    def head_names(self) -> tuple[str, ...]:
+        """timm's own record of them: the pretrained config's ``classifier`` (``head``, and ``head_dist`` for a
+        distilled DeiT), which timm itself leaves out when pretrained weights load onto another class count."""
+        named = (getattr(self.model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+        modules = dict(self.model.named_modules())
+        return tuple(n for n in ((named,) if isinstance(named, str) else named) if n in modules)
+
+    @property
     def class_names(self) -> Optional[list[str]]:
         """timm's ``label_names`` of the pretrained config (one per output), e.g. the embedded model's."""
         names = (getattr(self.model, "pretrained_cfg", None) or {}).get("label_names")

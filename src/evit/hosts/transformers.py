@@ -445,6 +445,13 @@ class TransformersHost(Host):
                            else "evit bench, show and export serve it"))
 
     @property
+    def head_names(self) -> tuple[str, ...]:
+        """Everything outside transformers' base model (``base_model_prefix``): the classifier(s)."""
+        if not self._has_head:
+            return ()
+        return tuple(n for n, _ in self.model.named_children() if n != self.model.base_model_prefix)
+
+    @property
     def head_outputs(self) -> int:
         if not self._has_head:
             raise self._headless("accuracy to score", "load the weights as {} to score them")

@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .transformers import check_version, quiet_loading
+from .transformers import check_version, host, quiet_loading
 
 
 def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, **overrides) -> nn.Module:
@@ -82,18 +83,28 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         if not pretrained:
             return _drawn_tokens(cls._from_config(config, attn_implementation=impl))
         source = str(folder) if folder.is_dir() else spec
+        # num_labels given: the head is sized for other classes than the weights' (fine-tuning), and starts afresh
+        load = dict(config=config, attn_implementation=impl, output_loading_info=True,
+                    ignore_mismatched_sizes="num_labels" in overrides)
         with quiet_loading():
-            model, info = cls.from_pretrained(source, config=config, attn_implementation=impl, output_loading_info=True)
+            model, info = cls.from_pretrained(source, **load)
             if info.get("missing_keys") and all(k.startswith("pooler.") for k in info["missing_keys"]):
                 # weights saved without the pooler (ViTModel(add_pooling_layer=False), DINO's): the model without it
-                model, info = cls.from_pretrained(source, config=config, attn_implementation=impl,
-                                                  output_loading_info=True, add_pooling_layer=False)
+                model, info = cls.from_pretrained(source, **load, add_pooling_layer=False)
     except Exception as e:  # noqa: BLE001 - a model transformers cannot build or load from these, in one line
         if "ignore_mismatched_sizes" in str(e):
             raise ValueError(f"hf:{spec}: the weights' sizes do not fit the model's config (and the settings given); "
                              "give the settings the weights were trained with") from None
         raise ValueError(f"transformers could not {'load' if pretrained else 'build'} {cls.__name__} from hf:{spec} "
                          f"({_summary(e)})") from None
+    resized = sorted(k for k, *_ in info.get("mismatched_keys") or [])
+    head = tuple(f"{n}." for n in host(model).head_names)
+    if any(not k.startswith(head) for k in resized):
+        raise ValueError(f"hf:{spec}: the weights' sizes do not fit the model's config (and the settings given) beyond "
+                         f"its head ({', '.join(resized[:3])}); give the settings the weights were trained with")
+    if resized:
+        print(f"evit: the weights of hf:{spec} hold a head for other classes; the model's head "
+              f"({config.num_labels} outputs) starts untrained", file=sys.stderr)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ValueError(f"hf:{spec}: the weights lack {len(missing)} of {cls.__name__}'s tensors ({', '.join(missing[:3])}"
