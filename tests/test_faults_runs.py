@@ -317,6 +317,21 @@ def test_run_stopped_before_its_first_checkpoint_resumes_from_the_start(recipe, 
 
 
 
+def test_a_run_trained_by_other_processes_is_resumed_only_by_as_many(recipe, run, capsys):
+    """Each process's share of the data, and so the steps per epoch, depend on the process count: a run
+    checkpointed by 2 processes resumed by 1 would silently differ from the one asked for."""
+    out, hashes = run
+    (out / "model.safetensors").unlink()
+    state_file = out / "checkpoints" / "step00000032.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["processes"] == 1  # recorded by the run
+    torch.save({**state, "processes": 2}, state_file)
+    returned = _in_process_resume(recipe, out)
+    _one_line(capsys.readouterr().err, 2, returned, r"was trained by 2 processes and this is 1: resume it with 2 "
+                                                    r"\(torchrun --nproc_per_node 2\)")
+    assert not (out / "model.safetensors").exists()
+
+
 def test_a_finished_run_whose_checkpoints_are_gone_is_not_started_again(recipe, run, capsys):
     """Only a run that never checkpointed starts again on --resume; one that finished keeps its weights."""
     out, hashes = run

@@ -353,6 +353,11 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
             print(f"evit train: the run in {out} stopped before its first checkpoint; starting it again from step 0",
                   file=sys.stderr)
     if state is not None:
+        trained_by = state.get("processes", world)  # not recorded before evit did: taken as this one
+        if trained_by != world:  # each process's share of the data, and so the steps per epoch, depend on it
+            raise ValueError(f"--resume: the run in {out} was trained by {trained_by} process{'es' * (trained_by > 1)} "
+                             f"and this is {world}: resume it with {trained_by} (torchrun --nproc_per_node "
+                             f"{trained_by}{'' if trained_by > 1 else ', or without torchrun'}), as its batches depend on it")
         if state.get("fallback"):
             print(f"evit train: {state['fallback']}", file=sys.stderr)
         optimizer.load_state_dict(state["optimizer"])
@@ -383,7 +388,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
         if rank == 0:
             finite()
             extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "keep_rate": keep,
-                     "loss_avg": loss_avg, "validation": validation.state()}
+                     "loss_avg": loss_avg, "validation": validation.state(), "processes": world}
             if ema is not None:
                 extra["ema"] = ema.module.state_dict()
             checkpoint.save(out / "checkpoints", step, model, extra, settings=trained_with)
