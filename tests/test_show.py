@@ -1,4 +1,6 @@
 """Masks of which patches each stage kept, and the pictures of them."""
+import os
+
 import pytest
 import torch
 
@@ -84,6 +86,17 @@ def test_evit_show_bad_inputs(tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
     assert main(["show", "--out", str(tmp_path / "missing" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_evit_show_refuses_a_pipe_or_a_folder_instead_of_waiting_on_it(tmp_path, capsys):
+    """Reading a named pipe waits for a writer that never comes: it is refused before it is opened."""
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    assert main(["show", str(pipe), "--out", str(tmp_path / "x.png")]) == 2
+    assert "pipe.png: it is not a regular file (a pipe, socket or device)" in capsys.readouterr().err
+    assert main(["show", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "it is a folder; give an image file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("channels", [1, 3])

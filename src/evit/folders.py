@@ -274,6 +274,9 @@ def open_image(path: str, mode: str):
     0..1, a scale of their own, are refused too: read as 0..255 they would be black)."""
     from PIL import Image
 
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device: reading it may wait forever
+        kind = "a folder" if os.path.isdir(path) else "not a regular file (a pipe, socket or device)"
+        raise ValueError(f"it is {kind}; give an image file")
     try:
         with Image.open(path) as image:
             image.load()
