@@ -122,3 +122,10 @@ def test_bench_tome_against_its_ideal():
     assert row["tokens"] == [17, 15, 13, 11, 9] and row["gmacs"] < rows[0]["gmacs"]
     assert row["of_ideal"] > 0 and row["latency_of_ideal"] > 0
     assert not evit.reductions(model), "bench left the model patched"
+
+
+def test_an_operating_system_error_is_one_line_with_its_path_first():
+    from evit.cli import _one_line
+
+    assert _one_line(FileNotFoundError(2, "No such file or directory", "/proc/x")) == "/proc/x: No such file or directory"
+    assert _one_line(ValueError("evit's own words")) == "evit's own words"

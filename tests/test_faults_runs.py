@@ -166,6 +166,12 @@ REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code,
     "resume_and_overwrite_together": (lambda r, run, b, t: _train(r, run, "--resume", "--overwrite"), 2,
                                       r"give --resume .* or --overwrite .*, not both"),
     "out_is_a_file": (lambda r, run, b, t: _train(r, run / "config.json"), 2, r"config.json is a file, not a folder"),
+    "out_under_a_file": (lambda r, run, b, t: _train(r, run / "config.json" / "sub"), 2,
+                         r"--out \S+config.json/sub lies under \S+config.json, a file, not a folder"),
+    **{f"{cmd[0]}_output_under_a_file": (lambda r, run, b, t, cmd=cmd: [*cmd[:2], str(run / "config.json" / cmd[2])], 2,
+                                         rf"cannot write \S+config.json/{cmd[2]}: \S+config.json is a file, not a folder")
+       for cmd in (["show", "--out", "x.png"], ["export", "--onnx", "x.onnx"],
+                   ["compare", "--plot", "x.png"])},
     "non_finite_loss_lr_1e6": (lambda r, run, b, t: _train(r, t / "diverged", "--lr", "1e6"), 2,
                                r"the loss is nan at step \d+: training diverged \(lower --lr\); the diverged "
                                r"weights were not saved"),

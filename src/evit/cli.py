@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """An error's text; the operating system's own ("[Errno 2] No such file or directory: 'x'") as 'x: No such
+    file or directory', the path first."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename is not None:
+        return f"{e.filename}: {e.strerror}" + (f" (and {e.filename2})" if e.filename2 else "")
+    return str(e)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .commands import COMMANDS
     from .runs import Interrupted
@@ -216,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, RuntimeError, OSError) as e:
-        print(f"evit {args.command}: error: {e}", file=sys.stderr)
+        print(f"evit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Interrupted as e:  # SIGINT / SIGTERM during training: 130 / 143, as the shell reports a signal
         print(f"evit {args.command}: {e}", file=sys.stderr)

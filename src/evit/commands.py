@@ -295,11 +295,13 @@ def _compare(args) -> int:
     from .loading import architecture, load_model
     from .models import device_text, resolve_device
     from .registry import method_class
+    from .outputs import check_file_destination
     from .show import figure_path
 
     device = resolve_device(args.device)  # a bad --device fails before any model is loaded
     _not_an_input(str(figure_path(args.plot)), "--plot", {"the checkpoint": args.checkpoint,
                                         **{"a --trained file": t.partition("=")[2] for t in args.trained}})
+    check_file_destination(figure_path(args.plot), args.plot)  # before the evaluation, not after it
     default = not (args.model or args.recipe)
     models = {"baseline": load_model(args.model, args.recipe, args.pretrained, args.checkpoint)[1]}
     name, kwargs = architecture(args.model, args.recipe)

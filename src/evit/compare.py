@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .evaluate import evaluate, setting_text
+from .outputs import check_file_destination
 from .registry import check_settings_apply, method_class, names
 
 
@@ -79,8 +80,7 @@ def plot(rows: list[dict], out: str, title: str = "") -> Path:
 
     plt = _require_matplotlib()
     path = figure_path(out)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out}: folder {path.parent} does not exist")
+    check_file_destination(path, out)
     base = next((r for r in rows if r["method"] == "none"), None)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, x, label in ((axes[0], "speedup", "measured speed-up over the unpatched model (x)"),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import hosts
 from .cost import native_input_size
+from .outputs import check_file_destination
 from .patch import check_model, reductions
 
 _INSTALL_HINT = "install them with `pip install 'evit[export]'` (or `pip install onnx onnxscript onnxruntime`)"
@@ -88,10 +89,7 @@ def export_onnx(
     """
     host = check_model(model, next(iter(reductions(model).values()), None))  # served with the method it is patched with
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist (create it first)")
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder; give a file name such as model.onnx")
+    check_file_destination(path)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if opset is not None and opset < 18:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .outputs import check_folder_destination
+
 #: what a folder holding a run contains (any one of them)
 RUN_FILES = ("config.json", "checkpoints", "model.safetensors", "best.safetensors", "summary.csv")
 LOCK = ".lock"
@@ -145,8 +147,10 @@ class RunFolder:
         fresh run (neither ``resume`` nor ``overwrite``) into a folder that holds a run."""
         if self.resume and self.overwrite:
             raise RunFolderError("give --resume (continue the run in --out) or --overwrite (move it aside), not both")
-        if self.out.exists() and not self.out.is_dir():
-            raise RunFolderError(f"--out {self.out} is a file, not a folder: give a folder for the run")
+        try:
+            check_folder_destination(self.out, "--out")
+        except ValueError as e:
+            raise RunFolderError(str(e)) from None
         if self.lock is None:  # held by this run once claimed
             RunLock(self.out).check()
         found = holds_run(self.out)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import hosts
 from .masks import token_groups
+from .outputs import check_file_destination
 from .patch import reductions
 
 
@@ -92,8 +93,7 @@ def show(model: nn.Module, images: Tensor, display: Sequence[np.ndarray], out: s
     fig.suptitle(f"{first.label or type(first).__name__}: patches greyed out were {fused}{groups}", fontsize=9)
     fig.tight_layout()
     path = figure_path(out)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {out}: folder {path.parent} does not exist")
+    check_file_destination(path, out)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
