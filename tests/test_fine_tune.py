@@ -120,3 +120,120 @@ def test_a_transformers_folder_for_other_classes_is_fine_tuned_on_the_datas(thre
     assert "hold a head for other classes; the model's head (3 outputs) starts untrained" in capsys.readouterr().err
     with pytest.raises(ValueError, match="do not fit the model's config .* beyond its head"):
         evit.train.build_model(TrainConfig(model=spec + ":intermediate_size=32", pretrained=True, data=str(three_classes)))
+
+
+DISTILLED = "deit_tiny_distilled_patch16_224"
+
+
+def test_a_distilled_deit_is_fine_tuned_with_both_heads_and_heads_that_disagree_are_refused(three_classes, tmp_path,
+                                                                                            capsys):
+    torch.manual_seed(0)
+    state = timm.create_model(DISTILLED, num_classes=1000, **TINY).state_dict()
+    torch.save({"model": state}, tmp_path / "d1000.pth")
+    model = evit.train.build_model(TrainConfig(model=DISTILLED, model_kwargs=TINY, init=str(tmp_path / "d1000.pth"),
+                                               data=str(three_classes), workers=0))
+    own = model.state_dict()
+    assert own["head.weight"].shape == own["head_dist.weight"].shape == (3, 32)
+    assert torch.equal(own["dist_token"], state["dist_token"])
+    assert "has 1000 outputs and the model's 3" in capsys.readouterr().err
+    odd = dict(state, **{"head_dist.weight": torch.zeros(3, 32), "head_dist.bias": torch.zeros(3)})
+    torch.save(odd, tmp_path / "odd.pth")  # a head for 1000 classes beside a distillation head for 3
+    with pytest.raises(ValueError, match=r"holds heads of different widths \(head 1000 outputs, head_dist 3 outputs\)"):
+        load_model(DISTILLED, checkpoint=str(tmp_path / "odd.pth"), model_kwargs=TINY)
+
+
+def test_a_feature_extractors_weights_are_fine_tuned_with_a_new_head_and_not_evaluated(three_classes, recipe,
+                                                                                        tmp_path, capsys):
+    torch.manual_seed(0)
+    state = timm.create_model(NAME, num_classes=0, **TINY).state_dict()  # head: Identity, no tensors
+    path = tmp_path / "features.pth"
+    torch.save(state, path)
+    model = evit.train.build_model(TrainConfig(model=NAME, model_kwargs=TINY, init=str(path), data=str(three_classes),
+                                               workers=0))
+    assert hosts.head_outputs(model) == 3 and torch.equal(model.state_dict()["cls_token"], state["cls_token"])
+    said = capsys.readouterr().err
+    assert f"{path} holds no classification head (a feature extractor's weights): the rest loads" in said
+    assert main(["eval", "--recipe", str(recipe), "--checkpoint", str(path), "--data", str(three_classes)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no classification head" in err and f"evit train --init {path}" in err and len(err.splitlines()) == 1
+
+
+def test_weights_that_do_not_fit_say_nothing_about_a_head_loading(three_classes, tmp_path, capsys):
+    """Refused weights of another width are not first announced as loading ('the rest loads')."""
+    torch.manual_seed(0)
+    path = tmp_path / "wide.pth"
+    torch.save(timm.create_model(NAME, num_classes=7, **{**TINY, "embed_dim": 64}).state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_model(NAME, checkpoint=str(path), model_kwargs=dict(TINY, num_classes=3), fresh_head=True)
+    assert "the rest loads" not in capsys.readouterr().err
+
+
+def test_a_plain_vits_weights_for_a_distilled_deit_name_what_differs(tmp_path):
+    """timm's position-embedding filter fails on the other prefix-token count (a reshape): the keys are named."""
+    torch.manual_seed(0)
+    path = tmp_path / "vit.pth"
+    torch.save(timm.create_model(NAME, num_classes=3, **TINY).state_dict(), path)
+    differ = r"pos_embed \(checkpoint \[1, 17, 32\], model \[1, 18, 32\]\).*; missing dist_token"
+    with pytest.raises(ValueError, match=differ):
+        load_model(DISTILLED, checkpoint=str(path), model_kwargs=TINY)
+
+
+@pytest.mark.parametrize("classes", [1, 0])
+def test_a_folder_of_fewer_than_two_classes_is_refused_for_training(three_classes, tmp_path, classes):
+    root = tmp_path / "few"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        for c in range(classes):
+            shutil.copytree(three_classes / split / f"c{c}", root / split / f"c{c}")
+    with pytest.raises(ValueError, match=f"train has {classes} class(es)?; a classifier learns 2 or more"):
+        evit.train.build_model(TrainConfig(model=NAME, model_kwargs=TINY, data=str(root), workers=0))
+
+
+def test_a_class_count_the_settings_give_is_overridden_by_the_datas_and_said(three_classes, capsys):
+    model = evit.train.build_model(TrainConfig(model=NAME, model_kwargs=dict(TINY, num_classes=5),
+                                               data=str(three_classes), workers=0))
+    assert hosts.head_outputs(model) == 3
+    assert "the model's num_classes=5 is not the data's 3 classes: the head is built with 3" in capsys.readouterr().err
+    evit.train.build_model(TrainConfig(model=NAME, model_kwargs=dict(TINY, num_classes=3), data=str(three_classes)))
+    assert "num_classes" not in capsys.readouterr().err  # as the data says: nothing to say
+
+
+HF_TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+               patch_size=8)
+HF_SPEC = "hf:vit:" + ",".join(f"{k}={v}" for k, v in HF_TINY.items())
+
+
+def test_transformers_files_for_other_classes_or_none_are_fine_tuned_with_the_rest_loaded(three_classes, tmp_path,
+                                                                                           capsys):
+    """``--init`` of a ``save_pretrained`` file (transformers' saved layout, converted on loading) whose head is for
+    1000 classes, or a base model's (no head): the rest is the file's; such a base file is not evaluated."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    saved = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY, num_labels=1000))
+    saved.save_pretrained(tmp_path / "vit1000")
+    base = transformers.ViTModel(saved.config)
+    base.save_pretrained(tmp_path / "base")
+    for folder, source, said in (("vit1000", saved.vit, "has 1000 outputs and the model's 3"),
+                                 ("base", base, "holds no classification head")):
+        init = tmp_path / folder / "model.safetensors"
+        model = evit.train.build_model(TrainConfig(model=HF_SPEC, init=str(init), data=str(three_classes), workers=0))
+        assert model.classifier.out_features == 3 and said in capsys.readouterr().err
+        drawn = "embeddings.patch_embeddings.projection.weight"
+        assert torch.equal(model.vit.state_dict()[drawn], source.state_dict()[drawn])
+    with pytest.raises(ValueError, match="holds no classification head"):
+        load_model(HF_SPEC, checkpoint=str(tmp_path / "base" / "model.safetensors"))
+
+
+def test_a_teacher_models_folder_is_fine_tuned_as_deit_without_its_heads(three_classes, tmp_path, capfd):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    teacher = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**HF_TINY, num_labels=1000))
+    teacher.save_pretrained(tmp_path / "teacher")
+    capfd.readouterr()
+    spec = f"hf:{tmp_path / 'teacher'}:model_class=DeiTForImageClassification"
+    model = evit.train.build_model(TrainConfig(model=spec, pretrained=True, data=str(three_classes), workers=0))
+    assert type(model).__name__ == "DeiTForImageClassification" and model.classifier.out_features == 3
+    assert torch.equal(model.deit.embeddings.cls_token, teacher.deit.embeddings.cls_token)
+    err = capfd.readouterr().err
+    assert "hold no DeiTForImageClassification head; the model's head (3 outputs) starts untrained" in err
+    assert "incompatible" not in err  # transformers' own warning about num_labels and id2label: said by evit instead

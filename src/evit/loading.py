@@ -69,7 +69,7 @@ def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretra
         before_weights(built)
     if checkpoint:
         state = read_checkpoint(built, checkpoint)
-        rows = None if fresh_head else head_rows(built, state)
+        rows = None if fresh_head else head_rows(built, state, checkpoint)
         if rows is not None:  # weights for another number of classes: the model is built with their head
             built = create_model(name, weights_follow=True, **{**kwargs, classes_keyword(name): rows})
             if before_weights is not None:

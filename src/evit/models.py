@@ -128,6 +128,16 @@ def classes_keyword(name: str) -> str:
     return "num_labels" if name.startswith(HF_PREFIX) else "num_classes"
 
 
+def given_classes(name: str, kwargs: dict) -> Optional[int]:
+    """The head width asked for by ``kwargs`` (a recipe's ``num_classes``) or by ``name`` (an ``hf:`` spec's
+    ``num_labels``); None when neither asks."""
+    if name.startswith(HF_PREFIX):
+        from .hosts.transformers_models import parse_spec
+
+        kwargs = {**parse_spec(name[len(HF_PREFIX):])[1], **kwargs}
+    return kwargs.get(classes_keyword(name))
+
+
 def read_checkpoint(model: nn.Module, path: str) -> dict:
     """The weights of ``path`` (a ``.safetensors`` file or a torch checkpoint) in ``model``'s names, or a one-line
     refusal: non-finite values are refused; a ViT trained at another input size has its position embeddings
@@ -141,38 +151,69 @@ def read_checkpoint(model: nn.Module, path: str) -> dict:
         try:
             state = host.adapt_state_dict(state)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
-            raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+            # a file of another architecture trips the filter (a reshape): name what differs, where it can be named
+            raise ValueError(mismatch(path, model, state)
+                             or f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
     return state
 
 
-def head_rows(model: nn.Module, state: dict) -> Optional[int]:
-    """The outputs of the head in ``state`` when they differ from ``model``'s (weights for other classes); else None."""
+def head_rows(model: nn.Module, state: dict, path: str) -> Optional[int]:
+    """The outputs of the head in ``state`` when they differ from ``model``'s (weights for other classes); else None.
+    Heads of different widths in one file (a distilled DeiT's ``head`` and ``head_dist``) are refused."""
     own = model.state_dict()
-    for name in hosts.head_names(model):
-        key = f"{name}.weight"
-        if key in state and key in own and state[key].dim() == own[key].dim() and state[key].shape != own[key].shape:
-            return int(state[key].shape[0])
-    return None
+    widths = {name: int(state[k].shape[0]) for name in hosts.head_names(model)
+              if (k := f"{name}.weight") in state and k in own and state[k].dim() == own[k].dim()}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"checkpoint {path} holds heads of different widths ({_widths(widths)}): they were not "
+                         "trained on one class list; give weights whose heads agree")
+    rows = next(iter(widths.values()), None)
+    return rows if rows is not None and rows != hosts.head_outputs(model) else None
+
+
+def _widths(outputs: dict[str, int]) -> str:
+    return ", ".join(f"{name} {rows} outputs" for name, rows in outputs.items())
+
+
+def _fresh_head_note(model: nn.Module, path: str, theirs: dict) -> str:
+    """The line said when the head of ``path`` (its entries' shapes ``theirs``) is left out and the model's
+    starts untrained."""
+    outputs = hosts.head_outputs(model)
+    if not theirs:
+        return (f"evit: {path} holds no classification head (a feature extractor's weights): the rest loads, the "
+                f"model's head ({outputs} outputs) starts untrained")
+    rows = {shape[0] for k, shape in theirs.items() if k.endswith(".weight") and len(shape) > 1}
+    if len(rows) == 1 and rows != {outputs}:
+        return (f"evit: the head of {path} has {rows.pop()} outputs and the model's {outputs}: the rest loads, the "
+                "head starts untrained")
+    named = sorted({k.rsplit(".", 1)[0] for k in theirs})
+    return (f"evit: the head of {path} ({', '.join(named)}) does not fit the model's ({outputs} outputs): the rest "
+            "loads, the head starts untrained")
 
 
 def load_checkpoint(model: nn.Module, path: str, fresh_head: bool = False, state: Optional[dict] = None) -> None:
     """Load weights from a ``.safetensors`` file or a torch checkpoint into ``model``, or refuse in one line.
 
     ``state``: the file as :func:`read_checkpoint` read it for ``model``, when already read. ``fresh_head``
-    (fine-tuning on other classes): a head of another width in the file is left out, and the model's starts
-    untrained (said on stderr). The token-reduction settings the file recorded (EViT's fusion,
+    (fine-tuning on other classes): a head in the file that does not fit the model's (another width, other
+    names, or none: a feature extractor's weights) is left out, and the model's starts untrained (said on
+    stderr once the rest has loaded). The token-reduction settings the file recorded (EViT's fusion,
     :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches it the way it
     was trained."""
     state = read_checkpoint(model, path) if state is None else state
-    rows = head_rows(model, state) if fresh_head else None
-    if rows is not None:
-        head = tuple(f"{name}." for name in hosts.head_names(model))
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-        print(f"evit: the head of {path} has {rows} outputs and the model's {hosts.head_outputs(model)}: the rest "
-              "loads, the head starts untrained", file=sys.stderr)
-    problem = mismatch(path, model, state, fresh_head=rows is not None)
+    own = model.state_dict()
+    head = hosts.head_keys(model, [*own, *state])
+    theirs = {k: tuple(v.shape) for k, v in state.items() if k in head}
+    fresh = fresh_head and theirs != {k: tuple(v.shape) for k, v in own.items() if k in head}
+    if fresh:
+        state = {k: v for k, v in state.items() if k not in head}
+    problem = mismatch(path, model, state, fresh_head=fresh)
+    if problem and not theirs and head and not mismatch(path, model, state, fresh_head=True):
+        raise ValueError(f"checkpoint {path} holds no classification head (a feature extractor's weights), so it "
+                         f"scores no classes; fine-tune it on yours first: evit train --init {path} --data FOLDER")
     if problem:
         raise ValueError(problem)
+    if fresh:
+        print(_fresh_head_note(model, path, theirs), file=sys.stderr)
     model.load_state_dict(state, strict=False)
     setattr(model, TRAINED_WITH, recorded_settings(Path(path)))
     if recorded_data(Path(path)) == "fashion-mnist":

@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint, hosts, runs
 from .cost import native_input_size
 from .loading import load_model
-from .models import classes_keyword, resolve_device
+from .models import classes_keyword, given_classes, resolve_device
 from .patch import patch, reductions, set_keep_rate
 from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
@@ -119,15 +119,20 @@ def data_classes(cfg: TrainConfig) -> int:
     """How many classes the run's data has (the recorded class list's, Fashion-MNIST's, or the folder's train/
     sub-folders): the model's head is built that wide."""
     if cfg.class_names:
-        return len(cfg.class_names)
-    if cfg.data == "fashion-mnist":
+        count, source = len(cfg.class_names), "the recipe's class_names"
+    elif cfg.data == "fashion-mnist":
         from .data import FASHION_MNIST_CLASSES
 
         return len(FASHION_MNIST_CLASSES)
-    from .folders import check_folder, class_folders
+    else:
+        from .folders import check_folder, class_folders
 
-    check_folder(Path(cfg.data))  # named as it was given
-    return len(class_folders(Path(cfg.data) / "train"))
+        check_folder(Path(cfg.data))  # named as it was given
+        count, source = len(class_folders(Path(cfg.data) / "train")), str(Path(cfg.data) / "train")
+    if count < 2:  # one class: every loss is 0 and every answer right, whatever the weights
+        raise ValueError(f"{source} has {count} class{'' if count == 1 else 'es'}; a classifier learns 2 or more: "
+                         "give each class a sub-folder of images")
+    return count
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -138,7 +143,12 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             settings = {"fusion": cfg.fusion} if cfg.method == "evit" else {}  # EViT's own setting
             patch(model, 1.0, cfg.locations, fuse=cfg.fuse, method=cfg.method, **settings, **cfg.method_settings)
 
-    kwargs = {**cfg.model_kwargs, classes_keyword(cfg.model): data_classes(cfg)}
+    key, classes = classes_keyword(cfg.model), data_classes(cfg)
+    asked = given_classes(cfg.model, cfg.model_kwargs)
+    if asked is not None and asked != classes:
+        print(f"evit train: the model's {key}={asked} is not the data's {classes} classes: the head is built with "
+              f"{classes} (the data decides it; leave {key} out)", file=sys.stderr)
+    kwargs = {**cfg.model_kwargs, key: classes}
     return load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init, model_kwargs=kwargs,
                       before_weights=patched, fresh_head=True)[1]
 

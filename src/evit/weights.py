@@ -145,8 +145,8 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_hea
     shapes = [f"{k} (checkpoint {_shape(v)}, model {_shape(own[k])})" for k, v in state.items()
               if k in own and v.shape != own[k].shape]
     # a learned method's fresh modules may start untrained, and a fresh head
-    head = tuple(f"{name}." for name in hosts.head_names(model)) if fresh_head else ()
-    missing = [k for k in own if k not in state and ".reduction." not in k and not (head and k.startswith(head))]
+    head = hosts.head_keys(model, own) if fresh_head else set()
+    missing = [k for k in own if k not in state and ".reduction." not in k and k not in head]
     unexpected = [k for k in state if k not in own]
     if not (shapes or missing or unexpected):
         return None

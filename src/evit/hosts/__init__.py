@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -118,6 +118,13 @@ def head_names(model: nn.Module) -> tuple[str, ...]:
     """Names of the modules holding ``model``'s classification head (:attr:`~evit.hosts.base.Host.head_names`)."""
     found = find(model)
     return found.head_names if found is not None else ()
+
+
+def head_keys(model: nn.Module, keys: Iterable[str]) -> set[str]:
+    """Those of the state-dict entries ``keys`` that belong to a classification head
+    (:meth:`~evit.hosts.base.Host.in_head`)."""
+    found = find(model)
+    return {k for k in keys if found.in_head(k)} if found is not None else set()
 
 
 def class_names(model: nn.Module) -> Optional[list[str]]:

@@ -232,6 +232,11 @@ class Host:
         checkpoint trained on other classes does not give (fine-tuning starts them afresh)."""
         return ()
 
+    def in_head(self, key: str) -> bool:
+        """Whether the state-dict entry ``key`` belongs to a classification head: the model's
+        (:attr:`head_names`), or one a checkpoint of this family may hold instead."""
+        return key.startswith(tuple(f"{name}." for name in self.head_names))
+
     @property
     def class_names(self) -> Optional[list[str]]:
         """The names of the head's classes in output order, where the model records real ones; else None."""

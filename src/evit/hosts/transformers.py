@@ -402,8 +402,10 @@ class TransformersHost(Host):
         """A file ``save_pretrained`` wrote (or a training script of an older transformers) names the tensors in
         transformers' saved layout (``encoder.layer.0.attention.attention.query``), not the modules' own
         (``layers.0.attention.q_proj``): such a state is read the way ``from_pretrained`` reads it, with
-        transformers' own conversion, into a model of this class and config. A state that fits as it is, or that
-        transformers cannot place either, is returned as it is (the caller names what does not fit)."""
+        transformers' own conversion, into a model of this class and config. A head that is not this model's
+        (trained on other classes, or none) does not stop the rest converting: it is kept as the file has it, for
+        the caller to judge. A state that fits as it is, or that transformers cannot place either, is returned
+        as it is (the caller names what does not fit)."""
         own = self.model.state_dict()
         if all(k in state for k in own) or not state:
             return state
@@ -416,12 +418,17 @@ class TransformersHost(Host):
             save_file({k: v.contiguous() for k, v in state.items()}, f"{folder}/model.safetensors")
             try:
                 loaded, info = type(self.model).from_pretrained(folder, config=self.model.config,
-                                                                output_loading_info=True)
+                                                                output_loading_info=True, ignore_mismatched_sizes=True)
             except Exception:  # noqa: BLE001 - shapes transformers cannot take: the caller names them
                 return state
-        if info.get("missing_keys") or info.get("unexpected_keys") or info.get("mismatched_keys"):
+        unexpected = set(info.get("unexpected_keys") or ())
+        if any(not self.in_head(k) for k in [*info.get("missing_keys", ()), *unexpected,
+                                              *(k for k, *_ in info.get("mismatched_keys") or ())]):
             return state
-        return loaded.state_dict()
+        # a base model's file (no key under the base model's prefix) holds no head: its pooler is no classifier
+        base = any(k.startswith(f"{self.model.base_model_prefix}.") for k in state)
+        head = {k: v for k, v in state.items() if base and self.in_head(k) and (k in own or k in unexpected)}
+        return {**{k: v for k, v in loaded.state_dict().items() if not self.in_head(k)}, **head}
 
     def check_trainable(self) -> None:
         if not self._has_head:  # a base model (ViTModel, CLIPVisionModel, ...)
@@ -450,6 +457,11 @@ class TransformersHost(Host):
         if not self._has_head:
             return ()
         return tuple(n for n, _ in self.model.named_children() if n != self.model.base_model_prefix)
+
+    def in_head(self, key: str) -> bool:
+        """Anything outside the base model: a checkpoint's head by any name (a teacher model's ``cls_classifier``
+        and ``distillation_classifier`` where this model has ``classifier``)."""
+        return self._has_head and not key.startswith(f"{self.model.base_model_prefix}.")
 
     @property
     def head_outputs(self) -> int:

@@ -52,7 +52,8 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
     else:
         make_config = lambda: AutoConfig.from_pretrained(spec, **overrides)  # noqa: E731
     try:
-        config = make_config()
+        with quiet_loading():  # num_labels for other classes than a folder's id2label: said below, not warned
+            config = make_config()
     except Exception as e:  # noqa: BLE001 - transformers' own refusals (OSError, validation errors), one line each
         if spec in CONFIG_MAPPING or folder.is_dir():
             raise ValueError(f"hf:{spec}: transformers refuses these settings ({_summary(e)}; values are read as "
@@ -98,15 +99,18 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         raise ValueError(f"transformers could not {'load' if pretrained else 'build'} {cls.__name__} from hf:{spec} "
                          f"({_summary(e)})") from None
     resized = sorted(k for k, *_ in info.get("mismatched_keys") or [])
-    head = tuple(f"{n}." for n in host(model).head_names)
-    if any(not k.startswith(head) for k in resized):
+    in_head = host(model).in_head
+    if any(not in_head(k) for k in resized):
         raise ValueError(f"hf:{spec}: the weights' sizes do not fit the model's config (and the settings given) beyond "
                          f"its head ({', '.join(resized[:3])}); give the settings the weights were trained with")
-    if resized:
-        print(f"evit: the weights of hf:{spec} hold a head for other classes; the model's head "
-              f"({config.num_labels} outputs) starts untrained", file=sys.stderr)
     missing = sorted(info.get("missing_keys") or [])
-    if missing:
+    # fine-tuning (num_labels given): a head the weights lack (a base model's, a teacher model's) starts untrained
+    headless = bool(missing) and "num_labels" in overrides and all(in_head(k) for k in missing)
+    if resized or headless:
+        held = "a head for other classes" if resized else f"no {cls.__name__} head"
+        print(f"evit: the weights of hf:{spec} hold {held}; the model's head ({config.num_labels} outputs) starts "
+              "untrained", file=sys.stderr)
+    if missing and not headless:
         raise ValueError(f"hf:{spec}: the weights lack {len(missing)} of {cls.__name__}'s tensors ({', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}), which would start random; give the model_class the "
                          "weights were saved from")
