@@ -12,7 +12,7 @@ it finds the view (:func:`evit.hosts.attention_view`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,70 +26,13 @@ from .hosts.base import AttentionView
 class Seen:
     """What a reduction method may look at after a block's attention.
 
-    cls_probs: (B, heads, N) the class token's attention probabilities to each token, per head,
-        before attention dropout. None unless asked for.
+    cls_attn: (B, N) class token's attention probabilities to each token, mean over
+        heads, before attention dropout. None unless asked for.
     keys: (B, N, head_dim) keys averaged over heads (ToMe's similarity). None unless asked for.
     """
 
-    cls_probs: Optional[Tensor] = None
+    cls_attn: Optional[Tensor] = None
     keys: Optional[Tensor] = None
-
-    @property
-    def cls_attn(self) -> Optional[Tensor]:
-        """(B, N) the class token's attention to each token, mean over heads: a new tensor at each
-        access (the caller's to edit in place). None unless asked for."""
-        return None if self.cls_probs is None else head_mean(self.cls_probs)
-
-
-#: small constant tensors made once per (what, dtype, device): see :func:`_constant`
-_CONSTANTS: dict[tuple, Tensor] = {}
-
-
-def _constant(key: tuple, like: Tensor, make: Callable[[dict], Tensor]) -> Tensor:
-    """The constant ``make(factory)``, made with ``factory`` (``like``'s dtype and device) once and kept.
-
-    At batch 1 every call in a reducing block counts (its small ops run with caches cold from the matrix products around them),
-    and making the constant is one. Made outside inference mode, so training may save it for backward;
-    while a graph is traced (``torch.compile``, ``torch.export``, ``torch.jit.trace``) it is made in the
-    graph instead, never kept."""
-    factory = {"dtype": like.dtype, "device": like.device}
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return make(factory)
-    key = (*key, like.dtype, like.device)
-    value = _CONSTANTS.get(key)
-    if value is None:
-        with torch.inference_mode(False):
-            value = _CONSTANTS[key] = make(factory)
-    return value
-
-
-def head_mean(probs: Tensor, ranked_first: int = 0) -> Tensor:
-    """``probs`` (B, heads, N) averaged over heads: (B, N), a new tensor; with ``ranked_first`` = p,
-    its first p entries are +inf, so that a ranking puts the prefix tokens first.
-
-    One batched product with weights 1/heads (plus the +inf row as its added term): inside a batch-1 forward
-    of DeiT-S's shape on a 2-core CPU, ``mean`` over the heads took 47 us a block and this product 15 us, and
-    filling the prefix is one call more. Under autocast the product would run in half precision, so there the
-    ranking is a ``mean`` in full precision, as without autocast.
-    """
-    B, H, N = probs.shape
-    if torch.is_autocast_enabled(probs.device.type):
-        row = probs.mean(dim=1)
-        row[:, :ranked_first] = torch.inf
-        return row
-    weights = _constant(("head weights", H), probs, lambda f: torch.full((1, 1, H), 1.0 / H, **f))
-    weights = weights if B == 1 else weights.expand(B, 1, H)
-    if not ranked_first:
-        return torch.bmm(weights, probs).view(B, N)
-    first = _constant(("ranked first", N, ranked_first), probs, lambda f: _infinite_first(N, ranked_first, f))
-    return torch.baddbmm(first, weights, probs).view(B, N)
-
-
-def _infinite_first(n: int, p: int, factory: dict) -> Tensor:
-    """(1, 1, n): +inf for the first p, then zeros."""
-    row = torch.zeros(1, 1, n, **factory)
-    row[..., :p] = torch.inf
-    return row
 
 
 def _view(attn: Union[AttentionView, nn.Module]) -> AttentionView:
@@ -146,7 +89,7 @@ def attend(
         row = row.view(B, q.shape[1], N)
         if bias is not None:
             row = row + bias[..., 0, :]
-        seen.cls_probs = row.softmax(dim=-1)  # (B, heads, N)
+        seen.cls_attn = row.softmax(dim=-1).mean(dim=1)  # (B, N)
     if keys:
         seen.keys = k.mean(dim=1)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attention import Seen, head_mean
+from ..attention import Seen
 from ..registry import register
 from .base import KeepRateReduction, kept_count, select_tokens
 
@@ -53,11 +53,11 @@ class EViT(KeepRateReduction):
         if k >= N - p:
             return x
         # Every op counts at batch 1 (a reducing block's small ops run with caches cold from the matrix
-        # products around them), so the selection is few ops: the mean over heads ranks the prefix tokens
-        # first (one product), one sorted topk gives (prefix, kept in score order as the authors keep them,
-        # the next-ranked token), one select takes those tokens, and the last one's slot is
-        # overwritten by the fused token.
-        row = head_mean(seen.cls_probs, ranked_first=p)  # a new tensor: safe to edit in place
+        # products around them), so the selection is six ops: the prefix tokens are ranked first, one
+        # sorted topk gives (prefix, kept in score order as the authors keep them, the next-ranked
+        # token), one gather takes those tokens, and the last one's slot is overwritten by the fused token.
+        row = seen.cls_attn  # this block's own tensor: safe to edit in place (autograd follows the edits)
+        row.narrow(1, 0, p).fill_(torch.inf)
         order = row.topk(p + k + self.fuse, dim=1).indices
         if p > 1:  # tied at inf: back to their own order
             order[:, :p] = order[:, :p].sort(dim=1).values
