@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="timm model name, or hf:TYPE[:key=value,...] / hf:FOLDER / hf:HUB_ID for a "
                    "transformers image classifier (overrides the recipe)")
     p.add_argument("--pretrained", action="store_true", default=None)
-    p.add_argument("--init", help="local weights to start from (fine-tuning; a head trained on other classes is left out, the model's is as wide as the data's classes)")
+    p.add_argument("--init", help="local weights to start from (fine-tuning; a head trained on other classes is "
+                                  "left out: the model's is as wide as the data's classes)")
     p.add_argument("--data", help="'fashion-mnist' or an ImageNet-style folder with train/ and val/")
     p.add_argument("--data-root", help="folder with the Fashion-MNIST idx files (default: Debian's)")
     p.add_argument("--download", action="store_true", default=None, help="download Fashion-MNIST with torchvision")

@@ -42,8 +42,8 @@ def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretra
     --checkpoint (any file :func:`evit.models.load_checkpoint` reads; refused in one line when it does
     not fit), else for the embedded default its bundled ``kind`` weights ('baseline', 'evit', 'dynamicvit'),
     else timm's random initialisation. A checkpoint for another number of classes builds the model with its
-    head; with ``fresh_head`` (fine-tuning on other classes) it loads without it. ``img_size``: build the embedded architecture at
-    this size, for a checkpoint trained there. ``model_kwargs`` add to the recipe's.
+    head; with ``fresh_head`` (fine-tuning on other classes) it loads without it. ``img_size``: build the
+    embedded architecture at this size, for a checkpoint trained there. ``model_kwargs`` add to the recipe's.
     ``before_weights(model)`` runs before the checkpoint loads (patch a learned method in first, so its
     weights have modules to load into).
     """

@@ -365,9 +365,10 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     if state is not None:
         trained_by = state.get("processes", world)  # not recorded before evit did: taken as this one
         if trained_by != world:  # each process's share of the data, and so the steps per epoch, depend on it
+            without = "" if trained_by > 1 else ", or without torchrun"
             raise ValueError(f"--resume: the run in {out} was trained by {trained_by} process{'es' * (trained_by > 1)} "
                              f"and this is {world}: resume it with {trained_by} (torchrun --nproc_per_node "
-                             f"{trained_by}{'' if trained_by > 1 else ', or without torchrun'}), as its batches depend on it")
+                             f"{trained_by}{without}), as its batches depend on it")
         if state.get("fallback"):
             print(f"evit train: {state['fallback']}", file=sys.stderr)
         optimizer.load_state_dict(state["optimizer"])
