@@ -237,3 +237,18 @@ def test_a_teacher_models_folder_is_fine_tuned_as_deit_without_its_heads(three_c
     err = capfd.readouterr().err
     assert "hold no DeiTForImageClassification head; the model's head (3 outputs) starts untrained" in err
     assert "incompatible" not in err  # transformers' own warning about num_labels and id2label: said by evit instead
+
+
+def test_a_runs_weights_under_the_wrong_model_point_to_the_runs_config(three_classes, recipe, tmp_path, capsys):
+    """A run's config.json records its architecture: the refusal says so, and the command it gives works."""
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--data", str(three_classes), "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "6", "--workers", "0", "--no-progress"]) == 0
+    weights, config = str(out / "model.safetensors"), out / "config.json"
+    capsys.readouterr()
+    assert main(["eval", "--model", NAME, "--checkpoint", weights, "--data", str(three_classes)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"(the run's {config} records its model and model_kwargs: build it from them with "
+                        f"--recipe {config})") and len(err.splitlines()) == 1, err
+    assert main(["eval", "--recipe", str(config), "--checkpoint", weights, "--data", str(three_classes),
+                 "--keep-rates", "0.7", "--speed-reps", "1"]) == 0, capsys.readouterr().err

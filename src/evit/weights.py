@@ -156,5 +156,8 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_hea
             parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
     hint = (" (it holds a token-reduction method's weights: patch the model with that method first)"
             if any(".reduction." in k for k in unexpected) else "")
+    run = Path(path).with_name("config.json")
+    if not hint and run.is_file():  # an evit run's weights: its config.json names the architecture they need
+        hint = f" (the run's {run} records its model and model_kwargs: build it from them with --recipe {run})"
     name = hosts.model_name(model)
     return f"checkpoint {path} does not fit this model ({name}): {'; '.join(parts)}{hint}"
