@@ -252,3 +252,24 @@ def test_a_runs_weights_under_the_wrong_model_point_to_the_runs_config(three_cla
                         f"--recipe {config})") and len(err.splitlines()) == 1, err
     assert main(["eval", "--recipe", str(config), "--checkpoint", weights, "--data", str(three_classes),
                  "--keep-rates", "0.7", "--speed-reps", "1"]) == 0, capsys.readouterr().err
+
+
+def test_pretrained_weights_for_other_classes_are_refused_outside_fine_tuning(three_classes, tmp_path, capsys):
+    """Only `evit train` starts a head afresh: eval, show, bench or export of `--pretrained` weights built for
+    another class count would score an untrained head, and are refused; train says what it left out."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY, num_labels=7)).save_pretrained(
+        tmp_path / "vit7")
+    path, _ = _weights(tmp_path, classes=1000)  # timm's pretrained weights, given as a local file
+    timm_kwargs = dict(TINY, pretrained_cfg_overlay={"file": str(path)})
+    for name, kwargs, refused in ((f"hf:{tmp_path / 'vit7'}:num_labels=3", {}, "give the settings the weights were"),
+                                  (NAME, dict(timm_kwargs, num_classes=3), "have a head for 1000 classes, and the "
+                                                                           "model asks for 3")):
+        with pytest.raises(ValueError, match=refused):
+            load_model(name, pretrained=True, model_kwargs=kwargs)
+    capsys.readouterr()
+    model = evit.train.build_model(TrainConfig(model=NAME, model_kwargs=timm_kwargs, pretrained=True,
+                                               data=str(three_classes), workers=0))
+    assert hosts.head_outputs(model) == 3
+    assert f"the pretrained head of {NAME} has 1000 outputs and the model's 3" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretra
     kwargs = {**kwargs, **(model_kwargs or {})}
     if embedded_default and img_size:
         kwargs["img_size"] = img_size
-    built = create_model(name, pretrained=pretrained, weights_follow=bool(checkpoint), **kwargs)
+    built = create_model(name, pretrained=pretrained, weights_follow=bool(checkpoint), fresh_head=fresh_head, **kwargs)
     if before_weights is not None:
         before_weights(built)
     if checkpoint:

@@ -58,15 +58,17 @@ def device_text(device: torch.device) -> str:
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, weights_follow: bool = False,
-                 **kwargs) -> nn.Module:
+                 fresh_head: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model`` with clear errors for unknown names, offline weights and bad checkpoints; a name
     ``hf:CONFIG_OR_ID`` builds a transformers model instead (:func:`transformers_model`). ``weights_follow``: the
-    caller loads a checkpoint into it next (a transformers folder's own weights are then not needed)."""
+    caller loads a checkpoint into it next (a transformers folder's own weights are then not needed).
+    ``fresh_head`` (fine-tuning): pretrained weights whose head is for another class count load without it (said
+    on stderr); otherwise such a model, whose head would be untrained, is refused."""
     if name.startswith(HF_PREFIX):
         if pretrained and checkpoint:
             raise ValueError("give either --pretrained or --checkpoint, not both")
         model = transformers_model(name[len(HF_PREFIX):], pretrained, checkpoint=bool(checkpoint) or weights_follow,
-                                   **kwargs)
+                                   fresh_head=fresh_head, **kwargs)
         if checkpoint:
             load_checkpoint(model, checkpoint)
         return _finite(model, name) if pretrained else model
@@ -89,11 +91,27 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
                 f"and they are not in the local cache ({type(e).__name__}). Run once with network access to cache "
                 "them, or pass a local checkpoint file (--checkpoint)."
             ) from None
-        return _finite(model, name)
+        return _finite(_pretrained_head(model, name, fresh_head), name)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint)
-    return _finite(model, name) if pretrained else model
+    return _finite(_pretrained_head(model, name, fresh_head), name) if pretrained else model
+
+
+def _pretrained_head(model: nn.Module, name: str, fresh_head: bool) -> nn.Module:
+    """``model`` as timm loaded its pretrained weights, or a refusal when timm left their head out (it does when
+    the model is built for another class count than the weights': the head is then untrained), unless
+    ``fresh_head`` (fine-tuning on other classes), when that is said."""
+    trained_for, outputs = hosts.untrained_head_of(model), hosts.head_outputs(model)
+    if trained_for is None:
+        return model
+    if not fresh_head:
+        raise ValueError(f"the pretrained weights of {name} have a head for {trained_for} classes, and the model asks "
+                         f"for {outputs} (num_classes): its head would be untrained; leave num_classes out, or "
+                         "fine-tune the weights on your classes first (evit train --pretrained)")
+    print(f"evit: the pretrained head of {name} has {trained_for} outputs and the model's {outputs}: the rest loads, "
+          "the head starts untrained", file=sys.stderr)
+    return model
 
 
 def _finite(model: nn.Module, name: str) -> nn.Module:
@@ -104,7 +122,7 @@ def _finite(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Module:
+def transformers_model(spec: str, pretrained: bool = False, fresh_head: bool = False, **kwargs) -> nn.Module:
     """A transformers model from ``CONFIG_OR_ID[:key=value,...]``: a local folder with config.json, a model type
     (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``, ...) with its config's settings changed by the
     pairs (random weights unless ``pretrained``), or a Hub id (needs the network or a cache; offline it
@@ -120,7 +138,7 @@ def transformers_model(spec: str, pretrained: bool = False, **kwargs) -> nn.Modu
         import huggingface_hub.constants as hub_constants
 
         hub_constants.HF_HUB_OFFLINE = True
-    return create(name, pretrained, **{**overrides, **kwargs})
+    return create(name, pretrained, fresh_head=fresh_head, **{**overrides, **kwargs})
 
 
 def classes_keyword(name: str) -> str:

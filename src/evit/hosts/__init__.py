@@ -127,6 +127,13 @@ def head_keys(model: nn.Module, keys: Iterable[str]) -> set[str]:
     return {k for k in keys if found.in_head(k)} if found is not None else set()
 
 
+def untrained_head_of(model: nn.Module) -> Optional[int]:
+    """The class count of pretrained weights whose head ``model``'s library left out, building ``model`` for
+    another (:attr:`~evit.hosts.base.Host.untrained_head_of`); else None."""
+    found = find(model)
+    return found.untrained_head_of if found is not None else None
+
+
 def class_names(model: nn.Module) -> Optional[list[str]]:
     """The names ``model`` records for its head's classes, in output order (transformers' ``id2label``); else None."""
     found = find(model)

@@ -232,6 +232,12 @@ class Host:
         checkpoint trained on other classes does not give (fine-tuning starts them afresh)."""
         return ()
 
+    @property
+    def untrained_head_of(self) -> Optional[int]:
+        """The class count of the pretrained weights' head where the model was built for another, so that its
+        library left that head out (the model's is untrained); else None."""
+        return None
+
     def in_head(self, key: str) -> bool:
         """Whether the state-dict entry ``key`` belongs to a classification head: the model's
         (:attr:`head_names`), or one a checkpoint of this family may hold instead."""

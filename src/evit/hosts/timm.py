@@ -234,6 +234,14 @@ class TimmHost(Host):
         return tuple(n for n in ((named,) if isinstance(named, str) else named) if n in modules)
 
     @property
+    def untrained_head_of(self) -> Optional[int]:
+        """timm's pretrained config's ``num_classes`` where the model's differs: timm's loader then leaves the
+        weights' ``classifier`` out, as it does for a model built with another ``num_classes``."""
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        trained_for, outputs = cfg.get("num_classes"), self.model.num_classes
+        return trained_for if cfg.get("classifier") and outputs and trained_for not in (None, outputs) else None
+
+    @property
     def class_names(self) -> Optional[list[str]]:
         """timm's ``label_names`` of the pretrained config (one per output), e.g. the embedded model's."""
         names = (getattr(self.model, "pretrained_cfg", None) or {}).get("label_names")

@@ -17,7 +17,8 @@ from torch import nn
 from .transformers import check_version, host, quiet_loading
 
 
-def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, **overrides) -> nn.Module:
+def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, fresh_head: bool = False,
+                 **overrides) -> nn.Module:
     """A transformers model from ``spec``: a local folder with ``config.json`` (with ``pretrained``: its
     weights too), or a model type (``vit``, ``deit``, ``clip_vision_model``, ``dinov2``,
     ``dinov2_with_registers``, ``siglip_vision_model``) whose default config ``overrides`` change, with
@@ -27,7 +28,8 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
     With ``HF_HUB_OFFLINE=1`` anything but a local folder or a type fails at once. ``checkpoint``: weights
     will be loaded from a checkpoint file afterwards (a folder's own are then not needed). Settings the config
     does not have, sizes below one, a class of another model type and anything transformers cannot
-    build or load are refused in one line (ValueError)."""
+    build or load are refused in one line (ValueError). ``fresh_head`` (fine-tuning): weights whose head is for
+    other classes, or that hold none, load without it and the model's starts untrained (said); otherwise refused."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -84,9 +86,9 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         if not pretrained:
             return _drawn_tokens(cls._from_config(config, attn_implementation=impl))
         source = str(folder) if folder.is_dir() else spec
-        # num_labels given: the head is sized for other classes than the weights' (fine-tuning), and starts afresh
+        # fine-tuning: the head is sized for other classes than the weights' and starts afresh
         load = dict(config=config, attn_implementation=impl, output_loading_info=True,
-                    ignore_mismatched_sizes="num_labels" in overrides)
+                    ignore_mismatched_sizes=fresh_head)
         with quiet_loading():
             model, info = cls.from_pretrained(source, **load)
             if info.get("missing_keys") and all(k.startswith("pooler.") for k in info["missing_keys"]):
@@ -104,8 +106,8 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         raise ValueError(f"hf:{spec}: the weights' sizes do not fit the model's config (and the settings given) beyond "
                          f"its head ({', '.join(resized[:3])}); give the settings the weights were trained with")
     missing = sorted(info.get("missing_keys") or [])
-    # fine-tuning (num_labels given): a head the weights lack (a base model's, a teacher model's) starts untrained
-    headless = bool(missing) and "num_labels" in overrides and all(in_head(k) for k in missing)
+    # fine-tuning: a head the weights lack (a base model's, a teacher model's) starts untrained
+    headless = bool(missing) and fresh_head and all(in_head(k) for k in missing)
     if resized or headless:
         held = "a head for other classes" if resized else f"no {cls.__name__} head"
         print(f"evit: the weights of hf:{spec} hold {held}; the model's head ({config.num_labels} outputs) starts "
