@@ -273,3 +273,13 @@ def test_pretrained_weights_for_other_classes_are_refused_outside_fine_tuning(th
                                                data=str(three_classes), workers=0))
     assert hosts.head_outputs(model) == 3
     assert f"the pretrained head of {NAME} has 1000 outputs and the model's 3" in capsys.readouterr().err
+
+
+def test_a_transformers_folders_config_is_not_offered_as_a_recipe(tmp_path):
+    """Beside a transformers folder's weights lies its own config.json (no evit "model"): --recipe cannot read it."""
+    transformers = pytest.importorskip("transformers")
+    transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY, num_labels=3)).save_pretrained(
+        tmp_path / "vit3")
+    with pytest.raises(ValueError, match="does not fit") as refused:
+        load_model(NAME, checkpoint=str(tmp_path / "vit3" / "model.safetensors"), model_kwargs=TINY)
+    assert "--recipe" not in str(refused.value)

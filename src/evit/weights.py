@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 from pathlib import Path
 from typing import Mapping, Optional
@@ -138,6 +139,16 @@ def read_state(path: str) -> dict[str, Tensor]:
     return unwrapped_names(dict(loaded))
 
 
+def _run_config(path: str) -> Optional[Path]:
+    """The ``config.json`` of the evit run that wrote ``path``, when one lies beside it: a recipe (it names a
+    ``model``), not a transformers folder's config (``model_type``), which --recipe cannot read."""
+    run = Path(path).with_name("config.json")
+    try:
+        return run if isinstance(json.loads(run.read_text()).get("model"), str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_head: bool = False) -> Optional[str]:
     """One line naming the first keys whose shapes differ and the missing / unexpected keys; None if it fits.
     ``fresh_head``: the head's keys may be missing (it starts untrained)."""
@@ -156,8 +167,8 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_hea
             parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
     hint = (" (it holds a token-reduction method's weights: patch the model with that method first)"
             if any(".reduction." in k for k in unexpected) else "")
-    run = Path(path).with_name("config.json")
-    if not hint and run.is_file():  # an evit run's weights: its config.json names the architecture they need
+    run = _run_config(path)
+    if not hint and run is not None:  # an evit run's weights: its config.json names the architecture they need
         hint = f" (the run's {run} records its model and model_kwargs: build it from them with --recipe {run})"
     name = hosts.model_name(model)
     return f"checkpoint {path} does not fit this model ({name}): {'; '.join(parts)}{hint}"
