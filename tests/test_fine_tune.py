@@ -92,6 +92,9 @@ def test_a_run_on_three_classes_is_evaluated_and_shown_with_its_own_head(three_c
     image = next((three_classes / "val" / "c0").iterdir())
     assert main(["show", str(image), *arch, "--checkpoint", weights, "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
+    assert main(["export", *arch, "--checkpoint", weights, "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert main(["bench", *arch, "--checkpoint", weights, "--keep-rates", "0.7", "--batch-size", "2", "--reps", "1",
+                 "--latency-reps", "1", "--warmup", "0"]) == 0, capsys.readouterr().err
 
 
 def test_a_teacher_for_other_classes_is_refused_in_one_line(three_classes, recipe, tmp_path, capsys):
