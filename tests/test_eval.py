@@ -26,6 +26,25 @@ def test_accuracy_counts_top1_and_top5():
     assert (top1, top5, n) == (50.0, 75.0, 4)
 
 
+def test_top5_is_not_reported_for_five_classes_or_fewer():
+    class FewClasses(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x):
+            return Fixed()(x)[:, : self.n]
+
+    x = torch.zeros(4, 1, 2, 2)
+    x[:, 0, 0, 0] = torch.tensor([1, 2, 3, 4])
+    y = torch.tensor([1, 2, 0, 0])
+    top1, top5, n = accuracy(FewClasses(5), [(x, y)])
+    assert (top1, top5, n) == (50.0, None, 4)  # every top-5 of 5 classes holds the answer: not a measurement
+    assert accuracy(FewClasses(6), [(x, y)])[1] == 50.0  # 6 classes: a real top-5 (both misses ranked 6th)
+    row = dict(model="m", keep_rate=0.7, top1=50.0, top5=None, images=4, gmacs=0.01, images_per_s=100, speedup=1.0)
+    assert format_rows([row]).splitlines()[-1].split()[2:4] == ["50.00", "-"]
+
+
 def test_paired_gap_is_the_difference_with_a_paired_interval():
     reference = torch.tensor([True] * 90 + [False] * 10)
     right = reference.clone()

@@ -18,9 +18,10 @@ from .timing import device_sync, paired_ratio, steady_allocator, text_table, tim
 
 
 @torch.inference_mode()
-def hits(model: nn.Module, batches: Iterable, what: str = "the model") -> tuple[torch.Tensor, torch.Tensor]:
+def hits(model: nn.Module, batches: Iterable, what: str = "the model") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per image, in order: (top-1 right, top-5 right), two bool CPU tensors over all ``batches``,
-    each batch run on the device of ``model``'s weights.
+    each batch run on the device of ``model``'s weights. Top-5 is None for a head of 5 classes or
+    fewer: there every answer holds the right class, and a 100% would only look like a measurement.
 
     Weights or logits holding NaN or inf are refused (ValueError naming ``what``), never scored:
     ``topk`` over NaN ranks classes arbitrarily, a plausible and wrong number."""
@@ -43,18 +44,23 @@ def hits(model: nn.Module, batches: Iterable, what: str = "the model") -> tuple[
         raise ValueError(f"{what} gave non-finite logits (NaN or inf) for {bad} of {total} images; not scored")
     if not top1:
         raise ValueError("the evaluation data set is empty")
-    return torch.cat(top1), torch.cat(top5)
+    return torch.cat(top1), (torch.cat(top5) if logits.shape[-1] > 5 else None)
 
 
-def accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float, int]:
-    """(top-1 %, top-5 %, number of images) of ``model`` over (images, labels) batches."""
+def accuracy(model: nn.Module, batches: Iterable) -> tuple[float, Optional[float], int]:
+    """(top-1 %, top-5 % (None for 5 classes or fewer), number of images) of ``model`` over (images, labels) batches."""
     top1, top5 = hits(model, batches)
     return percent(top1), percent(top5), len(top1)
 
 
-def percent(right: torch.Tensor) -> float:
-    """Share of True in ``right``, in %, from the exact count."""
-    return 100.0 * right.sum().item() / len(right)
+def percent(right: Optional[torch.Tensor]) -> Optional[float]:
+    """Share of True in ``right``, in %, from the exact count; None for None (a top-5 not measured)."""
+    return None if right is None else 100.0 * right.sum().item() / len(right)
+
+
+def percent_text(value: Optional[float]) -> str:
+    """'91.23', or '-' for a figure not measured (top-5 of 5 classes or fewer)."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def paired_gap(right: torch.Tensor, reference: torch.Tensor) -> Optional[tuple[float, float]]:
@@ -232,7 +238,7 @@ def format_rows(rows: list[dict]) -> str:
     head = ["model"] + (["method", "setting"] if methods else ["keep"]) + \
         ["top-1 %", "top-5 %", "images", "GMACs", "img/s", "speed-up"] + (["top-1 vs row 1"] if gaps else [])
     return text_table(head, [[r["model"]] + ([r["method"]] if methods else []) + [setting_text(r)] +
-                             [f"{r['top1']:.2f}", f"{r['top5']:.2f}", str(r["images"]), f"{r['gmacs']:.4f}",
+                             [percent_text(r["top1"]), percent_text(r["top5"]), str(r["images"]), f"{r['gmacs']:.4f}",
                               f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x"] +
                              ([gap_text(r) if i else "-"] if gaps else []) for i, r in enumerate(rows)])
 

@@ -41,7 +41,7 @@ class Summary:
 
     def add(self, row: dict) -> None:
         """Append ``row`` (every column of :data:`COLUMNS`), dropping rows of its step or later; rewrite the file."""
-        text = {k: FORMATS.get(k, "{}").format(row[k]) for k in COLUMNS}
+        text = {k: "" if row[k] is None else FORMATS.get(k, "{}").format(row[k]) for k in COLUMNS}  # top-5 of <= 5 classes
         self.rows = [r for r in self.rows if int(r["step"]) < row["step"]] + [text]
         out = io.StringIO()
         writer = csv.DictWriter(out, COLUMNS, lineterminator="\n")
@@ -53,12 +53,16 @@ class Summary:
 def line(row: dict, epochs: int, total: int) -> str:
     """A row as one progress line (for a terminal or a log file)."""
     return (f"epoch {row['epoch']:.4g}/{epochs} step {row['step']}/{total}: train loss {row['train_loss']:.4f}, "
-            f"val top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%, lr {row['lr']:.2e}, "
+            f"val top-1 {row['val_top1']:.2f}%, top-5 {_top5(row['val_top5'])}, lr {row['lr']:.2e}, "
             f"keep {row['keep_rate']:.3f}, {row['img_per_s']:.0f} img/s")
 
 
-def validate(model: nn.Module, batches, keep_rate: Optional[float] = None) -> tuple[float, float]:
-    """(top-1 %, top-5 %) of ``model`` on ``batches`` in eval mode, at ``keep_rate`` (None: as it is);
+def _top5(value: Optional[float]) -> str:
+    return "- (5 classes or fewer)" if value is None else f"{value:.2f}%"
+
+
+def validate(model: nn.Module, batches, keep_rate: Optional[float] = None) -> tuple[float, Optional[float]]:
+    """(top-1 %, top-5 % or None for 5 classes or fewer) of ``model`` on ``batches`` in eval mode, at ``keep_rate`` (None: as it is);
     the model's mode and every random generator are as they were afterwards."""
     rng, was_training = checkpoint.rng_state(), model.training
     try:
