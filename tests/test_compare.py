@@ -53,3 +53,21 @@ def test_compare_draws_calibration_images_only_for_a_method_that_uses_them(tmp_p
     captured = capsys.readouterr()
     assert "Patch Slimming" not in captured.err
     assert json.loads(captured.out)["plot"] == str(tmp_path / "c.png") and (tmp_path / "c.png").is_file()  # as written
+
+
+def test_trained_weights_for_other_classes_are_refused_naming_the_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from evit import embedded
+
+    model = embedded.load_model("evit")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["head.weight"], state["head.bias"] = state["head.weight"][:3].clone(), state["head.bias"][:3].clone()
+    path = tmp_path / "three_classes.safetensors"
+    save_file(state, str(path))
+    code = main(["compare", "--methods", "evit", "--keep-rates", "0.7", "--trained", f"evit={path}",
+                 "--speed-reps", "1", "--plot", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert str(path) in err[0] and "3 outputs and the baseline's 10" in err[0]
+    assert not (tmp_path / "c.png").exists()

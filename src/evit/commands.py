@@ -312,7 +312,7 @@ def _compare(args) -> int:
         if not path:
             raise ValueError(f"--trained takes METHOD=WEIGHTS, got {item!r}")
         trained[method] = path
-    models.update(load_trained(name, kwargs, trained))
+    models.update(load_trained(name, kwargs, trained, models["baseline"]))
     settings, skipped = grid(args.methods, args.keep_rates, args.r, {m: f"{m}-trained" for m in trained})
     for method in skipped:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "

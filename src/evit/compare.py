@@ -48,9 +48,11 @@ def grid(methods: Sequence[str], keep_rates: Optional[Sequence[float]] = None,
     return settings, skipped
 
 
-def load_trained(name: str, kwargs: dict, trained: dict[str, str]) -> dict[str, nn.Module]:
+def load_trained(name: str, kwargs: dict, trained: dict[str, str], baseline: Optional[nn.Module] = None) -> dict[str, nn.Module]:
     """{"<method>-trained": model} for weights trained with each method (a learned method's modules
-    are created by patching before its weights load)."""
+    are created by patching before its weights load). Weights for another number of classes than
+    ``baseline``'s are refused, naming the file: their rows would score other classes on the same images."""
+    from . import hosts
     from .loading import load_model
     from .patch import patch
 
@@ -58,6 +60,9 @@ def load_trained(name: str, kwargs: dict, trained: dict[str, str]) -> dict[str, 
     for method, path in trained.items():
         learned = (lambda m, method=method: patch(m, 1.0, method=method)) if method_class(method).learned else None
         model = load_model(name, model_kwargs=kwargs, checkpoint=str(path), before_weights=learned)[1]
+        if baseline is not None and (width := hosts.head_outputs(model)) != (base := hosts.head_outputs(baseline)):
+            raise ValueError(f"--trained {method}={path}: its head has {width} outputs and the baseline's {base}; "
+                             "compare weights trained on the same classes")
         models[f"{method}-trained"] = model.eval()
     return models
 
