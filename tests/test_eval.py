@@ -199,3 +199,28 @@ def test_any_bytes_named_as_a_torch_file_are_refused_in_one_line(tmp_path):
         path.write_bytes(head + bytes(draw.getrandbits(8) for _ in range(draw.choice([16, 64, 512]))))
         with pytest.raises(ValueError, match="random.pth cannot be read safely"):
             read_state(str(path))
+
+
+def test_weights_from_another_input_size_are_resampled_and_said(capsys):
+    from evit import embedded
+    from evit.models import create_model, read_checkpoint
+
+    model = create_model("vit_tiny_patch16_224", img_size=36, patch_size=4, in_chans=1, num_classes=10, depth=6,
+                         embed_dim=128, num_heads=4)
+    path = str(embedded.ASSETS / embedded.WEIGHTS["baseline"])
+    state = read_checkpoint(model, path)
+    assert state["pos_embed"].shape == model.pos_embed.shape == (1, 82, 128)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and path in err[0] and "pos_embed (1x50x128) is resampled to this model's (1x82x128)" in err[0]
+    read_checkpoint(create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10,
+                                 depth=6, embed_dim=128, num_heads=4), path)
+    assert capsys.readouterr().err == ""  # at its own size: nothing to say
+
+
+def test_a_named_model_without_weights_is_scored_with_a_note_that_it_is_chance(tmp_path, capsys):
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": dict(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=1, embed_dim=32, num_heads=2)}))
+    assert main(["eval", "--recipe", str(recipe), "--data", "bundled", "--keep-rates", "1.0", "--speed-reps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "no --checkpoint or --pretrained" in err and "random weights" in err

@@ -153,6 +153,13 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+def _recipe_with(recipe, folder, **values):
+    """``recipe`` with ``values`` added, written in ``folder``."""
+    path = folder / f"with_{'_'.join(values)}.json"
+    path.write_text(json.dumps({**json.loads(recipe.read_text()), **values}))
+    return path
+
+
 def _eval(recipe, checkpoint):
     return ["eval", "--recipe", str(recipe), "--checkpoint", str(checkpoint), "--data", "fashion-mnist",
             "--data-root", str(recipe.parent), "--keep-rates", "1.0", "--speed-reps", "1"]
@@ -178,6 +185,12 @@ REFUSED = {  # name: (argv from (recipe, run folder, bad files, tmp), exit code,
     "resume_with_other_options": (lambda r, run, b, t: _train(r, run, "--resume", "--epochs", "3", "--fusion", "mean"),
                                   2, r"--resume: the run in .*run was started with epochs 2 \(now 3\), fusion 'sum' "
                                      r"\(now 'mean'\): resume it with the options it was started with"),
+    "resume_past_max_steps": (lambda r, run, b, t: _train(r, run, "--resume", "--max-steps", "5"), 2,
+                              r"--resume: the run in .*run is at step 32, past --max-steps 5: give --max-steps 32 or "
+                              r"more \(or none, to finish its 32 steps\)"),
+    "data_size_not_the_models": (lambda r, run, b, t: _train(_recipe_with(r, t, img_size=35), t / "s"), 2,
+                                 r"the recipe's img_size 35 is not the size vit_tiny_patch16_224 is built at \(28x28\): "
+                                 r"build it at 35 too \(img_size in model_kwargs"),
     "zero_lr": (lambda r, run, b, t: _train(r, t / "z", "--lr", "0"), 2, r"--lr must be a positive number, got 0.0"),
     "ema_decay_of_one": (lambda r, run, b, t: _train(r, t / "e", "--ema-decay", "1"), 2,
                          r"--ema-decay must lie in \[0, 1\) .*got 1.0"),

@@ -25,6 +25,14 @@ def _not_an_input(out: str, option: str, inputs: dict) -> None:
                              "give another file name")
 
 
+def _say_if_untrained(args, label: str) -> None:
+    """One line when an accuracy command scores a named model that no weights were given for: its library's
+    random initialisation scores chance, which is true but rarely what was meant."""
+    if (args.model or args.recipe) and not (args.pretrained or args.checkpoint):
+        print(f"evit: no --checkpoint or --pretrained: {label} has random weights (its library's initialisation), "
+              "so its accuracy is chance; give trained weights to measure them", file=sys.stderr)
+
+
 def _train(args) -> int:
     from .embedded import recipe_path
     from .train import TrainConfig, train
@@ -73,6 +81,7 @@ def _eval(args) -> int:
     if args.fusion:  # every EViT row fuses this way, whatever the checkpoints recorded
         settings = [(n, {"keep_rate": r, "fusion": args.fusion} if r < 1 else r) for n, r in settings]
     data, batches = _eval_data(args, not (args.model or args.recipe), list(models.values()))
+    _say_if_untrained(args, list(models)[0])  # once the data is accepted: a refusal stays one line
     rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps, device=str(device))
     return _print_eval(args, rows, data, format_rows, choice)
 
@@ -318,6 +327,7 @@ def _compare(args) -> int:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
     data, batches = _eval_data(args, default, list(models.values()))
+    _say_if_untrained(args, "the baseline")
     needs_images = any(method_class(s["method"]).needs_images for _, s in settings if isinstance(s, dict))
     rows = compare(models, settings, batches, speed_reps=args.speed_reps,
                    images=_calibration_images(data, batches, models["baseline"]) if needs_images else None,

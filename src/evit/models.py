@@ -166,13 +166,24 @@ def read_checkpoint(model: nn.Module, path: str) -> dict:
         raise ValueError(f"checkpoint {path} holds non-finite weights: {bad}; refusing to use them")
     host = hosts.find(model)
     if host is not None:  # its host's way: timm resamples the position embeddings to this input size
+        given = {k: tuple(v.shape) for k, v in state.items()}
         try:
             state = host.adapt_state_dict(state)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             # a file of another architecture trips the filter (a reshape): name what differs, where it can be named
             raise ValueError(mismatch(path, model, state)
                              or f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+        own = model.state_dict()
+        resampled = [k for k, v in state.items() if k in given and given[k] != tuple(v.shape) and k in own]
+        if resampled:  # said, not quiet: the weights now run at a size they were not trained at
+            k = resampled[0]
+            print(f"evit: {path} was trained at another input size; its {k} ({_shape(given[k])}) is resampled to "
+                  f"this model's ({_shape(state[k].shape)})", file=sys.stderr)
     return state
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def head_rows(model: nn.Module, state: dict, path: str) -> Optional[int]:

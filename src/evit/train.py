@@ -115,6 +115,18 @@ class TrainConfig:
         return cls(**values)
 
 
+def check_input_size(cfg: TrainConfig, model: nn.Module) -> None:
+    """Refuse a recipe whose ``img_size`` (the size the data is resized to) is not the size the model is built
+    at, unless the model takes any size: it would fail on the first batch, deep inside its patch embedding."""
+    built = tuple(native_input_size(model)[1:])
+    host = hosts.find(model)
+    if cfg.img_size is None or built == (cfg.img_size, cfg.img_size) or (host is not None and host.takes_any_size):
+        return
+    raise ValueError(f"the recipe's img_size {cfg.img_size} is not the size {cfg.model} is built at "
+                     f"({built[0]}x{built[1]}): build it at {cfg.img_size} too (img_size in model_kwargs for a timm "
+                     "model, image_size in an hf: spec; weights from --init are resampled to it), or leave img_size out")
+
+
 def data_classes(cfg: TrainConfig) -> int:
     """How many classes the run's data has (the recorded class list's, Fashion-MNIST's, or the folder's train/
     sub-folders): the model's head is built that wide."""
@@ -322,6 +334,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     out = Path(cfg.out)
     model = build_model(cfg).to(device)
     hosts.check_trainable(model)  # before any run folder is made
+    check_input_size(cfg, model)
     # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
     trained_with = checkpoint.config_settings(asdict(cfg))
     setattr(model, checkpoint.TRAINED_WITH, trained_with)
@@ -377,6 +390,9 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
             ema.module.load_state_dict(state["ema"])
         checkpoint.set_rng_state(state["rng"])
         step, keep, loss_avg = state["step"], state.get("keep_rate", 1.0), state.get("loss_avg")
+        if cfg.max_steps is not None and step > cfg.max_steps:  # it would end as the checkpoint, not at the steps asked
+            raise ValueError(f"--resume: the run in {out} is at step {step}, past --max-steps {cfg.max_steps}: give "
+                             f"--max-steps {step} or more (or none, to finish its {cfg.epochs * per_epoch} steps)")
     validation = Validation(val_loader, out, per_epoch, cfg.eval_every, step if resume else None,
                             state.get("validation") if state is not None else None)
     if rank == 0:
