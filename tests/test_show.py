@@ -67,16 +67,24 @@ def test_unpatched_model_refused():
         token_sources(make_model("deit"), torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize("method", ["evit", "tome"])
-def test_evit_show_writes_a_png(tmp_path, method, capsys):
+@pytest.mark.parametrize("method,setting", [("evit", ["--keep-rate", "0.5"]), ("tome", ["--r", "2"])])
+def test_evit_show_writes_a_png(tmp_path, method, setting, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "tokens.png"
-    assert main(["show", "--method", method, "--r", "2", "--count", "2", "--out", str(out)]) == 0
+    assert main(["show", "--method", method, *setting, "--count", "2", "--out", str(out)]) == 0
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "wrote" in capsys.readouterr().out
-    assert main(["show", "--method", method, "--r", "2", "--count", "1", "--out", str(tmp_path / "plain")]) == 0
+    assert main(["show", "--method", method, *setting, "--count", "1", "--out", str(tmp_path / "plain")]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'plain.png'}" and (tmp_path / "plain.png").is_file()
+
+
+@pytest.mark.parametrize("method,other", [("evit", ["--r", "2"]), ("tome", ["--keep-rate", "0.5"])])
+def test_evit_show_refuses_a_setting_the_method_does_not_take(tmp_path, method, other, capsys):
+    assert main(["show", "--method", method, *other, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{other[0]} sets" in err and f"which {method} does not take" in err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_evit_show_bad_inputs(tmp_path, capsys):

@@ -90,7 +90,7 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import BENCH_KEEP_RATES
+    from .commands import BENCH_KEEP_RATES, SHOW_KEEP_RATE, SHOW_R
     from .registry import method_class, names
 
     methods = names()  # every registered method the command line offers (evit.registry)
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="image files (default: bundled Fashion-MNIST test images)")
     _add_model_args(p)
     p.add_argument("--method", default="evit", choices=methods, help="(default: %(default)s)")
-    p.add_argument("--keep-rate", type=_keep_rate, default=0.7)
-    p.add_argument("--r", type=int, default=4, help="ToMe: tokens merged per block (default: %(default)s)")
+    p.add_argument("--keep-rate", type=_keep_rate, help=f"share of image tokens kept (default: {SHOW_KEEP_RATE})")
+    p.add_argument("--r", type=int, help=f"ToMe: tokens merged per block (default: {SHOW_R})")
     p.add_argument("--count", type=_positive, default=4, help="bundled images to show (default: %(default)s)")
     p.add_argument("--out", default="evit_show.png", help="PNG to write (default: %(default)s)")
 

@@ -8,6 +8,7 @@ import sys
 
 #: bench's --keep-rates when none are given: this very list (compared by identity) stands for "the method's own"
 BENCH_KEEP_RATES = [1.0, 0.7, 0.5]
+SHOW_KEEP_RATE, SHOW_R = 0.7, 4  # evit show's settings when none is given
 
 
 def _fit_budget(args, models):
@@ -226,7 +227,7 @@ def _show(args) -> int:
     from .evaluate import apply_setting
     from .loading import load_model
     from .patch import patch
-    from .registry import method_class
+    from .registry import check_settings_apply, method_class
     from .show import fashion_images, figure_path, load_images, show
 
     _not_an_input(str(figure_path(args.out)), "--out",
@@ -243,8 +244,11 @@ def _show(args) -> int:
     else:  # the embedded architecture (its bundled weights or --checkpoint's)
         class_names = FASHION_MNIST_CLASSES
         images, display = fashion_images(args.images, args.count)
+    check_settings_apply([args.method], {"keep_rate": "--keep-rate" if args.keep_rate is not None else "",
+                                         "r": "--r" if args.r is not None else ""})  # it would be ignored
     setting = method_class(args.method).setting
-    settings = {setting: {"r": args.r, "keep_rate": args.keep_rate}[setting]}
+    given = {"r": args.r, "keep_rate": args.keep_rate}[setting]
+    settings = {setting: given if given is not None else {"r": SHOW_R, "keep_rate": SHOW_KEEP_RATE}[setting]}
     # a learned method keeps its weights; Patch Slimming chooses its (static) tokens from the images shown
     apply_setting(model, {"method": args.method, **settings}, args.locations, images=images)
     path = show(model, images, display, args.out, class_names)
