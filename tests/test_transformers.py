@@ -752,3 +752,13 @@ def test_a_folders_image_processor_settings_are_applied_as_transformers_applies_
             hosts.data_config(model)
         assert "preprocessor_config.json" in str(refused.value) and len(str(refused.value).splitlines()) == 1
 
+
+def test_fashion_mnist_is_refused_for_a_model_taking_three_channels(tmp_path, capsys):
+    """Its tensors are grayscale: a 3-channel model is refused in one line before any work, not failed inside."""
+    spec = HF_TINY.replace(",num_channels=1", "")
+    for command in (["eval", "--model", spec, "--data", "bundled"],
+                    ["train", "--model", spec, "--data", "fashion-mnist", "--out", str(tmp_path / "run")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert "takes 3 input channels but Fashion-MNIST's images are grayscale" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
