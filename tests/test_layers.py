@@ -18,7 +18,7 @@ SRC = Path(evit.__file__).parent
 
 LAYERS = [
     ("hosts", {"evit.hosts", "evit.hosts.base", "evit.hosts.timm", "evit.hosts.transformers",
-               "evit.hosts.transformers_models"}),
+               "evit.hosts.transformers_models", "evit.hosts.transformers_preprocessing"}),
     ("mechanism", {"evit.attention", "evit.reduction", "evit.registry", "evit.patch"}),
     ("methods", {"evit.methods"} | {f"evit.methods.{p.stem}" for p in (SRC / "methods").glob("*.py")
                                     if p.stem != "__init__"}),

@@ -466,7 +466,15 @@ def test_cli_refuses_bad_hf_specs_and_folders_in_one_line(tmp_path, capsys):
                f"hf:vit:{tiny},model_class=BertModel": "BertModel is not a vit model",
                f"hf:vit:{tiny},model_class=DeiTModel": "DeiTModel is not a vit model",
                f"hf:vit:{tiny},attn_implementation=flash_attention_2": "could not build",
-               "hf:": "needs a model type", f"hf:{tmp_path / 'nope'}": "no such folder"}
+               "hf:": "needs a model type", f"hf:{tmp_path / 'nope'}": "no such folder",
+               # transformers builds these: a patch that does not divide the image crops it, a larger one fails late
+               f"hf:vit:{tiny},image_size=30": "image_size 30x30 is not a multiple of the patch size 8x8",
+               f"hf:vit:{tiny},patch_size=64": "image_size 32x32 is not a multiple of the patch size 64x64",
+               f"hf:vit:{tiny},image_size=[32,48,3]": "image_size is one number or [height, width]",
+               f"hf:vit:{tiny},num_labels=-3": "at least 1, got -3",  # transformers reads it as 0 labels
+               f"hf:{tmp_path / 'bert'}": "is a bert model"}  # not "pass --pretrained", which would not help
+    T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64)).save_pretrained(tmp_path / "bert")
     model = build("ViTForImageClassification")
     model.save_pretrained(tmp_path / "weights")
     bad = build("ViTForImageClassification")
@@ -697,3 +705,60 @@ def test_weights_trained_on_fashion_mnist_tensors_read_a_folder_as_they_were_tra
     seen = hosts.data_config(loaded)
     assert (seen["mean"], seen["crop_pct"], seen["interpolation"]) == ((FASHION_MNIST_MEAN,), 1.0, "bilinear")
     assert hosts.class_names(loaded) == list(FASHION_MNIST_CLASSES)
+
+
+def pil_processor(family):
+    """transformers' image processor of ``family`` on PIL (its default in newer releases resizes with torchvision, which
+    rounds differently from PIL, which evit's transform uses, by up to one level of 255)."""
+    return getattr(T, f"{family}ImageProcessorPil", None) or getattr(T, f"{family}ImageProcessor")
+
+
+def test_a_folders_image_processor_settings_are_applied_as_transformers_applies_them(tmp_path):
+    """``preprocessor_config.json``: no normalisation, no or another rescaling, a number for every channel's mean,
+    the resampling filter and the crop give the pixels transformers' processor gives; a file it would refuse, or
+    that is not settings, is refused naming it. Without a file, ViT resizes bilinearly, as its processor does."""
+    import numpy as np
+    from PIL import Image
+
+    from evit.folders import image_transform
+    from evit.models import create_model
+
+    build("ViTForImageClassification").save_pretrained(tmp_path / "vit")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    base = dict(image_processor_type="ViTImageProcessor", size={"height": 32, "width": 32}, image_mean=[0.2, 0.3, 0.4],
+                image_std=[0.5, 0.6, 0.7])
+    settings = {"default": {}, "no normalising": dict(base, do_normalize=False),
+                "no rescaling": dict(base, do_rescale=False), "a number": dict(base, image_mean=0.4, image_std=0.3),
+                "bicubic": dict(base, resample=3, rescale_factor=1 / 127.5)}
+    for label, given in settings.items():
+        (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(given))
+        model = create_model(f"hf:{tmp_path / 'vit'}", pretrained=True)
+        transform, mode = image_transform(model, (3, 32, 32), train=False)
+        processor = pil_processor("ViT")(**{"size": 32, **{k: v for k, v in given.items() if k != "image_processor_type"}})
+        expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
+        torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5, msg=label)
+    # without a file: each family's processor (CLIP's resizes by the shorter side, then crops)
+    for name, processor in {"DeiTForImageClassification": pil_processor("DeiT")(size=36, crop_size=32),
+                            "CLIPVisionModel": pil_processor("CLIP")(size=32, crop_size=32)}.items():
+        transform, mode = image_transform(build(name), (3, 32, 32), train=False)
+        expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
+        torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5, msg=name)
+    for text, words in {json.dumps(dict(base, image_mean=[0.5] * 4)): "image_mean must be a number or a list of 3",
+                        json.dumps(dict(base, resample=9)): "resample 9 is not one of PIL's filters",
+                        "[1, 2]": "holds a JSON list, not image-processor settings", "{oops": "cannot be read as JSON"}.items():
+        (tmp_path / "vit" / "preprocessor_config.json").write_text(text)
+        model = create_model(f"hf:{tmp_path / 'vit'}", pretrained=True)
+        with pytest.raises(ValueError, match=words) as refused:
+            hosts.data_config(model)
+        assert "preprocessor_config.json" in str(refused.value) and len(str(refused.value).splitlines()) == 1
+
+
+def test_fashion_mnist_is_refused_for_a_model_taking_three_channels(tmp_path, capsys):
+    """Its tensors are grayscale: a 3-channel model is refused in one line before any work, not failed inside."""
+    spec = HF_TINY.replace(",num_channels=1", "")
+    for command in (["eval", "--model", spec, "--data", "bundled"],
+                    ["train", "--model", spec, "--data", "fashion-mnist", "--out", str(tmp_path / "run")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert "takes 3 input channels but Fashion-MNIST's images are grayscale" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

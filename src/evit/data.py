@@ -103,6 +103,17 @@ def check_head(outputs: int, classes: int, source: str) -> None:
                          "trained on these classes (evit train fine-tunes weights onto them: --init WEIGHTS, or --pretrained)")
 
 
+def check_grayscale(model: nn.Module, source: str = "Fashion-MNIST") -> None:
+    """Refuse a model that does not take ``source``'s grayscale tensors (one channel): it would fail deep inside."""
+    from .cost import native_input_size
+
+    channels = native_input_size(model)[0]
+    if channels != 1:
+        raise ValueError(f"the model takes {channels} input channels but {source}'s images are grayscale (1): build it "
+                         "with one (timm: in_chans=1; transformers: num_channels=1), or give it a folder of images "
+                         "(--data FOLDER), which is read in the model's channels")
+
+
 def check_subset(size: Optional[int], available: int, where: str) -> None:
     """Refuse a --train-subset that is not a positive count no larger than the ``available`` images."""
     if size is not None and not 0 < size <= available:

@@ -238,7 +238,8 @@ def check_resume(cfg: TrainConfig, out: Path) -> TrainConfig:
 def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int = 1):
     """(train loader, validation loader, class names) for ``cfg.data``; a folder's images at ``model``'s
     input size as built (or ``cfg.img_size``), labelled by class name."""
-    from .data import FASHION_MNIST_CLASSES, TensorLoader, check_head, check_subset, held_out, load_fashion_mnist
+    from .data import (FASHION_MNIST_CLASSES, TensorLoader, check_grayscale, check_head, check_subset, held_out,
+                       load_fashion_mnist)
 
     if cfg.data != "fashion-mnist":
         from .folders import train_data
@@ -249,6 +250,7 @@ def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int =
                           rank=rank, world=world)
         return data.train, data.val, data.class_names
     check_head(hosts.head_outputs(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
+    check_grayscale(model)
     x, y = load_fashion_mnist("train", cfg.data_root, cfg.download)
     if cfg.val_split is not None:
         kept, held = held_out(len(y), cfg.val_split, cfg.seed)

@@ -115,13 +115,14 @@ class BlockView:
 
 
 
-def check_patch_multiple(hw: tuple[int, int], patch: tuple[int, int]) -> None:
-    """Refuse an input size whose sides are not multiples of the patch's: the patch embedding would crop it."""
+def check_patch_multiple(hw: tuple[int, int], patch: tuple[int, int], what: str = "img_size") -> None:
+    """Refuse an input size (``what``, as messages name it) whose sides are not multiples of the patch's: the patch
+    embedding would crop it."""
     (h, w), (ph, pw) = hw, patch
     if h % ph or w % pw:
         below, above = (max(ph, h // ph * ph), max(pw, w // pw * pw)), (-(-h // ph) * ph, -(-w // pw) * pw)
         other = f" or {above[0]}x{above[1]}" if above != below else ""
-        raise ValueError(f"img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}: the patch embedding would "
+        raise ValueError(f"{what} {h}x{w} is not a multiple of the patch size {ph}x{pw}: the patch embedding would "
                          f"crop it; use e.g. {below[0]}x{below[1]}{other}")
 
 class Host:

@@ -23,7 +23,6 @@ submodules (``layernorm_before``, ``attention.q_proj``, ..., ``mlp``); only its 
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import AttentionView, BlockView, Host, base_class, check_patch_multiple
+from .transformers_preprocessing import saved_preprocessing
 
 IMPLEMENTATIONS = ("sdpa", "eager")
 #: the oldest transformers whose model classes are laid out as this file reads them (5.20 and older name
@@ -79,6 +79,11 @@ class HFAttention(AttentionView):
 
     def finish(self, out: Tensor, x: Tensor) -> Tensor:
         return self._out(out)
+
+
+def pair(value) -> tuple[int, int]:
+    """A config's size (``image_size``, ``patch_size``): one number for both sides, or (height, width)."""
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _masks_nothing(mask: Tensor) -> bool:
@@ -190,6 +195,8 @@ class Family:
     mean: tuple
     std: tuple
     crop_pct: float = 1.0
+    interpolation: str = "bicubic"  # its image processor's resample
+    crop_mode: str = "center"  # resized by the shorter side ('center'), or to height x width ('squash')
     makes_mask: bool = True  # its model makes an attention mask for its layers (create_bidirectional_mask)
 
 
@@ -197,8 +204,10 @@ _STANDARD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 FAMILIES = {
-    "vit": Family("vit", "ViTLayer", "ViTAttention", ViTLayerView, "layers", *_STANDARD),
-    "deit": Family("deit", "DeiTLayer", "DeiTAttention", ViTLayerView, "layers", *_STANDARD, crop_pct=0.875),
+    "vit": Family("vit", "ViTLayer", "ViTAttention", ViTLayerView, "layers", *_STANDARD, interpolation="bilinear",
+                  crop_mode="squash"),
+    "deit": Family("deit", "DeiTLayer", "DeiTAttention", ViTLayerView, "layers", *_STANDARD, crop_pct=0.875,
+                   crop_mode="squash"),
     "clip": Family("clip", "CLIPEncoderLayer", "CLIPAttention", CLIPLayerView, "encoder.layers", *_CLIP,
                    makes_mask=False),
     "dinov2": Family("dinov2", "Dinov2Layer", "Dinov2Attention", Dinov2LayerView, "encoder.layer", *_IMAGENET,
@@ -207,7 +216,7 @@ FAMILIES = {
                                     "Dinov2WithRegistersAttention", Dinov2LayerView, "encoder.layer", *_IMAGENET,
                                     crop_pct=0.875),
     "siglip": Family("siglip", "SiglipEncoderLayer", "SiglipAttention", CLIPLayerView, "encoder.layers", *_STANDARD,
-                     makes_mask=False),
+                     crop_mode="squash", makes_mask=False),
 }
 #: served model classes: (family, pooling). Pooling: 'token' (a head or pooler on the class token),
 #: 'token+avg' (on the class token and the image tokens' mean), 'sequence' (the tokens themselves)
@@ -337,15 +346,12 @@ class TransformersHost(Host):
     def final_norm(self) -> Optional[nn.Module]:
         return self.backbone.layernorm if self.pooling == "token+avg" else None
 
-    def _pair(self, value) -> tuple[int, int]:
-        return (value, value) if isinstance(value, int) else tuple(value)
-
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return (self.config.num_channels, *self._pair(self.config.image_size))
+        return (self.config.num_channels, *pair(self.config.image_size))
 
     def patch_grid(self, hw: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-        (h, w), (ph, pw) = hw or self.input_size[1:], self._pair(self.config.patch_size)
+        (h, w), (ph, pw) = hw or self.input_size[1:], pair(self.config.patch_size)
         return h // ph, w // pw
 
     @property
@@ -358,7 +364,7 @@ class TransformersHost(Host):
         at that size, without interpolating at every call. DINOv2 interpolates at every call anyway: only the
         size it is run at changes. Each side must be a multiple of the patch size (the patch embedding would crop
         the image); CLIP and SigLIP take square inputs only."""
-        (h, w), (ph, pw) = hw, self._pair(self.config.patch_size)
+        (h, w), (ph, pw) = hw, pair(self.config.patch_size)
         check_patch_multiple((h, w), (ph, pw))
         if (h, w) == tuple(self.input_size[1:]):
             return
@@ -492,17 +498,14 @@ class TransformersHost(Host):
     def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         """The family's preprocessing (as transformers' image processor for it does), or the one a local
         folder's ``preprocessor_config.json`` gives."""
-        mean, std, crop_pct = self.family.mean, self.family.std, self.family.crop_pct
+        family = self.family
+        found = dict(mean=family.mean, std=family.std, crop_pct=family.crop_pct, interpolation=family.interpolation,
+                     crop_mode=family.crop_mode)
         saved = Path(str(getattr(self.model.config, "_name_or_path", "") or "")) / "preprocessor_config.json"
         if saved.is_file():
-            given = json.loads(saved.read_text())
-            mean, std = tuple(given.get("image_mean", mean)), tuple(given.get("image_std", std))
-            size, crop = given.get("size") or {}, given.get("crop_size") or {}
-            if given.get("do_center_crop") and crop.get("height") and (size.get("height") or size.get("shortest_edge")):
-                crop_pct = crop["height"] / (size.get("height") or size["shortest_edge"])
+            found = saved_preprocessing(saved, self.config.num_channels, found)
         size = tuple(int(s) for s in input_size) if input_size else self.input_size
-        return dict(input_size=size, **{"mean": mean, "std": std, "interpolation": "bicubic", "crop_pct": crop_pct,
-                                        **getattr(self.model, self.RECORD, {})})
+        return dict(input_size=size, **{**found, **getattr(self.model, self.RECORD, {})})
 
 
 @contextmanager

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .transformers import check_version, host, quiet_loading
+from .base import check_patch_multiple
+from .transformers import check_version, host, pair, quiet_loading
 
 
 def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, fresh_head: bool = False,
@@ -40,11 +41,9 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
     folder = Path(spec).expanduser()
     if spec.startswith((".", "/", "~")) and not folder.is_dir():
         raise ValueError(f"hf:{spec}: no such folder (a local model is a folder with config.json)")
+    weights = []
     if (folder / "config.json").is_file():
         weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-        if weights and not pretrained and not checkpoint:
-            raise ValueError(f"hf:{spec} holds weights ({weights[0]}) that random weights would silently replace: "
-                             "pass --pretrained (pretrained=True) to load them, or give a folder with only config.json")
         make_config = lambda: AutoConfig.from_pretrained(str(folder), **overrides)  # noqa: E731
     elif spec in CONFIG_MAPPING:
         if pretrained:
@@ -70,6 +69,9 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         raise ValueError(f"hf:{spec} is a {config.model_type} model; evit serves the model types {', '.join(_TYPES)}, "
                          f"and the image towers of {', '.join(_TOWERS)}")
     _check_settings(spec, config, overrides)
+    if weights and not pretrained and not checkpoint:  # said once the folder is known to hold a model evit serves
+        raise ValueError(f"hf:{spec} holds weights ({weights[0]}) that random weights would silently replace: "
+                         "pass --pretrained (pretrained=True) to load them, or give a folder with only config.json")
     # the class a folder's model was saved as; a two-tower model's image tower is its own class
     model_class = model_class or tower or next(iter(getattr(config, "architectures", None) or []), None)
     if model_class is not None:
@@ -160,14 +162,24 @@ def _check_settings(spec: str, config, overrides: dict) -> None:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"hf:{spec}: {type(config).__name__} has no setting {', '.join(map(repr, unknown))}")
-    for key, least in _COUNTS.items():
-        values = getattr(config, key, None)
+    for key, least in _COUNTS.items():  # as given: transformers reads some (num_labels=-3) as another number
+        values = overrides[key] if key in overrides else getattr(config, key, None)
         for v in values if isinstance(values, (list, tuple)) else [values]:
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= least):
                 raise ValueError(f"hf:{spec}: {key} must be a whole number of at least {least}, got {values!r}")
     width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     if isinstance(width, int) and isinstance(heads, int) and width % heads:
         raise ValueError(f"hf:{spec}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if image is not None and patch is not None:
+        for key, value in (("image_size", image), ("patch_size", patch)):
+            if not isinstance(value, int) and len(value) != 2:
+                raise ValueError(f"hf:{spec}: {key} is one number or [height, width], got {value!r}")
+        (h, w), (ph, pw) = pair(image), pair(patch)
+        # a patch larger than the image cannot run; a size the patches do not divide is cropped by the patch
+        # embedding, which evit refuses for sizes given here (a saved model trained so is left as it was made)
+        if ph > h or pw > w or {"image_size", "patch_size"} & set(overrides):
+            check_patch_multiple((h, w), (ph, pw), what=f"hf:{spec}: image_size")
 
 
 _TYPES = ("vit", "deit", "clip_vision_model", "dinov2", "dinov2_with_registers", "siglip_vision_model")
