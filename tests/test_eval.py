@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -203,18 +204,24 @@ def test_any_bytes_named_as_a_torch_file_are_refused_in_one_line(tmp_path):
 
 def test_weights_from_another_input_size_are_resampled_and_said(capsys):
     from evit import embedded
-    from evit.models import create_model, read_checkpoint
+    from evit.models import create_model, load_checkpoint, read_checkpoint
 
-    model = create_model("vit_tiny_patch16_224", img_size=36, patch_size=4, in_chans=1, num_classes=10, depth=6,
-                         embed_dim=128, num_heads=4)
-    path = str(embedded.ASSETS / embedded.WEIGHTS["baseline"])
+    def build(size, **kwargs):
+        return create_model("vit_tiny_patch16_224", img_size=size, patch_size=4, in_chans=1, num_classes=10, depth=6,
+                            embed_dim=128, num_heads=4, **kwargs)
+
+    model, path = build(36), str(embedded.ASSETS / embedded.WEIGHTS["baseline"])
     state = read_checkpoint(model, path)
     assert state["pos_embed"].shape == model.pos_embed.shape == (1, 82, 128)
+    assert capsys.readouterr().err == ""  # said once the weights load, not when they are read
+    load_checkpoint(model, path, state=state)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and path in err[0] and "pos_embed (1x50x128) is resampled to this model's (1x82x128)" in err[0]
-    read_checkpoint(create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10,
-                                 depth=6, embed_dim=128, num_heads=4), path)
+    load_checkpoint(build(28), path)
     assert capsys.readouterr().err == ""  # at its own size: nothing to say
+    with pytest.raises(ValueError, match="does not fit"):
+        load_checkpoint(build(36, mlp_ratio=2.0), path)  # resampled, then refused: the refusal alone is said
+    assert capsys.readouterr().err == ""
 
 
 def test_a_named_model_without_weights_is_scored_with_a_note_that_it_is_chance(tmp_path, capsys):

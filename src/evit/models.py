@@ -175,11 +175,18 @@ def read_checkpoint(model: nn.Module, path: str) -> dict:
                              or f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
         own = model.state_dict()
         resampled = [k for k, v in state.items() if k in given and given[k] != tuple(v.shape) and k in own]
-        if resampled:  # said, not quiet: the weights now run at a size they were not trained at
+        if resampled:  # said once the weights have loaded (not quiet: they now run at a size not trained at)
             k = resampled[0]
-            print(f"evit: {path} was trained at another input size; its {k} ({_shape(given[k])}) is resampled to "
-                  f"this model's ({_shape(state[k].shape)})", file=sys.stderr)
+            state = _ReadState(state)
+            state.note = (f"evit: {path} was trained at another input size; its {k} ({_shape(given[k])}) is "
+                          f"resampled to this model's ({_shape(state[k].shape)})")
     return state
+
+
+class _ReadState(dict):
+    """A checkpoint's weights as :func:`read_checkpoint` adapted them, with the line to say once they load."""
+
+    note: str = ""
 
 
 def _shape(shape) -> str:
@@ -229,6 +236,7 @@ def load_checkpoint(model: nn.Module, path: str, fresh_head: bool = False, state
     :func:`evit.checkpoint.recorded_settings`) are left on the model, so evaluating it patches it the way it
     was trained."""
     state = read_checkpoint(model, path) if state is None else state
+    note = getattr(state, "note", "")
     own = model.state_dict()
     head = hosts.head_keys(model, [*own, *state])
     theirs = {k: tuple(v.shape) for k, v in state.items() if k in head}
@@ -244,6 +252,8 @@ def load_checkpoint(model: nn.Module, path: str, fresh_head: bool = False, state
     if fresh:
         print(_fresh_head_note(model, path, theirs), file=sys.stderr)
     model.load_state_dict(state, strict=False)
+    if note:
+        print(note, file=sys.stderr)
     setattr(model, TRAINED_WITH, recorded_settings(Path(path)))
     if recorded_data(Path(path)) == "fashion-mnist":
         record_fashion_mnist_training(model)
