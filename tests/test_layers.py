@@ -124,7 +124,8 @@ TRANSFORMERS_ATTRIBUTES = {
 }
 HOST_ATTRIBUTES = TIMM_ATTRIBUTES | TRANSFORMERS_ATTRIBUTES
 MODULE_API = set(dir(torch.nn.Module()))
-HOST_FILES = {"evit.hosts.timm", "evit.hosts.transformers", "evit.hosts.transformers_models", "evit.hosts",
+HOST_FILES = {"evit.hosts.timm", "evit.hosts.transformers", "evit.hosts.transformers_models",
+              "evit.hosts.transformers_preprocessing", "evit.hosts",
               "evit.hosts.base"}
 
 

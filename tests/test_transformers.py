@@ -762,3 +762,26 @@ def test_fashion_mnist_is_refused_for_a_model_taking_three_channels(tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert "takes 3 input channels but Fashion-MNIST's images are grayscale" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_one_number_for_size_is_read_as_the_folders_processor_reads_it(tmp_path):
+    """Older processors save ``size`` as one number (openai's CLIP folders do): CLIP's and DINOv2's (Bit's) processors
+    read it as the shorter side, ViT's as both sides; without a class named, as the family resizes."""
+    import numpy as np
+    from PIL import Image
+
+    from evit.folders import image_transform
+    from evit.models import create_model
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    cases = {"CLIPVisionModel": ("CLIP", dict(feature_extractor_type="CLIPFeatureExtractor")),
+             "ViTForImageClassification": ("ViT", dict(image_processor_type="ViTImageProcessor")),
+             "Dinov2ForImageClassification": ("Bit", {})}
+    for name, (processor, named) in cases.items():
+        build(name).save_pretrained(tmp_path / name)
+        given = dict(size=32, crop_size=32, do_center_crop=processor != "ViT", image_mean=[0.2, 0.3, 0.4],
+                     image_std=[0.5, 0.6, 0.7], resample=3)
+        (tmp_path / name / "preprocessor_config.json").write_text(json.dumps({**given, **named}))
+        transform, mode = image_transform(create_model(f"hf:{tmp_path / name}", pretrained=True), (3, 32, 32), False)
+        expected = torch.as_tensor(pil_processor(processor)(**given)(image, return_tensors="np")["pixel_values"][0])
+        torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5, msg=name)

@@ -54,8 +54,8 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
                              f"({', '.join(f'{k} {v}' for k, v in _RESAMPLE.items())}); mend it")
         found["interpolation"] = _RESAMPLE[given["resample"]]
     size, crop = given.get("size") or {}, given.get("crop_size") or {}
-    if isinstance(size, int):  # older processors save one number for both sides
-        size = {"height": size}
+    if isinstance(size, int):  # older processors save one number: both sides, or the shorter one (CLIP's, DINOv2's)
+        size = {"height" if _square_by_default(given, defaults) else "shortest_edge": size}
     if isinstance(crop, int):
         crop = {"height": crop}
     if isinstance(size, dict) and (size.get("height") or size.get("shortest_edge")):
@@ -66,3 +66,16 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
         elif "do_center_crop" in given:  # no crop: the whole resized image
             found["crop_pct"] = 1.0
     return found
+
+
+def _square_by_default(given: dict, defaults: dict) -> bool:
+    """Whether the processor reads a one-number ``size`` as height and width (ViT's, DeiT's) rather than as the
+    shorter side (CLIP's, DINOv2's Bit): its class's ``default_to_square``, else (no class named) the family's way."""
+    import transformers
+
+    name = str(given.get("image_processor_type") or given.get("feature_extractor_type") or "")
+    name = name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast")  # as transformers renames them
+    processor = getattr(transformers, name, None) if name.endswith("ImageProcessor") else None
+    if processor is not None:
+        return bool(getattr(processor, "default_to_square", True))
+    return defaults.get("crop_mode") == "squash"
