@@ -785,3 +785,28 @@ def test_one_number_for_size_is_read_as_the_folders_processor_reads_it(tmp_path)
         transform, mode = image_transform(create_model(f"hf:{tmp_path / name}", pretrained=True), (3, 32, 32), False)
         expected = torch.as_tensor(pil_processor(processor)(**given)(image, return_tensors="np")["pixel_values"][0])
         torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5, msg=name)
+
+
+def test_the_centre_crop_is_placed_as_transformers_places_it(tmp_path):
+    """Resized by the shorter side, an image's odd margin is split as the processors split it (half, rounded down;
+    torchvision's CenterCrop rounds 5.5 to 6): DINOv2's defaults against its saved processor, and a CLIP folder's."""
+    import numpy as np
+    from PIL import Image
+
+    from evit.folders import image_transform
+    from evit.models import create_model
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))  # 36 x 43: 11 over
+    imagenet = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    build("CLIPVisionModel").save_pretrained(tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(dict(
+        image_processor_type="CLIPImageProcessor", size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+        do_center_crop=True)))
+    for model, processor in {build("Dinov2ForImageClassification"): pil_processor("Bit")(
+                                 size={"shortest_edge": 36}, crop_size=32, **imagenet),
+                             create_model(f"hf:{tmp_path / 'clip'}", pretrained=True): pil_processor("CLIP")(
+                                 size={"shortest_edge": 36}, crop_size=32)}.items():
+        transform, mode = image_transform(model, (3, 32, 32), train=False)
+        expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
+        torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5,
+                                   msg=type(model).__name__)

@@ -391,7 +391,28 @@ def image_transform(model: nn.Module, size: Sequence[int], train: bool):
                  for k in ("mean", "std"))
     transform = create_transform(cfg["input_size"], is_training=train, interpolation=cfg["interpolation"], mean=mean,
                                  std=std, crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode"))
+    if cfg.get("crop_offset") == "floor" and not train:  # transformers' processors: torchvision's rounds the offset
+        from torchvision.transforms import CenterCrop
+
+        transform.transforms = [FloorCenterCrop(t.size) if isinstance(t, CenterCrop) else t for t in transform.transforms]
     return transform, "L" if channels == 1 else "RGB"
+
+
+class FloorCenterCrop:
+    """The centre ``size`` (height, width) of a PIL image, offset by half the margin rounded down, as transformers'
+    image processors crop (torchvision's ``CenterCrop`` rounds half to even: one pixel apart for some sizes)."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, image):
+        from torchvision.transforms.functional import center_crop
+
+        (h, w), (width, height) = self.size, image.size
+        if h > height or w > width:  # a crop larger than the image pads it: torchvision's way
+            return center_crop(image, [h, w])
+        top, left = (height - h) // 2, (width - w) // 2
+        return image.crop((left, top, left + w, top + h))
 
 
 def split_loader(split: Split, model: nn.Module, batch_size: int, train: bool, size: Optional[Sequence[int]] = None,

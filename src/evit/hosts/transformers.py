@@ -500,7 +500,7 @@ class TransformersHost(Host):
         folder's ``preprocessor_config.json`` gives."""
         family = self.family
         found = dict(mean=family.mean, std=family.std, crop_pct=family.crop_pct, interpolation=family.interpolation,
-                     crop_mode=family.crop_mode)
+                     crop_mode=family.crop_mode, crop_offset="floor")  # its processor crops at half the margin, floored
         saved = Path(str(getattr(self.model.config, "_name_or_path", "") or "")) / "preprocessor_config.json"
         if saved.is_file():
             found = saved_preprocessing(saved, self.config.num_channels, found)
