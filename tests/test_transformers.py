@@ -810,3 +810,23 @@ def test_the_centre_crop_is_placed_as_transformers_places_it(tmp_path):
         expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
         torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5,
                                    msg=type(model).__name__)
+
+
+def test_settings_a_folders_file_leaves_out_are_its_processor_classes(tmp_path):
+    """A hand-written ``preprocessor_config.json`` naming its processor class: what it leaves out (here CLIP's
+    centre crop, Bit's CLIP mean and std for a DINOv2) is the class's default, as transformers builds it."""
+    import numpy as np
+    from PIL import Image
+
+    from evit.folders import image_transform
+    from evit.models import create_model
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    given = dict(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    for name, processor in {"CLIPVisionModel": "CLIP", "Dinov2ForImageClassification": "Bit"}.items():
+        build(name).save_pretrained(tmp_path / name)
+        (tmp_path / name / "preprocessor_config.json").write_text(json.dumps(
+            dict(given, image_processor_type=f"{processor}ImageProcessor")))
+        transform, mode = image_transform(create_model(f"hf:{tmp_path / name}", pretrained=True), (3, 32, 32), False)
+        expected = torch.as_tensor(pil_processor(processor)(**given)(image, return_tensors="np")["pixel_values"][0])
+        torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5, msg=name)

@@ -9,6 +9,9 @@ from pathlib import Path
 
 #: PIL's resampling filters by the number an image processor saves as ``resample``, in timm's names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+#: the settings read here, which a processor class defaults when a file leaves them out
+_SETTINGS = ("do_normalize", "image_mean", "image_std", "do_rescale", "rescale_factor", "resample", "size", "crop_size",
+             "do_center_crop")
 
 
 def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
@@ -36,6 +39,9 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
                              f"got {value!r}; mend it")
         return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
 
+    processor = _processor_class(given)
+    if processor is not None:  # a setting the file leaves out is its processor class's, as transformers builds it
+        given = {**{k: getattr(processor, k) for k in _SETTINGS if getattr(processor, k, None) is not None}, **given}
     found = dict(defaults)
     if given.get("do_normalize", True):
         found["mean"], found["std"] = per_channel("image_mean", defaults["mean"]), per_channel("image_std", defaults["std"])
@@ -55,7 +61,8 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
         found["interpolation"] = _RESAMPLE[given["resample"]]
     size, crop = given.get("size") or {}, given.get("crop_size") or {}
     if isinstance(size, int):  # older processors save one number: both sides, or the shorter one (CLIP's, DINOv2's)
-        size = {"height" if _square_by_default(given, defaults) else "shortest_edge": size}
+        square = getattr(processor, "default_to_square", True) if processor else defaults.get("crop_mode") == "squash"
+        size = {"height" if square else "shortest_edge": size}
     if isinstance(crop, int):
         crop = {"height": crop}
     if isinstance(size, dict) and (size.get("height") or size.get("shortest_edge")):
@@ -68,14 +75,11 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
     return found
 
 
-def _square_by_default(given: dict, defaults: dict) -> bool:
-    """Whether the processor reads a one-number ``size`` as height and width (ViT's, DeiT's) rather than as the
-    shorter side (CLIP's, DINOv2's Bit): its class's ``default_to_square``, else (no class named) the family's way."""
+def _processor_class(given: dict):
+    """The transformers image-processor class the settings name (``image_processor_type``, or an older
+    ``feature_extractor_type``, renamed as transformers renames it), or None."""
     import transformers
 
     name = str(given.get("image_processor_type") or given.get("feature_extractor_type") or "")
-    name = name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast")  # as transformers renames them
-    processor = getattr(transformers, name, None) if name.endswith("ImageProcessor") else None
-    if processor is not None:
-        return bool(getattr(processor, "default_to_square", True))
-    return defaults.get("crop_mode") == "squash"
+    name = name.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast")
+    return getattr(transformers, name, None) if name.endswith("ImageProcessor") else None
