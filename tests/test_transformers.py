@@ -830,3 +830,22 @@ def test_settings_a_folders_file_leaves_out_are_its_processor_classes(tmp_path):
         transform, mode = image_transform(create_model(f"hf:{tmp_path / name}", pretrained=True), (3, 32, 32), False)
         expected = torch.as_tensor(pil_processor(processor)(**given)(image, return_tensors="np")["pixel_values"][0])
         torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5, msg=name)
+
+
+def test_a_dinov2_folder_runs_at_the_size_its_image_processor_gives(tmp_path):
+    """DINOv2's config says its pretraining size (518 on the Hub), its processor crops to 224, and transformers runs
+    it at what the processor gives: so does evit (counting, benchmarking, reading folders)."""
+    from evit.models import create_model
+
+    config = T.Dinov2Config(**{**TINY, "num_hidden_layers": 2, "image_size": 56, "patch_size": 14}, num_labels=3)
+    T.Dinov2ForImageClassification(config).save_pretrained(tmp_path / "dino")
+    spec = f"hf:{tmp_path / 'dino'}"
+    assert hosts.find(create_model(spec, pretrained=True)).input_size == (3, 56, 56)  # no processor settings
+    T.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(tmp_path / "dino")
+    model = create_model(spec, pretrained=True)
+    assert hosts.find(model).input_size == (3, 28, 28)
+    assert evit.count_macs(model) < evit.count_macs(model, (3, 56, 56))
+    vit = T.ViTForImageClassification(T.ViTConfig(**TINY, num_labels=3))  # takes one size: left at its own
+    vit.save_pretrained(tmp_path / "vit")
+    T.ViTImageProcessor(size={"height": 24, "width": 24}).save_pretrained(tmp_path / "vit")
+    assert hosts.find(create_model(f"hf:{tmp_path / 'vit'}", pretrained=True)).input_size == (3, 32, 32)

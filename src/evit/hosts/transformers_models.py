@@ -16,6 +16,7 @@ from torch import nn
 
 from .base import check_patch_multiple
 from .transformers import check_version, host, pair, quiet_loading
+from .transformers_preprocessing import processor_output_size
 
 
 def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, fresh_head: bool = False,
@@ -86,7 +87,8 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         cls = _default_class(config)
     try:
         if not pretrained:
-            return _drawn_tokens(cls._from_config(config, attn_implementation=impl))
+            return _at_processor_size(_drawn_tokens(cls._from_config(config, attn_implementation=impl)), folder,
+                                      overrides)
         source = str(folder) if folder.is_dir() else spec
         # fine-tuning: the head is sized for other classes than the weights' and starts afresh
         load = dict(config=config, attn_implementation=impl, output_loading_info=True,
@@ -118,6 +120,20 @@ def create_model(spec: str, pretrained: bool = False, checkpoint: bool = False, 
         raise ValueError(f"hf:{spec}: the weights lack {len(missing)} of {cls.__name__}'s tensors ({', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}), which would start random; give the model_class the "
                          "weights were saved from")
+    return _at_processor_size(model, folder, overrides)
+
+
+def _at_processor_size(model: nn.Module, folder: Path, overrides: dict) -> nn.Module:
+    """``model`` run at the size its folder's image processor gives, when it takes any size (DINOv2: its config's
+    ``image_size``, 518, is the pretraining size, and its processor crops to 224, the size transformers runs it
+    at); a size given in the spec (``image_size``) stays."""
+    saved = folder / "preprocessor_config.json"
+    found = host(model)
+    if "image_size" in overrides or not found.takes_any_size or not saved.is_file():
+        return model
+    size = processor_output_size(saved)
+    if size is not None and size != tuple(found.input_size[1:]):
+        found.set_input_size(size)
     return model
 
 

@@ -20,13 +20,7 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
     mean and std (a number for every channel), none with ``do_normalize`` false, pixels scaled by
     ``rescale_factor`` (none with ``do_rescale`` false) before them, its ``resample`` filter, its resizing (to
     height x width, or by the shorter side) and its centre crop. A file transformers would refuse, or whose settings cannot be read so, is refused in one line."""
-    try:
-        given = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} cannot be read as JSON ({e}); mend or remove it") from None
-    if not isinstance(given, dict):
-        raise ValueError(f"{path} holds a JSON {type(given).__name__}, not image-processor settings (an object); "
-                         "mend or remove it")
+    given, processor = _settings(path)
 
     def per_channel(key: str, default: tuple) -> tuple:
         value = given.get(key)
@@ -39,9 +33,6 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
                              f"got {value!r}; mend it")
         return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
 
-    processor = _processor_class(given)
-    if processor is not None:  # a setting the file leaves out is its processor class's, as transformers builds it
-        given = {**{k: getattr(processor, k) for k in _SETTINGS if getattr(processor, k, None) is not None}, **given}
     found = dict(defaults)
     if given.get("do_normalize", True):
         found["mean"], found["std"] = per_channel("image_mean", defaults["mean"]), per_channel("image_std", defaults["std"])
@@ -73,6 +64,40 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
         elif "do_center_crop" in given:  # no crop: the whole resized image
             found["crop_pct"] = 1.0
     return found
+
+
+def processor_output_size(path: Path) -> "tuple[int, int] | None":
+    """(height, width) of the images the processor settings in ``path`` give: its centre crop's, else the size it
+    resizes to; None when that depends on the image (resized by the shorter side, not cropped)."""
+    given, processor = _settings(path)
+    crop, size = given.get("crop_size"), given.get("size")
+    if given.get("do_center_crop") and crop:
+        return (crop, crop) if isinstance(crop, int) else _box(crop)
+    if not given.get("do_resize", True):
+        return None
+    if isinstance(size, int):  # both sides, or the shorter one (CLIP's, DINOv2's processors)
+        return (size, size) if getattr(processor, "default_to_square", True) else None
+    return _box(size) if isinstance(size, dict) else None
+
+
+def _box(size: dict) -> "tuple[int, int] | None":
+    return (int(size["height"]), int(size.get("width") or size["height"])) if size.get("height") else None
+
+
+def _settings(path: Path) -> tuple[dict, object]:
+    """(the settings in ``path``, completed by its processor class's defaults as transformers builds it; that
+    class or None), or a one-line refusal of a file that holds no settings."""
+    try:
+        given = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({e}); mend or remove it") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"{path} holds a JSON {type(given).__name__}, not image-processor settings (an object); "
+                         "mend or remove it")
+    processor = _processor_class(given)
+    if processor is not None:  # a setting the file leaves out is its processor class's
+        given = {**{k: getattr(processor, k) for k in _SETTINGS if getattr(processor, k, None) is not None}, **given}
+    return given, processor
 
 
 def _processor_class(given: dict):
