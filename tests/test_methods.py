@@ -205,6 +205,15 @@ def test_dynamicvit_trains_through_masks_and_infers_by_topk():
         assert model.forward_features(x).shape[1] == evit.token_counts(model, 17)[-1] == 1 + 4
 
 
+def test_dynamicvit_predictor_follows_the_model_dtype():
+    model = make_model("deit").to(torch.bfloat16)
+    evit.patch(model, method="dynamicvit", keep_rate=0.5)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = model(input_for(model).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_dynamicvit_weights_round_trip(tmp_path):
     from safetensors.torch import save_file
 
