@@ -30,3 +30,11 @@ def test_unpatched_macs_include_attention():
 def test_count_macs_rejects_bad_input_size():
     with pytest.raises(ValueError, match="input_size"):
         evit.count_macs(make_model("deit"), (64, 64))
+
+
+def test_hybrid_vit_input_is_its_image_channels():
+    """A hybrid ResNet-ViT's patch projection takes the backbone's features; its input is still an RGB image."""
+    model = timm.create_model("vit_tiny_r_s16_p8_224", depth=1, img_size=64).eval()
+    assert evit.cost.native_input_size(model) == (3, 64, 64)
+    evit.patch(model, 0.5, locations=[0])
+    assert evit.count_macs(model) > 0
