@@ -169,6 +169,18 @@ def test_training_gradients_reach_every_parameter():
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("blocks.3.mlp"))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("method", ["evit", "topk", "dynamicvit"])
+def test_trace_at_batch_one_serves_other_batches(method):
+    """torch.jit.trace keeps the branches taken while tracing: a trace made at batch 1 must not keep the
+    batch-1 token selection."""
+    model = evit.patch(make_model("deit"), 0.5, method=method)
+    x = input_for(model, batch=3)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x[:1], check_trace=False)
+        torch.testing.assert_close(traced(x), model(x))
+
+
 def test_patch_twice_replaces_and_unpatch_restores():
     model = make_model("deit")
     x = input_for(model)
