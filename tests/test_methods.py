@@ -150,6 +150,17 @@ def test_ideal_has_the_methods_counts():
         assert model.forward_features(torch.randn(1, 3, 224, 224)).shape[1] == counts[-1]
 
 
+def test_numpy_settings_are_numbers():
+    """Settings computed with numpy (a sweep's np.linspace, a schedule's np.arange) are its scalars, not Python's."""
+    import numpy as np
+
+    model = make_model("deit")
+    evit.patch(model, np.float32(0.5))
+    assert evit.token_counts(model, 17) == [17, 10, 7, 5]  # 8 of 16 image tokens + the fused one, ...
+    evit.patch(model, method="tome", r=list(np.full(4, 2)))
+    assert evit.token_counts(model, 17) == [17, 15, 13, 11, 9]
+
+
 def test_refusals():
     model = make_model("deit")
     with pytest.raises(ValueError, match="unknown token-reduction method"):

@@ -246,10 +246,15 @@ def test_refuses_bad_keep_rate(keep_rate):
 
 
 def test_refuses_non_numeric_keep_rate():
-    with pytest.raises(TypeError, match="keep_rate"):
+    with pytest.raises(TypeError, match="^keep_rate must be a number"):  # not a complaint about other settings
         evit.patch(make_model("deit"), "0.7")
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         evit.set_keep_rate(evit.patch(make_model("deit")), 2.0)
+
+
+def test_locations_from_a_generator():
+    model = evit.patch(make_model("deit"), 0.7, (i for i in (1, 2)))
+    assert sorted(evit.reductions(model)) == [1, 2]
 
 
 @pytest.mark.parametrize("locations", [[4], [-1], []])

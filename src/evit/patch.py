@@ -138,7 +138,10 @@ def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = 
     import operator
 
     try:
-        if isinstance(locations, (str, bytes)) or any(isinstance(i, bool) for i in locations):
+        if isinstance(locations, (str, bytes)):
+            raise TypeError
+        locations = list(locations)  # an iterator or generator is read once
+        if any(isinstance(i, bool) for i in locations):
             raise TypeError
         locs = tuple(sorted({operator.index(i) for i in locations}))  # ints only: 3.5, '3' and True are refused
     except TypeError:
@@ -236,6 +239,8 @@ def patch(
     forward).
     """
     cls = method_class(method)
+    if cls.setting == "keep_rate":
+        check_keep_rate(keep_rate)  # its own message, not one about the method's other settings
     wrapper, model = model, hosts.unwrapped(model)
     host = check_model(model, cls)
     depth = len(host.blocks)
