@@ -76,7 +76,9 @@ class STViT(KeepRateReduction):
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"STViT pools image tokens on their grid, but {n} tokens are not the model's "
-                             f"{grid} grid nor a square (was an earlier block already reducing?)")
+                             f"{grid[0]}x{grid[1]} grid nor a square, and it cannot tell theirs (an input of another "
+                             "shape to a dynamic_img_size model, or an earlier block already reducing): run it at the "
+                             "model's input size or a square one")
         return side, side
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
