@@ -230,6 +230,13 @@ def test_refuses_models_it_cannot_serve(name, kwargs, error, words):
     assert not evit.reductions(model)
 
 
+def test_unpooled_model_refused_without_a_contradiction():
+    """global_pool='': the head reads every token. ToMe needs no class token, so the line must not ask for one."""
+    model = make_model("deit", global_pool="")
+    with pytest.raises(ValueError, match="global_pool=''; ToMe serves models that classify from the class token or"):
+        evit.patch(model, method="tome")
+
+
 def test_refuses_other_block_types():
     from timm.models.vision_transformer import ParallelScalingBlock
 

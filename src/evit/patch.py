@@ -121,6 +121,9 @@ def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None]
     # only; 'sequence': the model returns its tokens (a backbone without pooling)
     served = (pooling in ("token", "token+avg", "sequence") and has_cls) or \
         (pooling in ("avg", "sequence") and not cls.needs_class_token)
+    if not served and not cls.needs_class_token:  # a pooling no method serves (timm's global_pool='': every token)
+        raise ValueError(f"evit cannot patch {host.name} with {cls.__name__}: it classifies from {host.pooling_text}; "
+                         f"{cls.__name__} serves models that classify from the class token or the image tokens' mean")
     if not served:
         by = " (it ranks tokens by the class token's attention)" if cls.needs_cls_attn else ""
         raise ValueError(
