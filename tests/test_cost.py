@@ -38,3 +38,12 @@ def test_hybrid_vit_input_is_its_image_channels():
     assert evit.cost.native_input_size(model) == (3, 64, 64)
     evit.patch(model, 0.5, locations=[0])
     assert evit.count_macs(model) > 0
+
+
+def test_count_macs_refuses_an_input_the_model_does_not_take():
+    model = make_model("deit")  # 64 x 64, 3 channels
+    with pytest.raises(ValueError, match="takes 64x64 inputs, not 96x96: call evit.resolution.set_input_size"):
+        evit.count_macs(model, (3, 96, 96))
+    with pytest.raises(ValueError, match="takes 3-channel images, not 1-channel"):
+        evit.count_macs(model, (1, 64, 64))
+    assert evit.count_macs(make_model("dynamic_img_size"), (3, 96, 96)) > evit.count_macs(model)
