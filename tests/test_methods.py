@@ -235,7 +235,7 @@ def test_dynamicvit_weights_round_trip(tmp_path):
     path = tmp_path / "dvit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     fresh = make_model("deit")
-    with pytest.raises(ValueError, match="patch the model with that method first"):
+    with pytest.raises(ValueError, match="patch the model with that method first.*evit compare --trained METHOD=FILE"):
         load_checkpoint(fresh, str(path))
     evit.patch(fresh, method="dynamicvit", keep_rate=0.5)
     load_checkpoint(fresh, str(path))
