@@ -181,6 +181,18 @@ def test_trace_at_batch_one_serves_other_batches(method):
         torch.testing.assert_close(traced(x), model(x))
 
 
+def test_sees_through_torch_compile():
+    """Compiling first, then patching, is common; torch.compile's guards recompile when the patch changes the model."""
+    model = make_model("deit")
+    compiled = torch.compile(model)  # lazy: nothing compiles until it is called
+    assert evit.patch(compiled, 0.5) is compiled
+    assert sorted(evit.reductions(model)) == [1, 2, 3]
+    assert evit.token_counts(compiled, 17) == [17, 10, 7, 5]
+    assert evit.count_macs(compiled) == evit.count_macs(model)
+    evit.unpatch(compiled)
+    assert not evit.reductions(model)
+
+
 def test_patch_twice_replaces_and_unpatch_restores():
     model = make_model("deit")
     x = input_for(model)

@@ -58,6 +58,7 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
     host = hosts.find(model)
     if host is not None:
         check_input_size(host, input_size)
+    model = hosts.unwrapped(model)  # the model's own ops (not a compiled wrapper's graph)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
