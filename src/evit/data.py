@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .resolution import resize_images
+
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -156,6 +158,7 @@ class TensorLoader:
     rank: int = 0
     world: int = 1
     drop_last: bool = False
+    size: Optional[tuple[int, int]] = None  # (H, W) the normalised images are resized to (bilinear): a model's input
 
     def order(self, epoch: int) -> Tensor:
         if not self.train:
@@ -180,4 +183,4 @@ class TensorLoader:
             if self.train:
                 imgs = augment(imgs, g)  # drawn for skipped batches too, so a resume sees the same draws
             if b >= start:
-                yield normalize(imgs), self.labels[sel]
+                yield resize_images(normalize(imgs), self.size), self.labels[sel]

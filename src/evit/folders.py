@@ -187,17 +187,22 @@ def _plain(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
 
+def check_fashion_mnist_channels(model: nn.Module) -> None:
+    """Refuse a model that does not take Fashion-MNIST's one grayscale channel (torch's conv error otherwise)."""
+    channels = native_input_size(model)[0]
+    if channels != 1:
+        raise ValueError(f"{hosts.model_name(model)} takes {channels}-channel images, but Fashion-MNIST's are "
+                         "grayscale (1 channel): use a folder of images (--data DIR), or build the model with "
+                         "one input channel (timm's in_chans=1)")
+
+
 def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
     """Refuse a model whose head is not Fashion-MNIST's ten classes (by width, and by name where it records names),
     or whose input is not its one grayscale channel."""
     from .data import FASHION_MNIST_CLASSES
 
     for model in models:
-        channels = native_input_size(model)[0]
-        if channels != 1:
-            raise ValueError(f"{hosts.model_name(model)} takes {channels}-channel images, but Fashion-MNIST's are "
-                             "grayscale (1 channel): evaluate it on a folder of images (--data DIR), or build it with "
-                             "one input channel (timm's in_chans=1)")
+        check_fashion_mnist_channels(model)
         check_head(hosts.head_outputs(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
         names = hosts.class_names(model)
         if names is not None and list(map(_plain, names)) != list(map(_plain, FASHION_MNIST_CLASSES)):
