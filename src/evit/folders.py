@@ -193,7 +193,7 @@ def check_fashion_mnist_channels(model: nn.Module) -> None:
     if channels != 1:
         raise ValueError(f"{hosts.model_name(model)} takes {channels}-channel images, but Fashion-MNIST's are "
                          "grayscale (1 channel): use a folder of images (--data DIR), or build the model with "
-                         "one input channel (timm's in_chans=1)")
+                         "one input channel (timm's in_chans=1, transformers' num_channels=1)")
 
 
 def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
@@ -202,12 +202,12 @@ def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
     from .data import FASHION_MNIST_CLASSES
 
     for model in models:
-        check_fashion_mnist_channels(model)
         check_head(hosts.head_outputs(model), len(FASHION_MNIST_CLASSES), "Fashion-MNIST")
         names = hosts.class_names(model)
         if names is not None and list(map(_plain, names)) != list(map(_plain, FASHION_MNIST_CLASSES)):
             raise ValueError(f"{hosts.model_name(model)}'s classes ({', '.join(names[:4])}, ...) are not Fashion-MNIST's "
                              f"({', '.join(FASHION_MNIST_CLASSES[:4])}, ...) in its order; evaluate it on its own data")
+        check_fashion_mnist_channels(model)
 
 
 def model_class_names(models: Sequence[nn.Module], split: Path) -> Optional[tuple[list[str], str]]:
