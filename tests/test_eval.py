@@ -142,6 +142,16 @@ def test_eval_resizes_fashion_mnist_to_the_models_input(tmp_path, capsys):
     assert rows[0]["images"] == 3000 and rows[0]["gmacs"] > 0
 
 
+def test_an_rgb_model_on_fashion_mnist_is_refused_in_one_line(tmp_path, capsys):
+    """Fashion-MNIST is grayscale: a 3-channel model got torch's conv error ('expected input ... to have 3 channels')."""
+    recipe = tmp_path / "rgb.json"
+    recipe.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": {
+        "img_size": 32, "patch_size": 4, "num_classes": 10, "depth": 1, "embed_dim": 32, "num_heads": 2}}))
+    assert main(["eval", "--recipe", str(recipe), "--data", "bundled", "--keep-rates", "1.0", "--speed-reps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "takes 3-channel images, but Fashion-MNIST's are grayscale" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_folder_given_as_checkpoint_is_named_a_folder(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path), "--keep-rates", "1"]) == 2
     assert f"checkpoint {tmp_path} is a folder, not a weights file" in capsys.readouterr().err

@@ -150,6 +150,17 @@ def test_ideal_has_the_methods_counts():
         assert model.forward_features(torch.randn(1, 3, 224, 224)).shape[1] == counts[-1]
 
 
+def test_numpy_settings_are_numbers():
+    """Settings computed with numpy (a sweep's np.linspace, a schedule's np.arange) are its scalars, not Python's."""
+    import numpy as np
+
+    model = make_model("deit")
+    evit.patch(model, np.float32(0.5))
+    assert evit.token_counts(model, 17) == [17, 10, 7, 5]  # 8 of 16 image tokens + the fused one, ...
+    evit.patch(model, method="tome", r=list(np.full(4, 2)))
+    assert evit.token_counts(model, 17) == [17, 15, 13, 11, 9]
+
+
 def test_refusals():
     model = make_model("deit")
     with pytest.raises(ValueError, match="unknown token-reduction method"):
@@ -205,6 +216,15 @@ def test_dynamicvit_trains_through_masks_and_infers_by_topk():
         assert model.forward_features(x).shape[1] == evit.token_counts(model, 17)[-1] == 1 + 4
 
 
+def test_dynamicvit_predictor_follows_the_model_dtype():
+    model = make_model("deit").to(torch.bfloat16)
+    evit.patch(model, method="dynamicvit", keep_rate=0.5)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = model(input_for(model).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_dynamicvit_weights_round_trip(tmp_path):
     from safetensors.torch import save_file
 
@@ -215,7 +235,7 @@ def test_dynamicvit_weights_round_trip(tmp_path):
     path = tmp_path / "dvit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     fresh = make_model("deit")
-    with pytest.raises(ValueError, match="patch the model with that method first"):
+    with pytest.raises(ValueError, match="patch the model with that method first.*evit compare --trained METHOD=FILE"):
         load_checkpoint(fresh, str(path))
     evit.patch(fresh, method="dynamicvit", keep_rate=0.5)
     load_checkpoint(fresh, str(path))

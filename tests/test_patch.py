@@ -169,6 +169,30 @@ def test_training_gradients_reach_every_parameter():
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("blocks.3.mlp"))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("method", ["evit", "topk", "dynamicvit"])
+def test_trace_at_batch_one_serves_other_batches(method):
+    """torch.jit.trace keeps the branches taken while tracing: a trace made at batch 1 must not keep the
+    batch-1 token selection."""
+    model = evit.patch(make_model("deit"), 0.5, method=method)
+    x = input_for(model, batch=3)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x[:1], check_trace=False)
+        torch.testing.assert_close(traced(x), model(x))
+
+
+def test_sees_through_torch_compile():
+    """Compiling first, then patching, is common; torch.compile's guards recompile when the patch changes the model."""
+    model = make_model("deit")
+    compiled = torch.compile(model)  # lazy: nothing compiles until it is called
+    assert evit.patch(compiled, 0.5) is compiled
+    assert sorted(evit.reductions(model)) == [1, 2, 3]
+    assert evit.token_counts(compiled, 17) == [17, 10, 7, 5]
+    assert evit.count_macs(compiled) == evit.count_macs(model)
+    evit.unpatch(compiled)
+    assert not evit.reductions(model)
+
+
 def test_patch_twice_replaces_and_unpatch_restores():
     model = make_model("deit")
     x = input_for(model)
@@ -218,6 +242,13 @@ def test_refuses_models_it_cannot_serve(name, kwargs, error, words):
     assert not evit.reductions(model)
 
 
+def test_unpooled_model_refused_without_a_contradiction():
+    """global_pool='': the head reads every token. ToMe needs no class token, so the line must not ask for one."""
+    model = make_model("deit", global_pool="")
+    with pytest.raises(ValueError, match="global_pool=''; ToMe serves models that classify from the class token or"):
+        evit.patch(model, method="tome")
+
+
 def test_refuses_other_block_types():
     from timm.models.vision_transformer import ParallelScalingBlock
 
@@ -234,10 +265,15 @@ def test_refuses_bad_keep_rate(keep_rate):
 
 
 def test_refuses_non_numeric_keep_rate():
-    with pytest.raises(TypeError, match="keep_rate"):
+    with pytest.raises(TypeError, match="^keep_rate must be a number"):  # not a complaint about other settings
         evit.patch(make_model("deit"), "0.7")
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         evit.set_keep_rate(evit.patch(make_model("deit")), 2.0)
+
+
+def test_locations_from_a_generator():
+    model = evit.patch(make_model("deit"), 0.7, (i for i in (1, 2)))
+    assert sorted(evit.reductions(model)) == [1, 2]
 
 
 @pytest.mark.parametrize("locations", [[4], [-1], []])

@@ -106,3 +106,19 @@ def test_refusals_of_the_new_methods():
         model(input_for(model))
     with pytest.raises(ValueError, match="sample images"):
         apply_setting(model, {"method": "patchslimming", "keep_rate": 0.5})
+
+
+def test_stvit_names_an_input_grid_it_cannot_tell():
+    model = evit.patch(make_model("dynamic_img_size"), 0.5, method="stvit")
+    with pytest.raises(ValueError, match="4x4 grid nor a square.*dynamic_img_size"):
+        model(torch.randn(1, 3, 64, 48))  # 4 x 3 patches
+
+
+def test_stvit_follows_a_resize_after_patching():
+    from evit.resolution import set_input_size
+
+    model = evit.patch(make_model("deit"), 0.5, method="stvit")
+    set_input_size(model, (64, 48))  # 4 x 3 patches
+    with torch.no_grad():
+        out = model.forward_features(torch.randn(1, 3, 64, 48))
+    assert out.shape[1] == evit.token_counts(model, 13)[-1] == 1 + 2 * 2

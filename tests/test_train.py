@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,15 @@ def test_val_split_holds_out_training_images_and_validates_each_epoch(toy_fashio
     assert [r.split(",")[:2] for r in rows[1:]] == [["1", "12"], ["2", "24"]]  # 384 / 32 steps an epoch
     config = json.loads((out / "config.json").read_text())
     assert config["val_split"] == 0.25 and config["class_names"][0] == "T-shirt/top"
+
+
+def test_fashion_mnist_is_resized_to_a_model_built_at_another_size(toy_fashion, tmp_path):
+    """A 32 px model on Fashion-MNIST's 28 px tensors: training and validation batches at the model's size (both
+    failed with timm's 'Input height (28) doesn't match model (32)' traceback); an RGB model is refused in one line."""
+    kwargs = {**TINY, "img_size": 32, "patch_size": 4}
+    cfg = TrainConfig(model="vit_tiny_patch16_224", model_kwargs=kwargs, data_root=str(toy_fashion), batch_size=32,
+                      warmup_epochs=0, max_steps=2, eval_every=1, out=str(tmp_path / "r32"))
+    assert train(cfg, progress=False)["step"] == 2
+    assert len((tmp_path / "r32" / "summary.csv").read_text().splitlines()) == 3  # a validation row at each step
+    with pytest.raises(ValueError, match="takes 3-channel images, but Fashion-MNIST's are grayscale"):
+        train(replace(cfg, model_kwargs={**kwargs, "in_chans": 3}, out=str(tmp_path / "rgb")), progress=False)

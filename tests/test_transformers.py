@@ -556,7 +556,7 @@ def test_names_are_used_only_where_the_folders_bear_them(jpeg_folder, tmp_path, 
     fashion = T.ViTConfig(num_labels=10, id2label=dict(enumerate(["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
                                                                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"])))
     folders.check_fashion_mnist_heads([T.ViTForImageClassification(T.ViTConfig(**{**config.to_dict(), **{
-        "id2label": fashion.id2label, "label2id": fashion.label2id}}))])  # HF datasets' spelling of the same classes
+        "id2label": fashion.id2label, "label2id": fashion.label2id, "num_channels": 1}}))])  # HF datasets' spelling
 
     backbone = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                       image_size=32, patch_size=8), add_pooling_layer=False)
@@ -760,7 +760,7 @@ def test_fashion_mnist_is_refused_for_a_model_taking_three_channels(tmp_path, ca
                     ["train", "--model", spec, "--data", "fashion-mnist", "--out", str(tmp_path / "run")]):
         assert main(command) == 2
         err = capsys.readouterr().err.strip()
-        assert "takes 3 input channels but Fashion-MNIST's images are grayscale" in err and len(err.splitlines()) == 1
+        assert "takes 3-channel images, but Fashion-MNIST's are grayscale" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 from . import hosts
-from .cost import count_macs
+from .cost import check_input_size, count_macs
 from .patch import apply, patch, reductions, token_counts, unpatch
 from .reduction import TokenReduction
 from .resolution import Size, set_input_size, spatial
@@ -162,12 +162,8 @@ def solve(
         raise ValueError(f"budget_macs must be positive, got {budget_macs}")
     channels, *size = host.input_size
     hw = tuple(size) if input_size is None else spatial(input_size, "input_size")
-    if tuple(size) != hw and not host.takes_any_size:
-        raise ValueError(
-            f"the model takes {size[0]}x{size[1]} inputs, not {hw[0]}x{hw[1]}: "
-            f"call evit.resolution.set_input_size(model, {hw[0] if hw[0] == hw[1] else hw}) first"
-        )
     full = (channels, *hw)
+    check_input_size(host, full)
     n_image = host.num_tokens(hw) - host.num_prefix_tokens
     saved = reductions(model)
     counted: dict[tuple, int] = {}

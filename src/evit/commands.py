@@ -264,16 +264,14 @@ def _eval_data(args, embedded_default: bool, models):
     from pathlib import Path
 
     from . import embedded
-    from .data import TensorLoader, check_grayscale, load_fashion_mnist
+    from .data import TensorLoader, load_fashion_mnist
 
     from .folders import check_fashion_mnist_heads, check_workers, eval_batches, run_class_names
 
     check_workers(args.workers)
     data = args.data or ("bundled" if embedded_default else "fashion-mnist")
     if data in ("bundled", "fashion-mnist"):
-        check_fashion_mnist_heads(models)
-        for model in models:
-            check_grayscale(model)
+        check_fashion_mnist_heads(models)  # classes and channels
         images, labels = embedded.test_subset() if data == "bundled" else load_fashion_mnist("test", args.data_root)
         loader = TensorLoader(images, labels, args.batch_size)
         return data, lambda: loader.batches(0)

@@ -35,6 +35,19 @@ def native_input_size(model: nn.Module) -> tuple[int, int, int]:
     return tuple(host.input_size) if host is not None else (3, 224, 224)
 
 
+def check_input_size(host: hosts.Host, input_size: Sequence[int]) -> None:
+    """Refuse, in one line, an input of (C, H, W) ``input_size`` that ``host``'s model does not take as it is."""
+    channels, *size = host.input_size
+    c, *hw = (int(s) for s in input_size)
+    if c != channels:
+        raise ValueError(f"the model takes {channels}-channel images, not {c}-channel ones")
+    if tuple(size) != tuple(hw) and not host.takes_any_size:
+        raise ValueError(
+            f"the model takes {size[0]}x{size[1]} inputs, not {hw[0]}x{hw[1]}: "
+            f"call evit.resolution.set_input_size(model, {hw[0] if hw[0] == hw[1] else tuple(hw)}) first"
+        )
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
     """MACs of one forward of ``model`` on one image of ``input_size`` (C, H, W; default: the
@@ -42,6 +55,10 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> 
     input_size = native_input_size(model) if input_size is None else tuple(input_size)
     if len(input_size) != 3 or any(int(s) <= 0 for s in input_size):
         raise ValueError(f"input_size must be (channels, height, width) with positive sizes, got {tuple(input_size)}")
+    host = hosts.find(model)
+    if host is not None:
+        check_input_size(host, input_size)
+    model = hosts.unwrapped(model)  # the model's own ops (not a compiled wrapper's graph)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .resolution import resize_images
+
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -104,14 +106,16 @@ def check_head(outputs: int, classes: int, source: str) -> None:
 
 
 def check_grayscale(model: nn.Module, source: str = "Fashion-MNIST") -> None:
-    """Refuse a model that does not take ``source``'s grayscale tensors (one channel): it would fail deep inside."""
+    """Refuse a model that does not take ``source``'s grayscale tensors (one channel): it would fail deep inside,
+    with torch's conv error or transformers' channel check."""
+    from . import hosts
     from .cost import native_input_size
 
     channels = native_input_size(model)[0]
     if channels != 1:
-        raise ValueError(f"the model takes {channels} input channels but {source}'s images are grayscale (1): build it "
-                         "with one (timm: in_chans=1; transformers: num_channels=1), or give it a folder of images "
-                         "(--data FOLDER), which is read in the model's channels")
+        raise ValueError(f"{hosts.model_name(model)} takes {channels}-channel images, but {source}'s are grayscale "
+                         "(1 channel): use a folder of images (--data DIR), which is read in the model's channels, or "
+                         "build the model with one input channel (timm's in_chans=1, transformers' num_channels=1)")
 
 
 def check_subset(size: Optional[int], available: int, where: str) -> None:
@@ -167,6 +171,7 @@ class TensorLoader:
     rank: int = 0
     world: int = 1
     drop_last: bool = False
+    size: Optional[tuple[int, int]] = None  # (H, W) the normalised images are resized to (bilinear): a model's input
 
     def order(self, epoch: int) -> Tensor:
         if not self.train:
@@ -191,4 +196,4 @@ class TensorLoader:
             if self.train:
                 imgs = augment(imgs, g)  # drawn for skipped batches too, so a resume sees the same draws
             if b >= start:
-                yield normalize(imgs), self.labels[sel]
+                yield resize_images(normalize(imgs), self.size), self.labels[sel]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from . import hosts
 from .cost import native_input_size
-from .data import check_head
+from .data import check_grayscale, check_head
 
 LAYOUT = ("an ImageNet-style data set is a folder with train/ and val/, each holding one sub-folder "
           "of images per class")
@@ -188,7 +188,8 @@ def _plain(name: str) -> str:
 
 
 def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
-    """Refuse a model whose head is not Fashion-MNIST's ten classes: by width, and by name where it records names."""
+    """Refuse a model whose head is not Fashion-MNIST's ten classes (by width, and by name where it records names),
+    or whose input is not its one grayscale channel."""
     from .data import FASHION_MNIST_CLASSES
 
     for model in models:
@@ -197,6 +198,7 @@ def check_fashion_mnist_heads(models: Sequence[nn.Module]) -> None:
         if names is not None and list(map(_plain, names)) != list(map(_plain, FASHION_MNIST_CLASSES)):
             raise ValueError(f"{hosts.model_name(model)}'s classes ({', '.join(names[:4])}, ...) are not Fashion-MNIST's "
                              f"({', '.join(FASHION_MNIST_CLASSES[:4])}, ...) in its order; evaluate it on its own data")
+        check_grayscale(model)
 
 
 def model_class_names(models: Sequence[nn.Module], split: Path) -> Optional[tuple[list[str], str]]:

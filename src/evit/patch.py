@@ -121,6 +121,9 @@ def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None]
     # only; 'sequence': the model returns its tokens (a backbone without pooling)
     served = (pooling in ("token", "token+avg", "sequence") and has_cls) or \
         (pooling in ("avg", "sequence") and not cls.needs_class_token)
+    if not served and not cls.needs_class_token:  # a pooling no method serves (timm's global_pool='': every token)
+        raise ValueError(f"evit cannot patch {host.name} with {cls.__name__}: it classifies from {host.pooling_text}; "
+                         f"{cls.__name__} serves models that classify from the class token or the image tokens' mean")
     if not served:
         by = " (it ranks tokens by the class token's attention)" if cls.needs_cls_attn else ""
         raise ValueError(
@@ -138,7 +141,10 @@ def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = 
     import operator
 
     try:
-        if isinstance(locations, (str, bytes)) or any(isinstance(i, bool) for i in locations):
+        if isinstance(locations, (str, bytes)):
+            raise TypeError
+        locations = list(locations)  # an iterator or generator is read once
+        if any(isinstance(i, bool) for i in locations):
             raise TypeError
         locs = tuple(sorted({operator.index(i) for i in locations}))  # ints only: 3.5, '3' and True are refused
     except TypeError:
@@ -236,6 +242,8 @@ def patch(
     forward).
     """
     cls = method_class(method)
+    if cls.setting == "keep_rate":
+        check_keep_rate(keep_rate)  # its own message, not one about the method's other settings
     wrapper, model = model, hosts.unwrapped(model)
     host = check_model(model, cls)
     depth = len(host.blocks)

@@ -21,6 +21,7 @@ This module sits below the patch mechanism (which places methods) and the method
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -30,8 +31,9 @@ from .attention import Seen
 
 
 def check_keep_rate(keep_rate: float) -> float:
-    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)):
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real):  # numpy's scalars too
         raise TypeError(f"keep_rate must be a number in (0, 1], got {keep_rate!r}")
+    keep_rate = float(keep_rate)
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}: it is the share of image tokens kept")
     return float(keep_rate)

@@ -261,7 +261,8 @@ def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int =
     if cfg.train_subset:
         x, y = x[: cfg.train_subset], y[: cfg.train_subset]
     train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world, drop_last=True)
-    return train, TensorLoader(vx, vy, 256), list(FASHION_MNIST_CLASSES)
+    size = (cfg.img_size, cfg.img_size) if cfg.img_size else tuple(native_input_size(model)[1:])  # 28 px resized
+    return train, TensorLoader(vx, vy, 256, size=size), list(FASHION_MNIST_CLASSES)
 
 
 def _distributed() -> tuple[int, int]:
@@ -428,11 +429,12 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     bar = tqdm(total=total, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not (show and sys.stderr.isatty()))  # to a file: one plain line per validation instead
     signals.defer()  # from here a signal stops the run after the current step, with a checkpoint
+    size = cfg.img_size or native_input_size(model)[1:]  # Fashion-MNIST's 28 px resized to what the model takes
     while step < total:
         epoch, start = divmod(step, per_epoch)
         for images, y in loader.batches(epoch, start):
             images, y = images.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = resize_images(images, cfg.img_size)
+            x = resize_images(images, size)
             if cfg.keep_rate < 1.0:
                 target = cfg.keep_rate if cfg.keep_rate_min is None else drawn_keep_rate(
                     step, cfg.keep_rate_min, cfg.keep_rate, cfg.seed)

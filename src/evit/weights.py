@@ -165,7 +165,8 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_hea
     for label, keys in (("shapes differ for", shapes), ("missing", missing), ("unexpected", unexpected)):
         if keys:
             parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
-    hint = (" (it holds a token-reduction method's weights: patch the model with that method first)"
+    hint = (" (it holds a token-reduction method's weights: patch the model with that method first; on the command "
+            "line, a learned method's (dynamicvit) load with evit compare --trained METHOD=FILE or evit show --method)"
             if any(".reduction." in k for k in unexpected) else "")
     run = _run_config(path)
     if not hint and run is not None:  # an evit run's weights: its config.json names the architecture they need

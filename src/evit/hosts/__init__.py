@@ -37,11 +37,16 @@ def _transformers():
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers (``.module``), else ``model``:
-    evit works on the host's model, whatever runs it."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
+    """The model inside ``DataParallel`` / ``DistributedDataParallel`` wrappers (``.module``) and ``torch.compile``'s
+    (``._orig_mod``; its guards recompile when a patch changes the model), else ``model``: evit works on the host's
+    model, whatever runs it."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def find(model: nn.Module) -> Optional[Host]:

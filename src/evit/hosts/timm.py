@@ -193,7 +193,8 @@ class TimmHost(Host):
     def input_size(self) -> tuple[int, int, int]:
         embed = self.model.patch_embed
         if getattr(embed, "img_size", None) is not None:
-            channels = embed.proj.in_channels if hasattr(embed, "proj") else 3
+            # a hybrid's HybridEmbed says its image channels (its proj takes the backbone's features)
+            channels = getattr(embed, "in_chans", None) or (embed.proj.in_channels if hasattr(embed, "proj") else 3)
             return (channels, *embed.img_size)
         return tuple(getattr(self.model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
 

@@ -23,12 +23,13 @@ def select_tokens(x: Tensor, index: Tensor, offset: int = 0) -> Tensor:
 
     On the CPU one ``index_select`` (over the flattened batch when B > 1): there it costs a quarter
     of ``gather`` with an expanded index, which matters at batch size 1. On a GPU one ``gather``:
-    one kernel and the fewest ops to queue, which is what a small batch waits on there.
+    one kernel and the fewest ops to queue, which is what a small batch waits on there. (Not under
+    ``torch.jit.trace``: a trace at batch 1 would keep that branch for every batch.)
     """
     B, N, C = x.shape
     if not x.is_cpu:
         return (x[:, offset:] if offset else x).gather(1, index.unsqueeze(-1).expand(-1, -1, C))
-    if B == 1:
+    if B == 1 and not torch.jit.is_tracing():
         return (x[:, offset:] if offset else x).index_select(1, index.view(-1))
     flat = (index + torch.arange(offset, B * N + offset, N, device=index.device).unsqueeze(1)).flatten()
     return x.reshape(B * N, C).index_select(0, flat).view(B, index.shape[1], C)  # explicit: B may be 0

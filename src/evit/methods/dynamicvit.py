@@ -63,8 +63,9 @@ class DynamicViT(KeepRateReduction):
         return cls(keep_rate, **settings)
 
     def bind(self, model: nn.Module) -> None:
-        if self.predictor is None:
-            self.predictor = ScorePredictor(hosts.adapter(model).embed_dim)
+        if self.predictor is None:  # on the model's device and in its dtype (a half-precision model on a GPU)
+            param = next(model.parameters())
+            self.predictor = ScorePredictor(hosts.adapter(model).embed_dim).to(param.device, param.dtype)
 
     def aux_loss(self) -> Optional[Tensor]:
         return None if self._ratio is None else self.ratio_weight * self._ratio

@@ -58,7 +58,7 @@ class STViT(KeepRateReduction):
             raise ValueError(f"STViT replaces the image tokens once: give one location, not blocks {others + [self.block]}")
         host = hosts.adapter(model)
         object.__setattr__(self, "_view", host.view(host.blocks[self.block]))  # its attention refines; not a submodule
-        object.__setattr__(self, "_grid", host.patch_grid())
+        object.__setattr__(self, "_host", host)  # its grid is read at each forward: the model may be resized
 
     def grid_side(self, n: int) -> int:
         """Side of the semantic-token grid for ``n`` image tokens."""
@@ -70,13 +70,17 @@ class STViT(KeepRateReduction):
         return n_tokens if g * g >= n else self.num_prefix_tokens + g * g
 
     def _image_grid(self, n: int) -> tuple[int, int]:
-        grid = getattr(self, "_grid", None)
+        host = getattr(self, "_host", None)
+        grid = host.patch_grid() if host is not None else None
         if grid is not None and grid[0] * grid[1] == n:
             return grid
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"STViT pools image tokens on their grid, but {n} tokens are not the model's "
-                             f"{grid} grid nor a square (was an earlier block already reducing?)")
+            known = f"the model's {grid[0]}x{grid[1]} grid" if grid is not None else "a known grid"
+            raise ValueError(f"STViT pools image tokens on their grid, but {n} tokens are not {known} nor a "
+                             "square, and it cannot tell theirs (an input of another "
+                             "shape to a dynamic_img_size model, or an earlier block already reducing): run it at the "
+                             "model's input size or a square one")
         return side, side
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:

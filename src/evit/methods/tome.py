@@ -31,6 +31,7 @@ No parameters: works off the shelf, better after fine-tuning.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence, Union
 
 import torch
@@ -52,9 +53,9 @@ class ToMe(TokenReduction):
 
     def __init__(self, r: int = 8) -> None:
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:  # numpy's integers too
             raise ValueError(f"ToMe's r must be a count of tokens to merge (int >= 0), got {r!r}")
-        self.r = r
+        self.r = int(r)
 
     @classmethod
     def create(cls, block: int, keep_rate: float = 1.0, fuse: bool = True,
