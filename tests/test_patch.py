@@ -337,3 +337,21 @@ def test_patch_defaults_to_the_fusion_the_weights_recorded():
         evit.patch(trained, 0.7)
         got = trained(x)
     assert fusions(trained) == {("mean", True)} and torch.equal(got, expected)
+
+
+def test_arguments_a_method_does_not_take_or_cannot_mean_are_refused():
+    """ToMe is set by r: a keep rate would be ignored and run r=8 silently; 'no' is not a fuse setting; 2.5
+    tokens give counts of no sequence."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match=r"ToMe is set by r, not by a keep rate \(got keep_rate=0.5\)"):
+        evit.patch(model, 0.5, method="tome")
+    assert evit.token_counts(evit.patch(model, 1.0, method="tome", r=2), 17) == [17, 15, 13, 11, 9]
+    assert evit.token_counts(evit.patch(model, method="tome", r=2), 17) == [17, 15, 13, 11, 9]
+    assert evit.token_counts(evit.patch(model), 17)[-1] < 17  # EViT's default keep rate (0.7) still applies
+    with pytest.raises(TypeError, match="fuse must be True or False, got 'no'"):
+        evit.patch(model, 0.5, fuse="no")
+    for bad, error in ((2.5, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="n_tokens"):
+            evit.token_counts(model, bad)

@@ -14,6 +14,7 @@ What evit knows of each model library lives in :mod:`evit.hosts`; this module kn
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -138,8 +139,6 @@ def check_model(model: nn.Module, method: Union[str, type, TokenReduction, None]
 def check_locations(locations: Optional[Iterable[int]], depth: int, name: str = "model") -> tuple[int, ...]:
     if locations is None:
         return default_locations(depth)
-    import operator
-
     try:
         if isinstance(locations, (str, bytes)):
             raise TypeError
@@ -213,7 +212,7 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
 
 def patch(
     model: nn.Module,
-    keep_rate: float = 0.7,
+    keep_rate: Optional[float] = None,
     locations: Optional[Sequence[int]] = None,
     fuse: Optional[bool] = None,
     method: Union[str, type] = "evit",
@@ -224,7 +223,8 @@ def patch(
 
     In each block of ``locations`` (default: the paper's 3, 6, 9 for depth 12), after attention
     and before the MLP, the ``ceil(keep_rate * n)`` image tokens the class token attends to most
-    are kept, and with ``fuse`` the rest are fused into one token. Prefix tokens are always kept.
+    are kept (``keep_rate`` default 0.7), and with ``fuse`` the rest are fused into one token. Prefix
+    tokens are always kept.
     Patching again replaces the earlier patch. EViT's ``fusion`` setting: ``"sum"`` (the authors'
     attention-weighted sum, what their released weights were trained with) or ``"mean"``
     (renormalised to a weighted average); see :mod:`evit.methods.evit`.
@@ -243,7 +243,12 @@ def patch(
     """
     cls = method_class(method)
     if cls.setting == "keep_rate":
-        check_keep_rate(keep_rate)  # its own message, not one about the method's other settings
+        keep_rate = check_keep_rate(0.7 if keep_rate is None else keep_rate)  # its own message, not one about settings
+    elif keep_rate is not None and keep_rate != 1.0:  # 1.0 (no keep-rate reduction) is what callers give every method
+        raise ValueError(f"{cls.__name__} is set by {cls.setting}, not by a keep rate (got keep_rate={keep_rate!r}): "
+                         f"give {cls.setting}=..., or leave keep_rate out")
+    if fuse is not None and fuse not in (True, False):
+        raise TypeError(f"fuse must be True or False, got {fuse!r}")
     wrapper, model = model, hosts.unwrapped(model)
     host = check_model(model, cls)
     depth = len(host.blocks)
@@ -252,7 +257,7 @@ def patch(
     recorded_fuse = settings.pop("fuse", True)  # fuse is an argument of its own: the call's wins
     fuse = recorded_fuse if fuse is None else fuse
     try:
-        methods = {i: cls.create(i, keep_rate=keep_rate, fuse=fuse, **settings) for i in locs}
+        methods = {i: cls.create(i, keep_rate=1.0 if keep_rate is None else keep_rate, fuse=fuse, **settings) for i in locs}
     except TypeError as e:
         raise TypeError(f"{cls.__name__} settings {sorted(settings)} not understood: {e}") from None
     apply(model, methods)
@@ -279,6 +284,14 @@ def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
 
 def token_counts(model: nn.Module, n_tokens: int) -> list[int]:
     """Sequence lengths through the model: the input length, then the length after each patched block."""
+    if isinstance(n_tokens, bool):
+        raise TypeError(f"n_tokens must be a whole number of tokens, got {n_tokens!r}")
+    try:
+        n_tokens = operator.index(n_tokens)  # 2.5 tokens would give counts of no sequence
+    except TypeError:
+        raise TypeError(f"n_tokens must be a whole number of tokens, got {n_tokens!r}") from None
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be at least 1, got {n_tokens}")
     counts = [n_tokens]
     for i, m in sorted(reductions(model).items()):
         counts.append(m.output_tokens(counts[-1]))
