@@ -71,3 +71,21 @@ def test_trained_weights_for_other_classes_are_refused_naming_the_file(tmp_path,
     assert code == 2 and len(err) == 1
     assert str(path) in err[0] and "3 outputs and the baseline's 10" in err[0]
     assert not (tmp_path / "c.png").exists()
+
+
+def test_by_default_methods_that_cannot_serve_the_model_are_skipped_and_named(tmp_path, capsys):
+    """A model that averages its image tokens (no class token): the class-token methods are named and skipped,
+    the rest compared; asked for by name, such a method is refused."""
+    recipe = tmp_path / "avg.json"
+    recipe.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": dict(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=2,
+        class_token=False, global_pool="avg")}))
+    argv = ["compare", "--recipe", str(recipe), "--data", "bundled", "--speed-reps", "1", "--r", "2",
+            "--keep-rates", "0.5", "--plot", str(tmp_path / "c.png"), "--json"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    compared = {r["method"] for r in json.loads(out)["rows"]}
+    skipped = {line.split()[2] for line in err.splitlines() if " skipped: " in line}
+    assert compared == {"none", "tome", "random"} and {"evit", "topk", "stvit", "patchslimming"} <= skipped
+    assert main([a for a in argv if a not in ("--r", "2")] + ["--methods", "evit"]) == 2
+    assert "evit cannot patch" in capsys.readouterr().err

@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="token-reduction methods side by side: top-1, GMACs, speed-up; table and plot")
     _add_eval_args(p)
-    p.add_argument("--methods", nargs="+", choices=methods, default=methods, metavar="METHOD",
-                   help=f"of {', '.join(methods)} (default: all)")
+    p.add_argument("--methods", nargs="+", choices=methods, metavar="METHOD",
+                   help=f"of {', '.join(methods)} (default: all that can serve the model)")
     p.add_argument("--keep-rates", type=_keep_rate, nargs="+",
                    help="instead of each keep-rate method's own (EViT: 0.9 0.8 0.7 0.6 0.5)")
     p.add_argument("--r", type=int, nargs="+", help="ToMe: tokens merged per block (default: 1 2 3 4 5 6)")

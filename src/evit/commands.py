@@ -256,6 +256,21 @@ def _show(args) -> int:
     return 0
 
 
+def _serving_methods(model) -> list[str]:
+    """The command line's methods that can serve ``model`` (compare's default); each other one is named, with why."""
+    from .patch import check_model
+    from .registry import names
+
+    serving = []
+    for method in names():
+        try:
+            check_model(model, method)
+            serving.append(method)
+        except (TypeError, ValueError) as e:  # e.g. a class-token method on a model that averages its tokens
+            print(f"evit compare: {method} skipped: {e}", file=sys.stderr)
+    return serving
+
+
 def _eval_data(args, embedded_default: bool, models):
     """(data label, function giving fresh (images, labels) batches) for eval and compare. Fashion-MNIST
     comes at 28 px (evaluation resizes it to each model's input size); a folder's val/ is read through
@@ -326,7 +341,8 @@ def _compare(args) -> int:
             raise ValueError(f"--trained takes METHOD=WEIGHTS, got {item!r}")
         trained[method] = path
     models.update(load_trained(name, kwargs, trained, models["baseline"]))
-    settings, skipped = grid(args.methods, args.keep_rates, args.r, {m: f"{m}-trained" for m in trained})
+    methods = args.methods or _serving_methods(models["baseline"])
+    settings, skipped = grid(methods, args.keep_rates, args.r, {m: f"{m}-trained" for m in trained})
     for method in skipped:
         print(f"evit compare: {method} needs training; skipped. Train it with `evit train` (e.g. --recipe "
               f"fashion_mnist_dynamicvit07) and pass --trained {method}=WEIGHTS", file=sys.stderr)
