@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, hosts, runs
+from .cost import check_input_size as check_model_input
 from .cost import native_input_size
 from .loading import load_model
 from .models import classes_keyword, given_classes, resolve_device
@@ -116,15 +117,24 @@ class TrainConfig:
 
 
 def check_input_size(cfg: TrainConfig, model: nn.Module) -> None:
-    """Refuse a recipe whose ``img_size`` (the size the data is resized to) is not the size the model is built
-    at, unless the model takes any size: it would fail on the first batch, deep inside its patch embedding."""
-    built = tuple(native_input_size(model)[1:])
-    host = hosts.find(model)
-    if cfg.img_size is None or built == (cfg.img_size, cfg.img_size) or (host is not None and host.takes_any_size):
+    """Refuse a recipe whose ``img_size`` (the size the data is resized to) is not one the model takes
+    (:func:`evit.cost.check_input_size`): it would fail on the first batch, deep inside its patch embedding."""
+    if cfg.img_size is None:
         return
-    raise ValueError(f"the recipe's img_size {cfg.img_size} is not the size {cfg.model} is built at "
-                     f"({built[0]}x{built[1]}): build it at {cfg.img_size} too (img_size in model_kwargs for a timm "
-                     "model, image_size in an hf: spec; weights from --init are resampled to it), or leave img_size out")
+    host = hosts.adapter(model)
+    channels, *built = host.input_size
+    try:
+        check_model_input(host, (channels, cfg.img_size, cfg.img_size))
+    except ValueError:
+        raise ValueError(f"the recipe's img_size {cfg.img_size} is not the size {cfg.model} is built at "
+                         f"({built[0]}x{built[1]}): build it at {cfg.img_size} too (img_size in model_kwargs for a "
+                         "timm model, image_size in an hf: spec; weights from --init are resampled to it), or leave "
+                         "img_size out") from None
+
+
+def data_size(cfg: TrainConfig, model: nn.Module) -> tuple[int, int]:
+    """(H, W) the run's images are resized to: the recipe's ``img_size``, else the size the model takes."""
+    return (cfg.img_size, cfg.img_size) if cfg.img_size else tuple(native_input_size(model)[1:])
 
 
 def data_classes(cfg: TrainConfig) -> int:
@@ -261,8 +271,7 @@ def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int =
     if cfg.train_subset:
         x, y = x[: cfg.train_subset], y[: cfg.train_subset]
     train = TensorLoader(x, y, cfg.batch_size, train=True, seed=cfg.seed, rank=rank, world=world, drop_last=True)
-    size = (cfg.img_size, cfg.img_size) if cfg.img_size else tuple(native_input_size(model)[1:])  # 28 px resized
-    return train, TensorLoader(vx, vy, 256, size=size), list(FASHION_MNIST_CLASSES)
+    return train, TensorLoader(vx, vy, 256, size=data_size(cfg, model)), list(FASHION_MNIST_CLASSES)  # 28 px resized
 
 
 def _distributed() -> tuple[int, int]:
@@ -429,7 +438,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     bar = tqdm(total=total, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not (show and sys.stderr.isatty()))  # to a file: one plain line per validation instead
     signals.defer()  # from here a signal stops the run after the current step, with a checkpoint
-    size = cfg.img_size or native_input_size(model)[1:]  # Fashion-MNIST's 28 px resized to what the model takes
+    size = data_size(cfg, model)  # Fashion-MNIST's 28 px resized to what the model takes
     while step < total:
         epoch, start = divmod(step, per_epoch)
         for images, y in loader.batches(epoch, start):
