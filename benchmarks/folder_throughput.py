@@ -29,7 +29,8 @@ from PIL import Image
 
 from evit.budget import resize_images
 from evit.embedded import test_subset
-from evit.folders import class_list, read_split, split_loader
+from evit.folders import class_list, read_split
+from evit.images import split_loader
 
 TINY32 = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
 

@@ -156,7 +156,7 @@ def test_a_16_bit_image_reads_as_its_8_bit_self_and_a_32_bit_one_out_of_range_is
     import numpy as np
     from PIL import Image
 
-    from evit.folders import open_image
+    from evit.images import open_image
 
     pixels = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) % 256
     Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "eight.png")

@@ -23,7 +23,7 @@ LAYERS = [
     ("methods", {"evit.methods"} | {f"evit.methods.{p.stem}" for p in (SRC / "methods").glob("*.py")
                                     if p.stem != "__init__"}),
     ("measures", {"evit.cost", "evit.timing", "evit.resolution", "evit.masks", "evit.models", "evit.data",
-                  "evit.checkpoint", "evit.schedule", "evit.weights", "evit.runs", "evit.outputs"}),
+                  "evit.checkpoint", "evit.schedule", "evit.weights", "evit.runs", "evit.outputs", "evit.images"}),
     ("tools", {"evit.bench", "evit.budget", "evit.evaluate", "evit.compare", "evit.show", "evit.export",
                "evit.train", "evit.folders", "evit.embedded", "evit.validation", "evit.loading"}),
     ("commands", {"evit.cli", "evit.commands"}),

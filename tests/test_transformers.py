@@ -720,7 +720,7 @@ def test_a_folders_image_processor_settings_are_applied_as_transformers_applies_
     import numpy as np
     from PIL import Image
 
-    from evit.folders import image_transform
+    from evit.images import image_transform
     from evit.models import create_model
 
     build("ViTForImageClassification").save_pretrained(tmp_path / "vit")
@@ -770,7 +770,7 @@ def test_one_number_for_size_is_read_as_the_folders_processor_reads_it(tmp_path)
     import numpy as np
     from PIL import Image
 
-    from evit.folders import image_transform
+    from evit.images import image_transform
     from evit.models import create_model
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
@@ -793,7 +793,7 @@ def test_the_centre_crop_is_placed_as_transformers_places_it(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from evit.folders import image_transform
+    from evit.images import image_transform
     from evit.models import create_model
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))  # 36 x 43: 11 over
@@ -818,7 +818,7 @@ def test_settings_a_folders_file_leaves_out_are_its_processor_classes(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from evit.folders import image_transform
+    from evit.images import image_transform
     from evit.models import create_model
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))

@@ -281,7 +281,8 @@ def _eval_data(args, embedded_default: bool, models):
     from . import embedded
     from .data import TensorLoader, load_fashion_mnist
 
-    from .folders import check_fashion_mnist_heads, check_workers, eval_batches, run_class_names
+    from .folders import check_fashion_mnist_heads, eval_batches, run_class_names
+    from .images import check_workers
 
     check_workers(args.workers)
     data = args.data or ("bundled" if embedded_default else "fashion-mnist")

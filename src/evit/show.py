@@ -103,7 +103,7 @@ def load_images(paths: Sequence[str], model: nn.Module) -> tuple[Tensor, list[np
     """(model input batch, display arrays) for image files, with the model's own preprocessing at the size and
     channels it was built for (its host's data configuration, applied by timm's transforms)."""
     from .cost import native_input_size
-    from .folders import image_transform, open_image
+    from .images import image_transform, open_image
 
     transform, mode = image_transform(model, native_input_size(model), train=False)
     norm = transform.transforms[-1]  # timm's evaluation transform ends by normalising
@@ -125,7 +125,7 @@ def fashion_images(paths: Sequence[str] = (), count: int = 4) -> tuple[Tensor, l
     grey, or, with no paths, the first bundled test image of each of ``count`` classes."""
     from . import embedded
     from .data import normalize
-    from .folders import open_image
+    from .images import open_image
 
     if paths:
         grey = []
