@@ -21,6 +21,7 @@ from torch import nn
 
 import evit
 from evit import hosts
+from evit.methods.patch_slimming import _mean_attention, carry_back, impact
 from evit.patch import reductions
 
 T = pytest.importorskip("transformers")
@@ -256,6 +257,12 @@ def patch_both(timm_model, hf_model, method, settings, x):
     for model in (timm_model, hf_model):
         evit.patch(model, method=method, locations=locations, **settings,
                    **({"images": x} if method == "patchslimming" else {}))
+    if method == "patchslimming" and hosts.adapter(hf_model).pooling != hosts.adapter(timm_model).pooling:
+        # DINOv2's classifier reads the image tokens' mean too, which no timm model does, so it chooses its own
+        # tokens (test_patch_slimming_carries_back_from_what_each_head_reads): the timm model takes its choice
+        ours = reductions(hf_model)
+        for i, m in reductions(timm_model).items():
+            m.index = ours[i].index.clone()
     if method == "dynamicvit":  # the predictors start random: the transformers model gets the timm model's
         ours = reductions(hf_model)
         for i, m in reductions(timm_model).items():
@@ -327,3 +334,38 @@ def test_training_gives_the_same_on_both_hosts(pair, impl):
         assert (grad_t - grad_h).abs().max() < TOLERANCE * grad_t.abs().max(), f"{pair} {method}: gradients ({impl})"
         assert len(aux_t) == len(aux_h) == (2 if method == "dynamicvit" else 0)
         assert all(abs(a - b) < TOLERANCE for a, b in zip(aux_t, aux_h))
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_patch_slimming_carries_back_from_what_each_head_reads(pair):
+    """Patch Slimming weighs each token by its impact on what the head reads: the class token, the distillation
+    token where a head reads it (timm's distilled DeiT, transformers' DeiT with teacher), never the registers, and
+    the image tokens' mean for DINOv2's transformers classifier. Both hosts carry back alike from the same reading."""
+    timm_model, hf_model, _ = fresh(pair, "sdpa")
+    x = images(pair)
+    found = []
+    for model in (timm_model, hf_model):
+        evit.patch(model, method="patchslimming", keep_rate=0.5, locations=(1, 2))
+        found.append(impact(model, x))
+    (ours, theirs), p = found, hosts.adapter(hf_model).num_prefix_tokens
+    read = 2 if pair == "deit_distilled" else 1
+    expected = torch.zeros(len(ours[-1]))
+    expected[:read] = 1 / read
+    torch.testing.assert_close(ours[-1], expected, rtol=0, atol=0)  # timm's: no head reads the image tokens' mean
+    if "classifier" in pair:  # the class token and the image tokens' mean, alike; the registers not at all
+        expected = torch.zeros(len(ours[-1]))
+        expected[0], expected[p:] = 0.5, 0.5 / (len(expected) - p)
+        ours = carry_back(_mean_attention(timm_model, x, 64), 1, p)
+    torch.testing.assert_close(theirs[-1], expected, rtol=0, atol=0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # maps are averaged in float32
+
+
+def test_deits_classifier_reads_its_class_token_only():
+    """transformers' DeiTForImageClassification reads the class token alone (its teacher model both tokens)."""
+    config = PAIRS["deit_distilled"][2]()
+    model = T.DeiTForImageClassification._from_config(config, attn_implementation="sdpa").double().eval()
+    assert hosts.adapter(model).num_prefix_tokens == 2 and hosts.adapter(model).read_prefix_tokens == 1
+    evit.patch(model, method="patchslimming", keep_rate=0.5, locations=(1, 2))
+    last = impact(model, images("deit_distilled"))[-1]
+    assert last[0] == 1 and not last[1:].any()
