@@ -28,6 +28,8 @@ T = pytest.importorskip("transformers")
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMPLEMENTATIONS = ("sdpa", "eager")
 WIDTH, HEADS, DEPTH, CLASSES = 32, 2, 4, 5
 SMALL = dict(embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_ratio=2)
@@ -96,15 +98,6 @@ METHODS = {"evit": ({"keep_rate": 1.0}, {"keep_rate": 0.5}), "topk": ({"keep_rat
            "patchslimming": ({"keep_rate": 1.0}, {"keep_rate": 0.5})}
 LOCATIONS = {"stvit": (1,)}  # the others: (1, 2)
 TOLERANCE = 1e-9  # float64: the two libraries' kernels differ in summation order only
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: tiny models run quickest so on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
