@@ -35,6 +35,16 @@ def input_for(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, *model.pretrained_cfg["input_size"][:1], *model.patch_embed.img_size)
 
 
+@pytest.fixture
+def one_thread():
+    """Runs on one thread, as the child processes of the timm runs' tests do: tiny models run quickest so on
+    shared cores. (A module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=list(VARIANTS))
 def variant(request):
     return request.param

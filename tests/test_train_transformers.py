@@ -27,13 +27,7 @@ from test_transformers import HF_TINY  # noqa: E402
 PER_EPOCH = 512 // 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs on one thread, as the child processes of the timm runs' tests do: quick on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(root, out, **changes) -> TrainConfig:

@@ -179,6 +179,13 @@ class Host:
         """The pooling in the library's own words, for messages."""
         return f"pooling {self.pooling!r}"
 
+    @property
+    def read_prefix_tokens(self) -> int:
+        """How many of the prefix tokens, from the first, the model's output reads: the class token, and the
+        distillation token where a head reads it; registers never (they sit after those). 0 for a model that reads
+        the image tokens' mean only."""
+        raise NotImplementedError
+
     #: what a method that needs the class token asks of a model, in the library's words
     class_token_text: str = "a head on the class token"
 

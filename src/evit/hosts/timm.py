@@ -186,6 +186,13 @@ class TimmHost(Host):
         return f"global_pool={self.model.global_pool!r}"
 
     @property
+    def read_prefix_tokens(self) -> int:
+        """The class token for ``global_pool='token'``, with the distillation token, which ``head_dist`` reads."""
+        if self.pooling != "token":
+            return 0
+        return self.num_prefix_tokens - getattr(self.model, "num_reg_tokens", 0)
+
+    @property
     def final_norm(self) -> Optional[nn.Module]:
         return self.model.norm
 

@@ -343,6 +343,13 @@ class TransformersHost(Host):
                 "sequence": "its token sequence"}[self.pooling]
 
     @property
+    def read_prefix_tokens(self) -> int:
+        """The class token (its head, pooler, or its place first in a sequence), and the distillation token where
+        a head reads it (DeiT's teacher model's ``distillation_classifier``; DeiT's classifier reads the class token
+        only); registers never."""
+        return int(self.has_class_token) + int(hasattr(self.model, "distillation_classifier"))
+
+    @property
     def final_norm(self) -> Optional[nn.Module]:
         return self.backbone.layernorm if self.pooling == "token+avg" else None
 

@@ -1,6 +1,8 @@
 """Patch Slimming (Tang et al., CVPR 2022): choose the patches top-down, from the last layer back.
 
-Only the class token's output matters at the end of a classifier. Going down from the
+Only what the head reads matters at the end of a classifier: the class token's output (and a
+distillation token's where a head reads it; registers' never), and for a head on the image
+tokens' mean too (DINOv2's classifier), theirs. Going down from the
 last block, the impact of each token on that output is carried back through every
 block's attention (the residual passes a token's impact to itself, attention passes
 the impact of each output token j to the input tokens i it attends to, by A[j, i]).
@@ -18,7 +20,7 @@ are a buffer: they travel with the weights.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -72,19 +74,27 @@ class PatchSlimming(KeepRateReduction):
 @torch.no_grad()
 def impact(model: nn.Module, images: Tensor, batch_size: int = 64) -> list[Tensor]:
     """Per block l, the impact (N,) of each token at the output of block l's attention on the
-    prefix tokens' final output, from the unreduced model's attention on ``images``."""
-    return carry_back(_mean_attention(model, images, batch_size), hosts.adapter(model).num_prefix_tokens)
+    final output the model's head reads, from the unreduced model's attention on ``images``."""
+    host = hosts.adapter(model)
+    image_mean = host.pooling in ("avg", "token+avg")  # a head on the image tokens' mean (DINOv2's classifier) too
+    return carry_back(_mean_attention(model, images, batch_size), host.read_prefix_tokens,
+                      host.num_prefix_tokens if image_mean else None)
 
 
-def carry_back(maps: list[Tensor], prefix: int) -> list[Tensor]:
+def carry_back(maps: list[Tensor], prefix: int, image_from: Optional[int] = None) -> list[Tensor]:
     """Impacts from attention ``maps`` (per block, (N, N), rows the queries), last block first.
 
-    The head reads the ``prefix`` tokens' outputs; the MLP is per token, so a token's impact after
-    block l's attention is its impact at block l's output. Back through block l, half goes along the
-    residual (to the token itself) and half through attention (from output j to input i by A[j, i]).
+    The head reads the first ``prefix`` tokens' outputs (the class token, and a distillation token a head reads;
+    never registers) and, with ``image_from``, the mean of the tokens from there on (the image tokens); each
+    feature it reads weighs alike. The MLP is per token, so a token's impact after block l's attention is its
+    impact at block l's output. Back through block l, half goes along the residual (to the token itself) and half
+    through attention (from output j to input i by A[j, i]).
     """
-    weight = torch.zeros(maps[0].shape[0])
-    weight[:prefix] = 1.0 / prefix
+    n, features = maps[0].shape[0], prefix + (image_from is not None)
+    weight = torch.zeros(n)
+    weight[:prefix] = 1.0 / features
+    if image_from is not None:
+        weight[image_from:] = 1.0 / features / (n - image_from)
     impacts = [weight] * len(maps)
     for layer in reversed(range(len(maps))):
         impacts[layer] = weight
