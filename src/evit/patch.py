@@ -261,7 +261,7 @@ def patch(
     go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe:
     every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
     data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
-    forward).
+    forward; a choice the model's file saved, :func:`keep_saved_state`, is kept where it fits).
     """
     cls = method_class(method)
     if cls.setting == "keep_rate":
@@ -283,9 +283,31 @@ def patch(
     except TypeError as e:
         raise TypeError(f"{cls.__name__} settings {sorted(settings)} not understood: {e}") from None
     apply(model, methods)
+    saved_name, saved = getattr(model, SAVED_STATE, (None, {}))
+    if saved_name == cls.name:  # what its file saved for these blocks (Patch Slimming's choice); prepare keeps what fits
+        for i in saved.keys() & methods.keys():
+            methods[i].load_state_dict(saved[i])
     if cls.needs_images and images is not None:
         cls.prepare(model, images)
     return wrapper
+
+
+#: the attribute in which a model carries what its patched methods loaded with its weights (see :func:`keep_saved_state`)
+SAVED_STATE = "evit_saved_reduction"
+
+
+def keep_saved_state(model: nn.Module) -> nn.Module:
+    """Record on ``model`` the state its patched methods loaded with its weights (Patch Slimming's choice of
+    tokens, a buffer), by block, then unpatch it: patching it again with that method restores that state
+    (:func:`patch`), so a file's saved choice is the one used where it fits the setting, not one made afresh."""
+    found = reductions(model)
+    names = {m.name for m in found.values()}
+    states = {i: {k: v.detach().clone() for k, v in m.state_dict().items()} for i, m in found.items()}
+    states = {i: s for i, s in states.items() if s and all(v.numel() for v in s.values())}
+    unpatch(model)
+    if len(names) == 1 and states:
+        setattr(hosts.unwrapped(model), SAVED_STATE, (names.pop(), states))
+    return model
 
 
 def reductions(model: nn.Module) -> dict[int, TokenReduction]:
