@@ -89,3 +89,35 @@ def test_by_default_methods_that_cannot_serve_the_model_are_skipped_and_named(tm
     assert compared == {"none", "tome", "random"} and {"evit", "topk", "stvit", "patchslimming"} <= skipped
     assert main([a for a in argv if a not in ("--r", "2")] + ["--methods", "evit"]) == 2
     assert "evit cannot patch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_patch_slimmings_saved_choice_is_the_one_its_trained_rows_use(tmp_path, capsys, monkeypatch, suffix):
+    """Weights saved from a Patch-Slimming-patched model hold its choice of tokens: compare --trained loads
+    it and runs the row at its keep rate with that choice (not one made again from the sample images); at
+    another keep rate it chooses again, as on the baseline."""
+    import torch
+    from safetensors.torch import save_file
+
+    import evit
+    from evit import embedded
+    from evit.data import TensorLoader
+    from evit.evaluate import accuracy
+
+    model = evit.patch(embedded.load_model("baseline"), 0.5, method="patchslimming")
+    for m in evit.reductions(model).values():  # a choice no calibration would make: the first positions
+        m.index = torch.arange({1: 25, 3: 13, 4: 7}[m.block])
+    images, labels = (t[:400] for t in embedded.test_subset())  # fewer images: the choice is what is tested
+    monkeypatch.setattr(embedded, "test_subset", lambda: (images, labels))
+    own_top1 = accuracy(model, TensorLoader(images, labels, 256).batches(0))[0]
+    path = tmp_path / f"slimmed{suffix}"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    code = main(["compare", "--methods", "patchslimming", "--trained", f"patchslimming={path}", "--keep-rates", "0.5",
+                 "0.7", "--speed-reps", "1", "--plot", str(tmp_path / "c.png"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    top1 = {(r["model"], r["keep_rate"]): r["top1"] for r in json.loads(out)["rows"]}
+    assert top1["patchslimming-trained", 0.5] == own_top1 != top1["baseline", 0.5]
+    assert top1["patchslimming-trained", 0.7] == top1["baseline", 0.7]  # chosen again: the same weights, same choice
+    assert f"{path} holds Patch Slimming's choice of tokens at blocks 1, 3, 4" in err

@@ -399,6 +399,26 @@ def test_signal_mid_run_ends_cleanly_and_resume_matches(name, code, recipe, prio
     assert _same_weights(out / "model.safetensors", prior / "model.safetensors")  # bit-identical to uninterrupted
 
 
+def test_resume_needs_not_the_weights_the_run_started_from(recipe, prior, tmp_path):
+    """The checkpoint holds everything: a run started with --init resumes exactly after that file is gone."""
+    init = tmp_path / "start.safetensors"
+    shutil.copy(prior / "model.safetensors", init)
+    steps = ("--init", str(init), "--max-steps", "10")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child process trains
+    try:
+        assert main(_train(recipe, tmp_path / "whole", *steps)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "cut"
+    cut = _child([str(HELPER), "SIGINT", "7", *_train(recipe, out, *steps)])
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    init.unlink()  # moved or deleted after the start
+    resumed = _child(["-m", "evit.cli", *_train(recipe, out, "--resume", *steps)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _same_weights(out / "model.safetensors", tmp_path / "whole" / "model.safetensors")
+
+
 def _unshare_works() -> bool:
     try:
         return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0

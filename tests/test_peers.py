@@ -1,4 +1,6 @@
 """STViT and Patch Slimming under the one interface."""
+import copy
+
 import pytest
 import torch
 
@@ -110,8 +112,57 @@ def test_refusals_of_the_new_methods():
 
 def test_stvit_names_an_input_grid_it_cannot_tell():
     model = evit.patch(make_model("dynamic_img_size"), 0.5, method="stvit")
-    with pytest.raises(ValueError, match="4x4 grid nor a square.*dynamic_img_size"):
-        model(torch.randn(1, 3, 64, 48))  # 4 x 3 patches
+    method = evit.reductions(model)[1]
+    with pytest.raises(ValueError, match="12 tokens are not the model's 4x4 grid nor a square"):
+        method(torch.randn(1, 13, 192), None)  # outside a forward: no input to tell the grid by
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 48))  # 4 x 3 patches: the input's own grid
+    with pytest.raises(ValueError, match="15 tokens are not the input's 4x3 grid"):
+        method(torch.randn(1, 16, 192), None)
+
+
+def _tiny_hf_vit():
+    T = pytest.importorskip("transformers")
+    config = T.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8,
+                         intermediate_size=64)
+    torch.manual_seed(0)
+    return T.ViTForImageClassification._from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_stvit_pools_on_the_grid_of_the_input_not_the_model(library):
+    """A model taking any size, run on 2 x 8 or 8 x 2 patches: 16 tokens, as many as its own 4 x 4 grid, but
+    the windows must be those of the input's grid (timm's dynamic_img_size; transformers'
+    interpolate_pos_encoding=True)."""
+    if library == "timm":
+        model, patch, run = make_model("dynamic_img_size"), 16, lambda m, x: m(x)
+    else:
+        model, patch = _tiny_hf_vit(), 8
+        run = lambda m, x: m(pixel_values=x, interpolate_pos_encoding=True)  # noqa: E731
+    evit.patch(model, 0.25, method="stvit", refine=False)  # a 2 x 2 grid of semantic tokens
+    seen = {}
+    evit.reductions(model)[1].register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    for h, w in ((2, 8), (8, 2), (4, 4)):
+        with torch.no_grad():
+            run(model, torch.randn(2, 3, h * patch, w * patch))
+        x = seen["x"]
+        image = x[:, 1:].transpose(1, 2).reshape(2, -1, h, w)
+        expected = torch.nn.functional.adaptive_avg_pool2d(image, 2).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(seen["out"], torch.cat([x[:, :1], expected], dim=1))
+
+
+def test_only_a_patch_that_reads_the_input_size_watches_the_image_entry():
+    """Other methods pay nothing per forward: their patch leaves the patch embedding's class as it is."""
+    model = make_model("dynamic_img_size")
+    plain = type(model.patch_embed)
+    evit.patch(model, 0.5, method="evit")
+    assert type(model.patch_embed) is plain
+    evit.patch(model, 0.5, method="stvit")
+    assert type(model.patch_embed) is not plain and model.patch_embed.token_state is evit.reductions(model)[1].state
+    copied = copy.deepcopy(model)  # the copy's entry records into the copy's state
+    assert copied.patch_embed.token_state is evit.reductions(copied)[1].state is not evit.reductions(model)[1].state
+    evit.unpatch(model)
+    assert type(model.patch_embed) is plain and not hasattr(model.patch_embed, "token_state")
 
 
 def test_stvit_follows_a_resize_after_patching():

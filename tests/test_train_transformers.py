@@ -42,8 +42,8 @@ def test_trains_with_evit_warm_up_and_evaluates_as_the_run_reported(toy_fashion,
     built, seen = [], []  # the model the run trains; per step: (keep rate, each layer's output length)
     build = evit.train.build_model
 
-    def recording_build(cfg):
-        model = build(cfg)
+    def recording_build(cfg, **options):
+        model = build(cfg, **options)
         def length(layer, args, out) -> None:  # of a training forward (validation's runs the EMA copy, in eval)
             if layer.training:
                 seen[-1][1].append((out[0] if isinstance(out, tuple) else out).shape[1])

@@ -51,18 +51,33 @@ def grid(methods: Sequence[str], keep_rates: Optional[Sequence[float]] = None,
 def load_trained(name: str, kwargs: dict, trained: dict[str, str], baseline: Optional[nn.Module] = None) -> dict[str, nn.Module]:
     """{"<method>-trained": model} for weights trained with each method (a learned method's modules
     are created by patching before its weights load). Weights for another number of classes than
-    ``baseline``'s are refused, naming the file: their rows would score other classes on the same images."""
+    ``baseline``'s are refused, naming the file: their rows would score other classes on the same images.
+
+    A method that chooses its tokens from sample images (Patch Slimming) saves its choice with the weights of
+    a patched model: it is loaded and kept on the model (:func:`evit.patch.keep_saved_state`), so the rows whose
+    keep rate keeps as many tokens run with it; the others choose again from the sample images (said on stderr)."""
+    import sys
+
     from . import hosts
     from .loading import load_model
-    from .patch import patch
+    from .patch import SAVED_STATE, keep_saved_state, patch
 
     models = {}
     for method, path in trained.items():
-        learned = (lambda m, method=method: patch(m, 1.0, method=method)) if method_class(method).learned else None
-        model = load_model(name, model_kwargs=kwargs, checkpoint=str(path), before_weights=learned)[1]
+        cls = method_class(method)
+        before = (lambda m, method=method: patch(m, 1.0, method=method)) if cls.learned else \
+            (lambda m, method=method: patch(m, 1.0, range(len(hosts.adapter(m).blocks)), method=method)) \
+            if cls.needs_images else None  # at every block: the file's choice loads wherever it was made
+        model = load_model(name, model_kwargs=kwargs, checkpoint=str(path), before_weights=before)[1]
         if baseline is not None and (width := hosts.head_outputs(model)) != (base := hosts.head_outputs(baseline)):
             raise ValueError(f"--trained {method}={path}: its head has {width} outputs and the baseline's {base}; "
                              "compare weights trained on the same classes")
+        if cls.needs_images and not cls.learned:
+            saved = getattr(hosts.unwrapped(keep_saved_state(model)), SAVED_STATE, (None, {}))[1]
+            if saved:
+                print(f"evit compare: {path} holds {cls.label}'s choice of tokens at blocks {', '.join(map(str, saved))}: "
+                      f"it is used at the keep rate it was made for; at other keep rates {cls.label} chooses again "
+                      "from the sample images", file=sys.stderr)
         models[f"{method}-trained"] = model.eval()
     return models
 

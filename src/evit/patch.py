@@ -91,6 +91,19 @@ class SizeWeightedNorm(nn.Module):
         return torch.cat([x[:, :p], x[:, p:] * weights.unsqueeze(-1)], dim=1)
 
 
+class ImageSizeWatch(nn.Module):
+    """Mixin placed in front of the class of the model's image entry (its host's
+    :attr:`~evit.hosts.base.Host.image_entry`, called with the images first) when a method reads each input's size
+    (:attr:`~evit.reduction.TokenReduction.needs_image_size`): it records their height and width in the shared
+    state before the blocks run. Only such a patch has it: other methods pay nothing for it."""
+
+    token_state: TokenState
+
+    def forward(self, images: Tensor, *args, **kwargs):
+        self.token_state.image_hw = (images.shape[-2], images.shape[-1])
+        return super().forward(images, *args, **kwargs)
+
+
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -99,7 +112,8 @@ def _subclass(mixin: type, cls: type) -> type:
     ``_evit_view`` is its host's view class. (A host's follower mixin, :attr:`~evit.hosts.base.Host.follower_mixin`,
     is named after itself.)"""
     if (mixin, cls) not in _SUBCLASSES:
-        prefix = {ReducingBlock: "Reducing", SizeWeightedNorm: "SizeWeighted"}.get(mixin, mixin.__name__)
+        prefix = {ReducingBlock: "Reducing", SizeWeightedNorm: "SizeWeighted", ImageSizeWatch: "SizeWatching"}.get(
+            mixin, mixin.__name__)
         view = {"_evit_view": hosts.view_class(cls)} if mixin is ReducingBlock else {}
         _SUBCLASSES[mixin, cls] = type(f"{prefix}{cls.__name__}", (mixin, cls),
                                        {"_evit_base": cls, "__reduce_ex__": _reduce_patched, **view})
@@ -172,6 +186,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     if isinstance(norm, SizeWeightedNorm):
         norm.__class__ = type(norm)._evit_base
         del norm.token_state, norm.num_prefix_tokens
+    entry = host.image_entry
+    if isinstance(entry, ImageSizeWatch):
+        entry.__class__ = type(entry)._evit_base
+        del entry.token_state
     return wrapper
 
 
@@ -207,6 +225,10 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
     if host.pooling in ("avg", "token+avg") and norm is not None and any(m.tracks_size for m in methods.values()):
         norm.__class__ = _subclass(SizeWeightedNorm, type(norm))
         norm.token_state, norm.num_prefix_tokens = state, host.num_prefix_tokens
+    if any(m.needs_image_size for m in methods.values()):
+        entry = host.image_entry
+        entry.__class__ = _subclass(ImageSizeWatch, type(entry))
+        entry.token_state = state
     return wrapper
 
 
@@ -239,7 +261,7 @@ def patch(
     go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe:
     every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
     data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
-    forward).
+    forward; a choice the model's file saved, :func:`keep_saved_state`, is kept where it fits).
     """
     cls = method_class(method)
     if cls.setting == "keep_rate":
@@ -261,9 +283,31 @@ def patch(
     except TypeError as e:
         raise TypeError(f"{cls.__name__} settings {sorted(settings)} not understood: {e}") from None
     apply(model, methods)
+    saved_name, saved = getattr(model, SAVED_STATE, (None, {}))
+    if saved_name == cls.name:  # what its file saved for these blocks (Patch Slimming's choice); prepare keeps what fits
+        for i in saved.keys() & methods.keys():
+            methods[i].load_state_dict(saved[i])
     if cls.needs_images and images is not None:
         cls.prepare(model, images)
     return wrapper
+
+
+#: the attribute in which a model carries what its patched methods loaded with its weights (see :func:`keep_saved_state`)
+SAVED_STATE = "evit_saved_reduction"
+
+
+def keep_saved_state(model: nn.Module) -> nn.Module:
+    """Record on ``model`` the state its patched methods loaded with its weights (Patch Slimming's choice of
+    tokens, a buffer), by block, then unpatch it: patching it again with that method restores that state
+    (:func:`patch`), so a file's saved choice is the one used where it fits the setting, not one made afresh."""
+    found = reductions(model)
+    names = {m.name for m in found.values()}
+    states = {i: {k: v.detach().clone() for k, v in m.state_dict().items()} for i, m in found.items()}
+    states = {i: s for i, s in states.items() if s and all(v.numel() for v in s.values())}
+    unpatch(model)
+    if len(names) == 1 and states:
+        setattr(hosts.unwrapped(model), SAVED_STATE, (names.pop(), states))
+    return model
 
 
 def reductions(model: nn.Module) -> dict[int, TokenReduction]:

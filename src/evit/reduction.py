@@ -70,10 +70,13 @@ class TokenState:
         them (DynamicViT in training); later blocks attend only to those.
     sources: when ``track`` is on, (B, N, N0) 0/1 matrix of the input tokens each token
         holds, and ``stages`` collects it after every reduction (for pictures and masks).
+    image_hw: (H, W) of the images of the forward running now, for a method that ``needs_image_size``
+        (recorded by the model's image entry before the blocks run, so :meth:`reset` keeps it); None until then.
     """
 
     def __init__(self) -> None:
         self.track = False
+        self.image_hw: Optional[tuple[int, int]] = None
         self.reset()
 
     def reset(self) -> None:
@@ -125,6 +128,9 @@ class TokenReduction(nn.Module):
     tracks_size: bool = False
     #: in training this method may mask tokens instead of removing them: every later block must see the mask
     masks_in_training: bool = False
+    #: reads the height and width of each input (``state.image_hw``): the patch makes the model's image entry
+    #: record them (a model that takes any input size may be run at a shape whose token grid is not its own)
+    needs_image_size: bool = False
     #: its tokens stand for groups of patches (ToMe's merges, STViT's windows): pictures colour the groups
     groups_patches: bool = False
     #: chooses its tokens from sample images (Patch Slimming): :meth:`prepare` must run after patching

@@ -157,9 +157,11 @@ def data_classes(cfg: TrainConfig) -> int:
     return count
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
+def build_model(cfg: TrainConfig, starting_weights: bool = True) -> nn.Module:
     """The model to train: ``cfg.model`` with a head as wide as the data's classes; ``cfg.init``'s weights
-    (a head trained on other classes is left out and starts untrained), patched as the run trains it."""
+    (a head trained on other classes is left out and starts untrained), patched as the run trains it.
+    Without ``starting_weights`` (a run resumed from its checkpoint, whose weights replace them) neither
+    ``cfg.init`` nor ``cfg.pretrained`` is read: the file it started from may have been moved since."""
     def patched(model: nn.Module) -> None:  # patched first: a learned method's weights load with it
         if cfg.keep_rate < 1.0 or cfg.method != "evit":
             settings = {"fusion": cfg.fusion} if cfg.method == "evit" else {}  # EViT's own setting
@@ -171,7 +173,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         print(f"evit train: the model's {key}={asked} is not the data's {classes} classes: the head is built with "
               f"{classes} (the data decides it; leave {key} out)", file=sys.stderr)
     kwargs = {**cfg.model_kwargs, key: classes}
-    return load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init, model_kwargs=kwargs,
+    return load_model(cfg.model, pretrained=cfg.pretrained and starting_weights,
+                      checkpoint=cfg.init if starting_weights else None, model_kwargs=kwargs,
                       before_weights=patched, fresh_head=True)[1]
 
 
@@ -344,7 +347,8 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
-    model = build_model(cfg).to(device)
+    resuming = resume and checkpoint.latest(out / "checkpoints") is not None  # its weights replace the starting ones
+    model = build_model(cfg, starting_weights=not resuming).to(device)
     hosts.check_trainable(model)  # before any run folder is made
     check_input_size(cfg, model)
     # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)

@@ -153,8 +153,9 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_hea
     """One line naming the first keys whose shapes differ and the missing / unexpected keys; None if it fits.
     ``fresh_head``: the head's keys may be missing (it starts untrained)."""
     own = model.state_dict()
+    # an empty buffer of a method takes the file's length (Patch Slimming's choice, made or saved at any keep rate)
     shapes = [f"{k} (checkpoint {_shape(v)}, model {_shape(own[k])})" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
+              if k in own and v.shape != own[k].shape and not (".reduction." in k and own[k].numel() == 0)]
     # a learned method's fresh modules may start untrained, and a fresh head
     head = hosts.head_keys(model, own) if fresh_head else set()
     missing = [k for k in own if k not in state and ".reduction." not in k and k not in head]
@@ -166,7 +167,8 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_hea
         if keys:
             parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
     hint = (" (it holds a token-reduction method's weights: patch the model with that method first; on the command "
-            "line, a learned method's (dynamicvit) load with evit compare --trained METHOD=FILE or evit show --method)"
+            "line, evit compare --trained METHOD=FILE loads a learned method's (dynamicvit) and Patch Slimming's saved "
+            "choice, evit show --method a learned method's)"
             if any(".reduction." in k for k in unexpected) else "")
     run = _run_config(path)
     if not hint and run is not None:  # an evit run's weights: its config.json names the architecture they need

@@ -207,6 +207,12 @@ class Host:
         """Rows and columns of image tokens for an input of ``hw`` (default: :attr:`input_size`)."""
         raise NotImplementedError
 
+    @property
+    def image_entry(self) -> nn.Module:
+        """The module the model hands its images (B, C, H, W) to, as its first argument (its patch embedding):
+        where the size of each input can be read, for a model that takes inputs of other sizes than its own."""
+        raise NotImplementedError
+
     def num_tokens(self, hw: Optional[tuple[int, int]] = None) -> int:
         """Sequence length entering the first block for an input of ``hw``."""
         h, w = self.patch_grid(hw)

@@ -214,6 +214,10 @@ class TimmHost(Host):
         return hw[0] // embed.patch_size[0], hw[1] // embed.patch_size[1]
 
     @property
+    def image_entry(self) -> nn.Module:
+        return self.model.patch_embed
+
+    @property
     def takes_any_size(self) -> bool:
         return bool(getattr(self.model, "dynamic_img_size", False))
 

@@ -362,6 +362,14 @@ class TransformersHost(Host):
         return h // ph, w // pw
 
     @property
+    def image_entry(self) -> nn.Module:
+        """ViT, DeiT, DINOv2: ``embeddings.patch_embeddings``; CLIP, SigLIP: the convolution
+        ``embeddings.patch_embedding``."""
+        embeddings = self.backbone.embeddings
+        entry = getattr(embeddings, "patch_embeddings", None)
+        return entry if entry is not None else embeddings.patch_embedding
+
+    @property
     def takes_any_size(self) -> bool:
         return self.family_name.startswith("dinov2")  # its position embeddings are interpolated at every call
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .. import hosts
 from ..attention import Seen, attention_probs
-from ..patch import reductions, set_keep_rate
+from ..patch import reductions, set_keep_rate, token_counts
 from ..registry import register
 from .base import KeepRateReduction, kept_count
 
@@ -49,7 +49,10 @@ class PatchSlimming(KeepRateReduction):
 
     @classmethod
     def prepare(cls, model: nn.Module, images: Tensor) -> None:
-        select(model, images)
+        """Choose from ``images``, unless every block already holds a choice that fits its keep rate (one its
+        weights' file saved, restored by the patch): weights fine-tuned on a choice run with it."""
+        if not chosen(model):
+            select(model, images)
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         p, N = self.num_prefix_tokens, x.shape[1]
@@ -69,6 +72,19 @@ class PatchSlimming(KeepRateReduction):
         if prefix + "index" in state_dict:  # a choice of another length than the empty default
             self.index = torch.empty_like(state_dict[prefix + "index"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def chosen(model: nn.Module) -> bool:
+    """True when every Patch Slimming block of ``model`` holds a choice of as many tokens as its keep rate keeps,
+    among the tokens it is given at the model's input size."""
+    host = hosts.adapter(model)
+    p, found = host.num_prefix_tokens, sorted(reductions(model).items())
+    entering = token_counts(model, host.num_tokens())[:-1]  # tokens entering each reducing block
+    for (_, m), n in zip(found, entering):
+        k = kept_count(m.keep_rate, n - p) if isinstance(m, PatchSlimming) else n - p
+        if k < n - p and (m.index.numel() != k or int(m.index.max()) >= n - p):
+            return False
+    return True
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from .base import KeepRateReduction
 @register
 class STViT(KeepRateReduction):
     groups_patches = True
+    needs_image_size = True  # its windows lie on the input's grid
     name, label = "stvit", "STViT"
     #: grids of 6, 5, 4 and 3 squared of 7 x 7 image tokens (12, 10, 8, 6 of DeiT's 14): its grid side is
     #: round(sqrt(keep_rate * n)), so shared keep rates would give repeated grids
@@ -70,17 +71,20 @@ class STViT(KeepRateReduction):
         return n_tokens if g * g >= n else self.num_prefix_tokens + g * g
 
     def _image_grid(self, n: int) -> tuple[int, int]:
-        host = getattr(self, "_host", None)
-        grid = host.patch_grid() if host is not None else None
+        """The grid of the ``n`` image tokens: that of the input running now (its size recorded by the model's
+        image entry, see ``needs_image_size``), so that a model taking any size pools a 7 x 28 input on 7 x 28,
+        not on its own 14 x 14 of the same count. Outside a model's forward, the model's grid or a square."""
+        host, hw = getattr(self, "_host", None), self.state.image_hw
+        grid = host.patch_grid(hw) if host is not None else None
         if grid is not None and grid[0] * grid[1] == n:
             return grid
         side = math.isqrt(n)
-        if side * side != n:
-            known = f"the model's {grid[0]}x{grid[1]} grid" if grid is not None else "a known grid"
-            raise ValueError(f"STViT pools image tokens on their grid, but {n} tokens are not {known} nor a "
-                             "square, and it cannot tell theirs (an input of another "
-                             "shape to a dynamic_img_size model, or an earlier block already reducing): run it at the "
-                             "model's input size or a square one")
+        if side * side != n or hw is not None:
+            of = f"the input's {grid[0]}x{grid[1]} grid" if hw is not None else \
+                f"the model's {grid[0]}x{grid[1]} grid nor a square" if grid is not None else "a known grid nor a square"
+            raise ValueError(f"STViT pools image tokens on their grid, but {n} tokens are not {of}, and it "
+                             "cannot tell theirs (an earlier block already reducing, or tokens not from the "
+                             "model's input): run it on the model's own tokens")
         return side, side
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
