@@ -635,3 +635,64 @@ def test_non_finite_weights_are_refused_before_evaluation():
     batches = lambda: iter([(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))])  # noqa: E731
     with pytest.raises(ValueError, match=r"model 'm' holds non-finite weights: blocks.2.attn.proj.weight \(1 of"):
         evaluate({"m": model}, [("m", 1.0)], batches, speed_reps=1)
+
+
+@pytest.fixture(scope="module")
+def gray_folder(tmp_path_factory):
+    """An ImageNet-style folder of 28 px grayscale PNGs cut from the bundled Fashion-MNIST test images."""
+    from PIL import Image
+
+    from evit.embedded import test_subset
+
+    images, labels = test_subset()
+    root = tmp_path_factory.mktemp("gray")
+    for c in range(10):
+        chosen = (labels == c).nonzero().flatten().tolist()
+        for split, part in (("train", chosen[:8]), ("val", chosen[8:12])):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in part:
+                Image.fromarray(images[i, 0].numpy()).save(root / split / f"c{c}" / f"{i:04d}.png")
+    return root
+
+
+def test_a_folder_run_from_fashion_mnist_weights_keeps_their_reading(recipe, prior, gray_folder, tmp_path, capsys):
+    """Weights trained on Fashion-MNIST's tensors read a folder as those were read (their mean, std, whole
+    image): a run fine-tuning them on a folder trains so, records it in every weights file it writes (so
+    `evit eval` scores the final weights as the run validated them), and resumes so once the file it started
+    from is gone."""
+    from safetensors import safe_open
+
+    from evit.data import FASHION_MNIST_MEAN
+
+    init = tmp_path / "fashion.safetensors"
+    shutil.copy(prior / "model.safetensors", init)
+    steps = ("--init", str(init), "--data", str(gray_folder), "--workers", "0", "--max-steps", "8", "--epochs", "1",
+             "--save-every", "3")
+    folder_recipe = tmp_path / "folder.json"
+    folder_recipe.write_text(json.dumps({**json.loads(recipe.read_text()), "batch_size": 8}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child process trains
+    try:
+        assert main(_train(folder_recipe, tmp_path / "whole", *steps, "--batch-size", "8")) == 0
+        final = tmp_path / "whole" / "model.safetensors"
+        with safe_open(str(final), "pt") as f:
+            reading = json.loads(f.metadata()["evit_preprocessing"])
+        assert reading["mean"] == [FASHION_MNIST_MEAN] and reading["crop_pct"] == 1.0
+        capsys.readouterr()
+        assert main(["eval", "--recipe", str(folder_recipe), "--checkpoint", str(final), "--data", str(gray_folder),
+                     "--keep-rates", "0.5", "--workers", "0", "--json"]) == 0
+        scored = json.loads(capsys.readouterr().out)
+    finally:
+        torch.set_num_threads(threads)
+    validated = [line.split(",") for line in (tmp_path / "whole" / "summary.csv").read_text().splitlines()]
+    last = dict(zip(validated[0], validated[-1]))
+    top1 = [row["top1"] for row in scored["rows"] if row.get("keep_rate") == 0.5]
+    assert top1 and abs(top1[0] - float(last["val_top1"])) < 1e-6, (top1, last)
+
+    out = tmp_path / "cut"
+    cut = _child([str(HELPER), "SIGINT", "5", *_train(folder_recipe, out, *steps, "--batch-size", "8")])
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    init.unlink()  # moved or deleted after the start
+    resumed = _child(["-m", "evit.cli", *_train(folder_recipe, out, "--resume", *steps, "--batch-size", "8")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _same_weights(out / "model.safetensors", final)

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from . import hosts
 from .reduction import NOT_APPLIED, TRAINED_WITH, trained_settings  # noqa: F401 - where models are loaded and saved
 from .weights import first_non_finite, is_safetensors, load_torch, mismatch, read_state, torch_reason
 
@@ -99,16 +100,23 @@ def save_text(text: str, path: Path) -> None:
 DATA_KEY = "evit_data"
 #: the attribute in which a model being trained carries that name (every weights file written of it records it)
 TRAINED_ON = "evit_trained_on"
+#: metadata key holding, as JSON, how the weights see images where evit recorded it on the model
+#: (:func:`evit.hosts.recorded_preprocessing`: mean, std, crop_pct, interpolation), e.g. a folder run fine-tuned
+#: from weights trained on Fashion-MNIST's tensors, which reads its folder as those were read
+PREPROCESSING_KEY = "evit_preprocessing"
 
 
 def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, Any]] = None,
                  data: Optional[str] = None) -> None:
     """Write ``model``'s weights with the token-reduction ``settings`` they were trained with
     (default: those recorded where the model's weights were loaded from, :data:`TRAINED_WITH`) and the
-    data they were trained on (default: the model's :data:`TRAINED_ON`)."""
+    data they were trained on (default: the model's :data:`TRAINED_ON`), and how they see images where that was
+    recorded on the model (:data:`PREPROCESSING_KEY`)."""
     settings = getattr(model, TRAINED_WITH, {}) if settings is None else settings
     data = getattr(model, TRAINED_ON, None) if data is None else data
-    metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {})}
+    reading = hosts.recorded_preprocessing(model)
+    metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {}),
+                **({PREPROCESSING_KEY: json.dumps(reading)} if reading else {})}
     save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path,
                  metadata=metadata or None)
 
@@ -116,6 +124,20 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
 def recorded_data(path: Path) -> Optional[str]:
     """The :data:`DATA_KEY` weights file ``path`` recorded, else None."""
     return (_metadata(Path(path)) or {}).get(DATA_KEY)
+
+
+def recorded_preprocessing(path: Path) -> Optional[dict]:
+    """How the weights in file ``path`` see images (:data:`PREPROCESSING_KEY`), else None."""
+    text = (_metadata(Path(path)) or {}).get(PREPROCESSING_KEY)
+    if text is None:
+        return None
+    try:
+        found = json.loads(text)
+        return dict(mean=tuple(map(float, found["mean"])), std=tuple(map(float, found["std"])),
+                    crop_pct=float(found["crop_pct"]), interpolation=str(found["interpolation"]))
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: its {PREPROCESSING_KEY!r} metadata is damaged ({text[:80]!r}); it should say how "
+                         "the weights see images (mean, std, crop_pct, interpolation)") from None
 
 
 def _metadata(path: Path) -> Optional[dict[str, str]]:
@@ -285,10 +307,24 @@ def _read(found: dict) -> tuple[dict, dict]:
     return weights, state
 
 
-def load(directory: Path, model: nn.Module) -> Optional[dict]:
-    """Load the newest checkpoint's weights into ``model``; return its saved state (or None).
+def load(read: Optional[tuple[dict, dict, dict]], model: nn.Module) -> Optional[dict]:
+    """Load the weights of checkpoint ``read`` (:func:`newest`'s) into ``model``; return its saved state (None
+    for no checkpoint)."""
+    if read is None:
+        return None
+    found, weights, state = read
+    problem = mismatch(str(found["weights"]), model, weights)
+    if problem:
+        raise ValueError(f"{problem}: resume with the run's own configuration")
+    model.load_state_dict(weights)
+    return state
 
-    When that checkpoint is damaged, the newest earlier one whose files can be read is loaded instead
+
+def newest(directory: Path) -> Optional[tuple[dict, dict, dict]]:
+    """(files, weights, training state) of the newest checkpoint in ``directory``, what a resume loads
+    (:func:`load`); None when there is none.
+
+    When that checkpoint is damaged, the newest earlier one whose files can be read is read instead
     (resuming is exact from any checkpoint), and the state's ``"fallback"`` says so; with none, the
     damage is the error."""
     directory = Path(directory)
@@ -310,8 +346,4 @@ def load(directory: Path, model: nn.Module) -> Optional[dict]:
         else:
             raise ValueError(f"{damage}; no earlier checkpoint in {directory} can be read: start afresh with "
                              "--overwrite (moves the run aside)") from None
-    problem = mismatch(str(found["weights"]), model, weights)
-    if problem:
-        raise ValueError(f"{problem}: resume with the run's own configuration")
-    model.load_state_dict(weights)
-    return state
+    return found, weights, state

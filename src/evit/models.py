@@ -12,13 +12,13 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from . import hosts
-from .checkpoint import TRAINED_WITH, recorded_data, recorded_settings
+from .checkpoint import TRAINED_WITH, recorded_data, recorded_preprocessing, recorded_settings
 from .data import record_fashion_mnist_training
 from .weights import first_non_finite, mismatch, read_state
 
@@ -255,5 +255,14 @@ def load_checkpoint(model: nn.Module, path: str, fresh_head: bool = False, state
     if note:
         print(note, file=sys.stderr)
     setattr(model, TRAINED_WITH, recorded_settings(Path(path)))
+    see_images_as_recorded(model, path)
+
+
+def see_images_as_recorded(model: nn.Module, path: Union[str, Path]) -> None:
+    """Make ``model`` read images as the weights file ``path`` records they were trained to: Fashion-MNIST's
+    tensors (its classes too), or the preprocessing a run recorded (a folder fine-tuned from such weights); a file
+    that records neither leaves the model's own."""
     if recorded_data(Path(path)) == "fashion-mnist":
         record_fashion_mnist_training(model)
+    elif (reading := recorded_preprocessing(Path(path))) is not None:
+        hosts.adapter(model).record_preprocessing(**reading)

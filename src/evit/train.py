@@ -28,7 +28,7 @@ from . import checkpoint, hosts, runs
 from .cost import check_input_size as check_model_input
 from .cost import native_input_size
 from .loading import load_model
-from .models import classes_keyword, given_classes, resolve_device
+from .models import classes_keyword, given_classes, resolve_device, see_images_as_recorded
 from .patch import patch, reductions, set_keep_rate
 from .resolution import resize_images
 from .schedule import drawn_keep_rate, keep_rate_at
@@ -347,8 +347,10 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
-    resuming = resume and checkpoint.latest(out / "checkpoints") is not None  # its weights replace the starting ones
-    model = build_model(cfg, starting_weights=not resuming).to(device)
+    resumed = checkpoint.newest(out / "checkpoints") if resume else None  # its weights replace the starting ones
+    model = build_model(cfg, starting_weights=resumed is None).to(device)
+    if resumed is not None:  # what the starting weights said of how they see images, the checkpoint says too
+        see_images_as_recorded(model, resumed[0]["weights"])
     hosts.check_trainable(model)  # before any run folder is made
     check_input_size(cfg, model)
     # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
@@ -379,7 +381,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
 
     step, state, keep, loss_avg = 0, None, 1.0, None
     if resume:
-        state = checkpoint.load(out / "checkpoints", model)
+        state = checkpoint.load(resumed, model)
         if state is None and (out / "model.safetensors").exists():  # it finished and its checkpoints are gone:
             # starting again would redo it and write over its weights
             raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}, but the run finished "

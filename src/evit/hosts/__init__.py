@@ -145,6 +145,13 @@ def class_names(model: nn.Module) -> Optional[list[str]]:
     return found.class_names if found is not None else None
 
 
+def recorded_preprocessing(model: nn.Module) -> Optional[dict]:
+    """How ``model``'s weights were trained to see images, where evit recorded it
+    (:attr:`~evit.hosts.base.Host.recorded_preprocessing`); else None."""
+    found = find(model)
+    return found.recorded_preprocessing if found is not None else None
+
+
 def data_config(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> dict:
     """Preprocessing for ``model``'s images (timm's keys), at ``input_size``: its host's, else timm's for any timm model."""
     found = find(model)

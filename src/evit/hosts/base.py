@@ -267,12 +267,28 @@ class Host:
         interpolation, crop_pct (timm's keys)."""
         raise NotImplementedError
 
+    #: the model's attribute holding what :meth:`record_preprocessing` recorded
+    RECORD = "evit_preprocessing"
+
     def record_preprocessing(self, mean: tuple, std: tuple, crop_pct: float, interpolation: str,
-                             class_names: Sequence[str]) -> None:
-        """Record how the model's weights were trained to see images (timm's keys) and name its classes, where the
-        model keeps such a record: :meth:`data_config` and :attr:`class_names` then give them, so images from a
-        folder are read, and labelled, as the training data was."""
+                             class_names: Optional[Sequence[str]] = None) -> None:
+        """Record how the model's weights were trained to see images (timm's keys) and name its classes (None: leave
+        its names), where the model keeps such a record: :meth:`data_config` and :attr:`class_names` then give them,
+        so images from a folder are read, and labelled, as the training data was. The record is also kept in
+        :attr:`recorded_preprocessing`, which every weights file evit writes of the model carries on."""
+        setattr(self.model, self.RECORD, dict(mean=tuple(mean), std=tuple(std), crop_pct=float(crop_pct),
+                                              interpolation=str(interpolation)))
+        self._record(class_names)
+
+    def _record(self, class_names: Optional[Sequence[str]]) -> None:
+        """Put :attr:`recorded_preprocessing` (and ``class_names``, unless None) where the library reads them."""
         raise NotImplementedError
+
+    @property
+    def recorded_preprocessing(self) -> Optional[dict]:
+        """What :meth:`record_preprocessing` recorded on the model (mean, std, crop_pct, interpolation), else None:
+        the model then reads images its architecture's way."""
+        return getattr(self.model, self.RECORD, None)
 
     def adapt_state_dict(self, state: dict) -> dict:
         """``state`` adapted to this model before loading (e.g. position embeddings resampled)."""

@@ -262,12 +262,11 @@ class TimmHost(Host):
     def data_config(self, input_size: Optional[Sequence[int]] = None) -> dict:
         return data_config(self.model, input_size)
 
-    def record_preprocessing(self, mean: tuple, std: tuple, crop_pct: float, interpolation: str,
-                             class_names: Sequence[str]) -> None:
+    def _record(self, class_names: Optional[Sequence[str]]) -> None:
         """In timm's pretrained config, which timm's data config and :attr:`class_names` (``label_names``) read."""
-        self.model.pretrained_cfg = {**(getattr(self.model, "pretrained_cfg", None) or {}), "mean": tuple(mean),
-                                     "std": tuple(std), "crop_pct": crop_pct, "interpolation": interpolation,
-                                     "label_names": list(class_names)}
+        names = {} if class_names is None else {"label_names": list(class_names)}
+        self.model.pretrained_cfg = {**(getattr(self.model, "pretrained_cfg", None) or {}),
+                                     **self.recorded_preprocessing, **names}
 
     def adapt_state_dict(self, state: dict) -> dict:
         """timm's own filter: position embeddings resampled to this input size (higher-resolution fine-tuning)."""

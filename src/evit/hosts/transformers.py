@@ -490,14 +490,11 @@ class TransformersHost(Host):
             raise self._headless("accuracy to score", "load the weights as {} to score them")
         return self.model.config.num_labels
 
-    #: the model's attribute holding what :meth:`record_preprocessing` recorded
-    RECORD = "evit_preprocessing"
-
-    def record_preprocessing(self, mean: tuple, std: tuple, crop_pct: float, interpolation: str,
-                             class_names: Sequence[str]) -> None:
-        """On the model (read first by :meth:`data_config`), and the names in its config's ``id2label``."""
-        setattr(self.model, self.RECORD, dict(mean=tuple(mean), std=tuple(std), crop_pct=crop_pct,
-                                              interpolation=interpolation))
+    def _record(self, class_names: Optional[Sequence[str]]) -> None:
+        """The preprocessing stays on the model (read first by :meth:`data_config`); the names go in its config's
+        ``id2label``."""
+        if class_names is None:
+            return
         self.model.config.id2label = dict(enumerate(class_names))
         self.model.config.label2id = {name: i for i, name in enumerate(class_names)}
 
