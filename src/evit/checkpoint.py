@@ -114,7 +114,7 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
     recorded on the model (:data:`PREPROCESSING_KEY`)."""
     settings = getattr(model, TRAINED_WITH, {}) if settings is None else settings
     data = getattr(model, TRAINED_ON, None) if data is None else data
-    reading = hosts.recorded_preprocessing(model)
+    reading = None if data == "fashion-mnist" else hosts.recorded_preprocessing(model)  # that data says it
     metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {}),
                 **({PREPROCESSING_KEY: json.dumps(reading)} if reading else {})}
     save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path,
