@@ -25,7 +25,7 @@ LAYERS = [
     ("measures", {"evit.cost", "evit.timing", "evit.resolution", "evit.masks", "evit.models", "evit.data",
                   "evit.checkpoint", "evit.schedule", "evit.weights", "evit.runs", "evit.outputs", "evit.images"}),
     ("tools", {"evit.bench", "evit.budget", "evit.evaluate", "evit.compare", "evit.show", "evit.export",
-               "evit.train", "evit.folders", "evit.embedded", "evit.validation", "evit.loading"}),
+               "evit.train", "evit.train_setup", "evit.folders", "evit.embedded", "evit.validation", "evit.loading"}),
     ("commands", {"evit.cli", "evit.commands"}),
     ("api", {"evit"}),
 ]
