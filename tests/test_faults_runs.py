@@ -692,6 +692,16 @@ def test_a_folder_run_from_fashion_mnist_weights_keeps_their_reading(recipe, pri
     out = tmp_path / "cut"
     cut = _child([str(HELPER), "SIGINT", "5", *_train(folder_recipe, out, *steps, "--batch-size", "8")])
     assert cut.returncode == 130, cut.stderr[-2000:]
+    older = tmp_path / "older"  # checkpoints written before weights recorded their reading: the starting file's
+    shutil.copytree(out, older)
+    for weights in (older / "checkpoints").glob("*.safetensors"):
+        tensors = load_file(str(weights))
+        with safe_open(str(weights), "pt") as f:
+            kept = {k: v for k, v in f.metadata().items() if k != "evit_preprocessing"}
+        save_file(tensors, str(weights), metadata=kept)
+    resumed = _child(["-m", "evit.cli", *_train(folder_recipe, older, "--resume", *steps, "--batch-size", "8")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _same_weights(older / "model.safetensors", final)
     init.unlink()  # moved or deleted after the start
     resumed = _child(["-m", "evit.cli", *_train(folder_recipe, out, "--resume", *steps, "--batch-size", "8")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -227,6 +227,27 @@ def test_transformers_files_for_other_classes_or_none_are_fine_tuned_with_the_re
         load_model(HF_SPEC, checkpoint=str(tmp_path / "base" / "model.safetensors"))
 
 
+def test_weights_trained_on_fashion_mnist_fine_tuned_for_other_classes_keep_their_reading_not_their_names(
+        three_classes, tmp_path):
+    """A transformers or timm file trained on Fashion-MNIST's tensors, fine-tuned onto 3 classes: the model reads
+    images as the file was trained to (its mean and std), but its fresh head is not named by Fashion-MNIST's 10
+    classes (transformers would then count 10 labels on a head of 3, and the run was refused)."""
+    pytest.importorskip("transformers")
+    from evit import hosts
+    from evit.checkpoint import TRAINED_ON, save_weights
+    from evit.data import FASHION_MNIST_MEAN
+
+    for spec, kwargs, classes in ((HF_SPEC + ",num_channels=1", {"num_labels": 10}, "num_labels"),
+                                  (NAME, dict(TINY, num_classes=10), "num_classes")):
+        _, trained = load_model(spec, model_kwargs=kwargs)
+        setattr(trained, TRAINED_ON, "fashion-mnist")
+        save_weights(trained, tmp_path / "fashion.safetensors")
+        _, model = load_model(spec, model_kwargs={**kwargs, classes: 3}, checkpoint=str(tmp_path / "fashion.safetensors"),
+                              fresh_head=True)
+        assert hosts.head_outputs(model) == 3 and hosts.class_names(model) is None, spec
+        assert hosts.data_config(model)["mean"] == (FASHION_MNIST_MEAN,), spec
+
+
 def test_a_teacher_models_folder_is_fine_tuned_as_deit_without_its_heads(three_classes, tmp_path, capfd):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -307,9 +307,10 @@ def _read(found: dict) -> tuple[dict, dict]:
     return weights, state
 
 
-def load(read: Optional[tuple[dict, dict, dict]], model: nn.Module) -> Optional[dict]:
-    """Load the weights of checkpoint ``read`` (:func:`newest`'s) into ``model``; return its saved state (None
-    for no checkpoint)."""
+def load(directory: Path, model: nn.Module) -> Optional[dict]:
+    """Load the weights of the newest checkpoint in ``directory`` (:func:`newest`) into ``model``; return its
+    saved state (or None)."""
+    read = newest(directory)
     if read is None:
         return None
     found, weights, state = read
@@ -318,6 +319,22 @@ def load(read: Optional[tuple[dict, dict, dict]], model: nn.Module) -> Optional[
         raise ValueError(f"{problem}: resume with the run's own configuration")
     model.load_state_dict(weights)
     return state
+
+
+def newest_header(directory: Path) -> Optional[Path]:
+    """The weights file of the newest checkpoint in ``directory`` whose header (its metadata) reads: what the run
+    recorded of its weights (how they see images) before they are loaded; None when there is none."""
+    found = latest(directory)
+    if found is None:
+        return None
+    for step in [found["step"], *reversed([s for s in _steps(directory) if s < found["step"]])]:
+        weights = _files(Path(directory), step)[0]
+        try:
+            _metadata(weights)
+        except Exception:  # noqa: BLE001 - a damaged file: the checkpoint before it is the one a resume loads
+            continue
+        return weights
+    return None
 
 
 def newest(directory: Path) -> Optional[tuple[dict, dict, dict]]:

@@ -125,15 +125,17 @@ def check_subset(size: Optional[int], available: int, where: str) -> None:
                          if size > available else f"--train-subset must be a positive count, got {size}")
 
 
-def record_fashion_mnist_training(model: nn.Module) -> None:
+def record_fashion_mnist_training(model: nn.Module, names: bool = True) -> None:
     """Record on ``model`` that its weights were trained on Fashion-MNIST's tensors (:func:`normalize`: its mean
-    and std, whole images, resized bilinearly; its classes in label order): a folder of such images is then read
-    and labelled as the training data was, not with its architecture's defaults (for the embedded model,
-    vit_tiny's ImageNet mean and crop cost 15 points of top-1 on the same images)."""
+    and std, whole images, resized bilinearly; with ``names``, its classes in label order): a folder of such images
+    is then read and labelled as the training data was, not with its architecture's defaults (for the embedded
+    model, vit_tiny's ImageNet mean and crop cost 15 points of top-1 on the same images). Without ``names`` (a head
+    built afresh for other classes) the model's class names are left as they are."""
     from . import hosts
 
     hosts.adapter(model).record_preprocessing(mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,), crop_pct=1.0,
-                                              interpolation="bilinear", class_names=FASHION_MNIST_CLASSES)
+                                              interpolation="bilinear",
+                                              class_names=FASHION_MNIST_CLASSES if names else None)
 
 
 def normalize(images: Tensor) -> Tensor:

@@ -255,14 +255,14 @@ def load_checkpoint(model: nn.Module, path: str, fresh_head: bool = False, state
     if note:
         print(note, file=sys.stderr)
     setattr(model, TRAINED_WITH, recorded_settings(Path(path)))
-    see_images_as_recorded(model, path)
+    see_images_as_recorded(model, path, names=not fresh)  # a head left out: its classes are not the file's
 
 
-def see_images_as_recorded(model: nn.Module, path: Union[str, Path]) -> None:
+def see_images_as_recorded(model: nn.Module, path: Union[str, Path], names: bool = True) -> None:
     """Make ``model`` read images as the weights file ``path`` records they were trained to: Fashion-MNIST's
-    tensors (its classes too), or the preprocessing a run recorded (a folder fine-tuned from such weights); a file
-    that records neither leaves the model's own."""
+    tensors (with ``names``, its classes too), or the preprocessing a run recorded (a folder fine-tuned from such
+    weights); a file that records neither leaves the model's own."""
     if recorded_data(Path(path)) == "fashion-mnist":
-        record_fashion_mnist_training(model)
+        record_fashion_mnist_training(model, names)
     elif (reading := recorded_preprocessing(Path(path))) is not None:
         hosts.adapter(model).record_preprocessing(**reading)

@@ -46,6 +46,17 @@ def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor)
     return F.kl_div(logits.float().log_softmax(dim=-1), target, log_target=True, reduction="batchmean")
 
 
+def read_images_as_the_run_began(model: nn.Module, cfg: TrainConfig) -> None:
+    """A resumed run, whose starting weights are not read again, reads its images as it began: as its checkpoint
+    records (every weights file carries on the record of the starting ones), or, for a run whose checkpoints predate
+    that record, as its starting file records where that file is still there."""
+    if cfg.init and Path(cfg.init).is_file():
+        see_images_as_recorded(model, cfg.init, names=False)
+    header = checkpoint.newest_header(Path(cfg.out) / "checkpoints")
+    if header is not None:
+        see_images_as_recorded(model, header, names=False)
+
+
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -116,16 +127,17 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
-    resumed = checkpoint.newest(out / "checkpoints") if resume else None  # its weights replace the starting ones
-    model = build_model(cfg, starting_weights=resumed is None).to(device)
-    if resumed is not None:  # what the starting weights said of how they see images, the checkpoint says too
-        see_images_as_recorded(model, resumed[0]["weights"])
+    resuming = resume and checkpoint.latest(out / "checkpoints") is not None  # its weights replace the starting ones
+    model = build_model(cfg, starting_weights=not resuming).to(device)
+    if resuming:
+        read_images_as_the_run_began(model, cfg)
     hosts.check_trainable(model)  # before any run folder is made
     check_input_size(cfg, model)
     # how it is trained, recorded in every weights file written (step checkpoints, best, final; EMA copies it)
     trained_with = checkpoint.config_settings(asdict(cfg))
     setattr(model, checkpoint.TRAINED_WITH, trained_with)
-    # Fashion-MNIST's tensors: how the weights see images (a folder: the model's own preprocessing, nothing to record)
+    # Fashion-MNIST's tensors: how the weights see images (a folder: the model's own preprocessing, recorded with
+    # the weights when the starting weights recorded one, see evit.checkpoint.PREPROCESSING_KEY)
     setattr(model, checkpoint.TRAINED_ON, "fashion-mnist" if cfg.data == "fashion-mnist" else None)
     loader, val_loader, class_names = make_loaders(cfg, model, rank, world)
     cfg = replace(cfg, class_names=class_names)  # recorded in config.json: eval maps a val/ by these names
@@ -150,7 +162,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, signals: runs.StopSigna
 
     step, state, keep, loss_avg = 0, None, 1.0, None
     if resume:
-        state = checkpoint.load(resumed, model)
+        state = checkpoint.load(out / "checkpoints", model)
         if state is None and (out / "model.safetensors").exists():  # it finished and its checkpoints are gone:
             # starting again would redo it and write over its weights
             raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}, but the run finished "
