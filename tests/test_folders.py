@@ -217,3 +217,26 @@ def test_a_folder_given_relative_resumes_from_another_working_directory(data, re
     (tmp_path / data.name).mkdir()  # the same relative name, here: another folder
     with pytest.raises(ValueError, match="was started with data"):
         train(replace(cfg, max_steps=3), resume=True, progress=False)
+
+
+def test_each_model_compared_on_a_folder_reads_it_its_own_way(data):
+    """Models evaluated together on one folder (compare's baseline beside trained files) each get the folder read
+    their own way: a file may record the mean and std it was trained with, and a model fed another's would be
+    scored on images it was not trained to see."""
+    import timm
+
+    from evit import hosts
+    from evit.evaluate import fresh_batches
+    from evit.folders import eval_batches
+    from evit.images import image_transform, open_image
+
+    plain = timm.create_model("vit_tiny_patch16_224", **TINY32)
+    recorded = timm.create_model("vit_tiny_patch16_224", **TINY32)
+    hosts.adapter(recorded).record_preprocessing(mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7), crop_pct=1.0,
+                                                 interpolation="bilinear")
+    batches = eval_batches(data, [plain, recorded], batch_size=4, workers=0)
+    first = batches.split.samples[0][0]
+    for model in (plain, recorded, plain):  # each asked for in turn, as evaluate asks
+        images, _ = next(iter(fresh_batches(batches, model)))
+        transform, mode = image_transform(model, (3, 32, 32), train=False)
+        assert torch.equal(images[0], transform(open_image(first, mode)))

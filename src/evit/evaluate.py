@@ -166,10 +166,11 @@ def sized(batches: Iterable, model: nn.Module) -> Iterator:
 
 
 def fresh_batches(batches_fn, model: nn.Module) -> Iterable:
-    """Fresh batches for ``model``: at its own input size from a source that prepares images per size
-    (``batches_fn.at_size``, e.g. a folder through timm's transforms), else ``batches_fn()``."""
-    at_size = getattr(batches_fn, "at_size", None)
-    return at_size(native_input_size(model)) if at_size is not None else batches_fn()
+    """Fresh batches for ``model``: as it reads images (its input size and preprocessing) from a source that
+    prepares them per model (``batches_fn.for_model``, e.g. a folder through timm's transforms), else
+    ``batches_fn()``."""
+    for_model = getattr(batches_fn, "for_model", None)
+    return for_model(model) if for_model is not None else batches_fn()
 
 
 def evaluate(
@@ -186,8 +187,8 @@ def evaluate(
     top-1's gap to the first row with its 95% interval (``top1_gap``, ``top1_gap_ci``; same images).
 
     A setting is a keep rate (EViT; 1.0 is the unpatched model) or ``evit.patch`` arguments such as
-    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches (at each model's own size
-    from a source with ``at_size``: :func:`fresh_batches`), resized to each
+    ``{"method": "tome", "r": 4}``. ``batches_fn()`` yields fresh evaluation batches (as each model reads images,
+    from a source with ``for_model``: :func:`fresh_batches`), resized to each
     model's input size where they differ (:func:`sized`). Speed is over the first model unpatched,
     timed once per input size and setting (:func:`speedups`). ``images``: calibration images for
     methods that need them (Patch Slimming), at the models' input size.

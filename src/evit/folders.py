@@ -231,21 +231,26 @@ def class_list(root: Path, num_outputs: int, given: Optional[tuple[list[str], st
 
 
 class FolderEval:
-    """Evaluation batches of a folder's ``val/``, made for each model's own input size (:meth:`at_size`,
-    which :func:`evit.evaluate.evaluate` asks for), so no model sees images resized from another's."""
+    """Evaluation batches of a folder's ``val/``, made for each model as it reads images (:meth:`for_model`, which
+    :func:`evit.evaluate.evaluate` asks for): at its own input size and with its own preprocessing (mean, std,
+    crop, interpolation: a file may record those it was trained with), so no model sees images resized or
+    normalised for another's."""
 
     def __init__(self, split: Split, model: nn.Module, batch_size: int, workers: int = 2) -> None:
         self.split, self.model, self.batch_size, self.workers = split, model, batch_size, workers
         self.loaders: dict[tuple, FolderLoader] = {}
 
-    def at_size(self, size: Sequence[int]) -> Iterator[tuple[Tensor, Tensor]]:
-        key = tuple(int(s) for s in size)
+    def for_model(self, model: nn.Module) -> Iterator[tuple[Tensor, Tensor]]:
+        size = tuple(int(s) for s in native_input_size(model))
+        reading = hosts.data_config(model, size)
+        key = (size, *(repr(reading.get(k)) for k in ("mean", "std", "crop_pct", "interpolation", "crop_mode",
+                                                       "crop_offset")))
         if key not in self.loaders:
-            self.loaders[key] = split_loader(self.split, self.model, self.batch_size, False, key, workers=self.workers)
+            self.loaders[key] = split_loader(self.split, model, self.batch_size, False, size, workers=self.workers)
         return self.loaders[key].batches(0)
 
     def __call__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self.at_size(native_input_size(self.model))
+        return self.for_model(self.model)
 
 
 def eval_batches(root: Path, models: Sequence[nn.Module], batch_size: int, workers: int = 2,
