@@ -132,17 +132,17 @@ def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, 
     counts = [impacts[0].shape[0] - p]  # image tokens entering each chosen block
     for m in blocks.values():
         counts.append(min(counts[-1], kept_count(m.keep_rate, counts[-1])))
-    chosen: dict[int, Tensor] = {}
+    picked: dict[int, Tensor] = {}
     deeper = torch.empty(0, dtype=torch.long)
     for (i, m), k in reversed(list(zip(blocks.items(), counts[1:]))):  # deepest first
         score = impacts[i][p:].clone()
         score[deeper] = float("inf")  # kept deeper: kept here
-        chosen[i] = deeper = score.topk(k).indices.sort().values
+        picked[i] = deeper = score.topk(k).indices.sort().values
     before = torch.arange(counts[0])
     for i, m in blocks.items():  # as indices into each block's own (already reduced) input
-        m.index = torch.searchsorted(before, chosen[i]).to(m.index.device)
-        before = chosen[i]
-    return dict(sorted(chosen.items()))
+        m.index = torch.searchsorted(before, picked[i]).to(m.index.device)
+        before = picked[i]
+    return dict(sorted(picked.items()))
 
 
 def _mean_attention(model: nn.Module, images: Tensor, batch_size: int) -> list[Tensor]:

@@ -73,7 +73,7 @@ class STViT(KeepRateReduction):
     def _image_grid(self, n: int) -> tuple[int, int]:
         """The grid of the ``n`` image tokens: that of the input running now (its size recorded by the model's
         image entry, see ``needs_image_size``), so that a model taking any size pools a 7 x 28 input on 7 x 28,
-        not on its own 14 x 14 of the same count. Outside a model's forward, the model's grid or a square."""
+        not on its own 14 x 14 of the same count. Before the model's first forward, the model's grid or a square."""
         host, hw = getattr(self, "_host", None), self.state.image_hw
         grid = host.patch_grid(hw) if host is not None else None
         if grid is not None and grid[0] * grid[1] == n:
