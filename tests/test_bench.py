@@ -50,9 +50,11 @@ def test_bench_rows_are_consistent():
 
 def test_cli_bench_json(capsys):
     rc = main(["bench", "--model", "deit_tiny_patch16_224", "--keep-rates", "0.7", "--batch-size", "1",
-               "--reps", "1", "--latency-reps", "1", "--warmup", "0", "--json"])
+               "--reps", "2", "--latency-reps", "1", "--warmup", "0", "--json"])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "\r" not in captured.err and "throughput (batch 1): 2/2" in captured.err  # not a terminal: plain lines
     assert out["rows"][1]["tokens"] == [197, 140, 100, 72]
     assert out["rows"][1]["gmacs"] < 0.7 * out["rows"][0]["gmacs"]
 

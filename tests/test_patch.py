@@ -350,8 +350,9 @@ def test_arguments_a_method_does_not_take_or_cannot_mean_are_refused():
     assert evit.token_counts(evit.patch(model, 1.0, method="tome", r=2), 17) == [17, 15, 13, 11, 9]
     assert evit.token_counts(evit.patch(model, method="tome", r=2), 17) == [17, 15, 13, 11, 9]
     assert evit.token_counts(evit.patch(model), 17)[-1] < 17  # EViT's default keep rate (0.7) still applies
-    with pytest.raises(TypeError, match="fuse must be True or False, got 'no'"):
-        evit.patch(model, 0.5, fuse="no")
+    for bad in ("no", 1, 0.0):
+        with pytest.raises(TypeError, match=f"fuse must be True or False, got {bad!r}"):
+            evit.patch(model, 0.5, fuse=bad)
     for bad, error in ((2.5, TypeError), (True, TypeError), (0, ValueError)):
         with pytest.raises(error, match="n_tokens"):
             evit.token_counts(model, bad)

@@ -73,7 +73,13 @@ def device_sync(device: torch.device) -> Optional[Callable[[], None]]:
 
 
 def stderr_progress(label: str) -> Callable[[int, int], None]:
+    """Progress of repetitions on stderr: one line rewritten in place on a terminal; written to a file or a pipe,
+    one plain line when done (a log holds no carriage returns)."""
     def show(done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            if done == total:
+                print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+            return
         end = "\n" if done == total else ""
         print(f"\r{label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
 
