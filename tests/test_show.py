@@ -134,3 +134,27 @@ def test_evit_show_refuses_to_write_over_an_image_it_shows(tmp_path, capsys):
     assert "is an image this command reads" in capsys.readouterr().err and image.read_bytes() == before
     assert main(["show", str(image), "--out", str(tmp_path / "mine")]) == 2  # matplotlib would write mine.png
     assert "is an image this command reads" in capsys.readouterr().err and image.read_bytes() == before
+
+
+def test_evit_show_runs_patch_slimming_with_the_choice_its_file_holds(tmp_path, capsys, monkeypatch):
+    """Weights saved from a Patch-Slimming-patched model hold its choice of tokens: show uses it at the keep rate
+    it was made for (as compare --trained does), where before it refused the file."""
+    from safetensors.torch import save_file
+
+    import evit
+    import evit.show
+    from evit import embedded
+
+    model = evit.patch(embedded.load_model("baseline"), 0.5, method="patchslimming")
+    chosen = {1: torch.arange(0, 50, 2), 3: torch.arange(13), 4: torch.arange(6, 13)}  # no calibration's choice
+    for m in evit.reductions(model).values():
+        m.index = chosen[m.block]
+    path = tmp_path / "slimmed.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    shown = {}
+    monkeypatch.setattr(evit.show, "show", lambda model, *a, **k: shown.update(model=model) or tmp_path / "x.png")
+    assert main(["show", "--method", "patchslimming", "--keep-rate", "0.5", "--checkpoint", str(path),
+                 "--out", str(tmp_path / "s.png")]) == 0, capsys.readouterr().err
+    assert f"{path} holds Patch Slimming's choice of tokens at blocks 1, 3, 4" in capsys.readouterr().err
+    used = {i: m.index for i, m in evit.reductions(shown["model"]).items()}
+    assert used.keys() == chosen.keys() and all(torch.equal(used[i], chosen[i]) for i in chosen)

@@ -225,18 +225,17 @@ def _show(args) -> int:
     from . import embedded
     from .data import FASHION_MNIST_CLASSES
     from .evaluate import apply_setting
-    from .loading import load_model
-    from .patch import patch
+    from .loading import keep_saved_choice, load_model, patch_for_weights
     from .registry import check_settings_apply, method_class
     from .show import fashion_images, figure_path, load_images, show
 
     _not_an_input(str(figure_path(args.out)), "--out",
                   {"the checkpoint": args.checkpoint, **{"an image": p for p in args.images}})
     class_names = None
-    learned = (lambda m: patch(m, 1.0, method=args.method)) if method_class(args.method).learned else None
     kind = args.method if args.method in embedded.WEIGHTS else "baseline"  # bundled weights trained with it
     model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint, kind=kind,
-                       before_weights=learned)[1].eval()
+                       before_weights=patch_for_weights(args.method))[1].eval()
+    model = keep_saved_choice(model, args.method, args.checkpoint, "evit show")
     if args.model or args.recipe:
         if not args.images:
             raise ValueError("give image files to show with --model (the bundled images are Fashion-MNIST)")

@@ -56,41 +56,18 @@ def load_trained(name: str, kwargs: dict, trained: dict[str, str], baseline: Opt
     A method that chooses its tokens from sample images (Patch Slimming) saves its choice with the weights of
     a patched model: it is loaded and kept on the model (:func:`evit.patch.keep_saved_state`), so the rows whose
     keep rate keeps as many tokens run with it; the others choose again from the sample images (said on stderr)."""
-    import sys
-
     from . import hosts
-    from .loading import load_model
-    from .patch import SAVED_STATE, keep_saved_state
+    from .loading import keep_saved_choice, load_model, patch_for_weights
 
     models = {}
     for method, path in trained.items():
-        cls = method_class(method)
-        model = load_model(name, model_kwargs=kwargs, checkpoint=str(path), before_weights=_patch_to_load(cls))[1]
+        model = load_model(name, model_kwargs=kwargs, checkpoint=str(path), before_weights=patch_for_weights(method))[1]
         if baseline is not None and (width := hosts.head_outputs(model)) != (base := hosts.head_outputs(baseline)):
             raise ValueError(f"--trained {method}={path}: its head has {width} outputs and the baseline's {base}; "
                              "compare weights trained on the same classes")
-        if cls.needs_images and not cls.learned:
-            saved = getattr(hosts.unwrapped(keep_saved_state(model)), SAVED_STATE, (None, {}))[1]
-            if saved:
-                print(f"evit compare: {path} holds {cls.label}'s choice of tokens at blocks {', '.join(map(str, saved))}: "
-                      f"a row runs with it where its keep rate keeps as many of this model's tokens at each block; "
-                      f"elsewhere {cls.label} chooses again from the sample images", file=sys.stderr)
+        model = keep_saved_choice(model, method, str(path), "evit compare")
         models[f"{method}-trained"] = model.eval()
     return models
-
-
-def _patch_to_load(cls: type):
-    """What to do to a model before ``cls``'s weights file loads into it: a learned method's modules are made by
-    patching it (at its own blocks); a method that saves a choice of tokens is patched at every block, so the
-    file's choice loads wherever it was made; None for the others."""
-    from . import hosts
-    from .patch import patch
-
-    if cls.learned:
-        return lambda model: patch(model, 1.0, method=cls.name)
-    if cls.needs_images:
-        return lambda model: patch(model, 1.0, range(len(hosts.adapter(model).blocks)), method=cls.name)
-    return None
 
 
 def compare(models: dict[str, nn.Module], settings, batches_fn, speed_reps: int = 10,

@@ -80,3 +80,41 @@ def load_model(model: Optional[str] = None, recipe: Optional[str] = None, pretra
     path = os.path.normpath(checkpoint)  # the run's folder for a run's model.safetensors, else the file's stem
     parent, base = os.path.split(path)
     return (os.path.basename(parent) if base == "model.safetensors" else os.path.splitext(base)[0]) or name, built
+
+
+def patch_for_weights(method: str) -> Optional[Callable[[nn.Module], object]]:
+    """What to do to a model before a weights file trained with ``method`` loads into it (``before_weights``): a
+    learned method's modules are made by patching it (at its own blocks); a method that saves a choice of tokens
+    (Patch Slimming) is patched at every block, so a file's choice loads wherever it was made; None for the others."""
+    from . import hosts
+    from .patch import patch
+    from .registry import method_class
+
+    cls = method_class(method)
+    if cls.learned:
+        return lambda model: patch(model, 1.0, method=cls.name)
+    if cls.needs_images:
+        return lambda model: patch(model, 1.0, range(len(hosts.adapter(model).blocks)), method=cls.name)
+    return None
+
+
+def keep_saved_choice(model: nn.Module, method: str, path: Optional[str], command: str) -> nn.Module:
+    """After :func:`patch_for_weights` for a method that saves a choice of tokens: keep the choice the file held
+    on the model (:func:`evit.patch.keep_saved_state`, which unpatches it), so patching it with that method uses
+    it where the keep rate keeps as many tokens, and say so on stderr; other methods' models are returned as
+    they are."""
+    import sys
+
+    from . import hosts
+    from .patch import SAVED_STATE, keep_saved_state
+    from .registry import method_class
+
+    cls = method_class(method)
+    if not cls.needs_images or cls.learned:
+        return model
+    saved = getattr(hosts.unwrapped(keep_saved_state(model)), SAVED_STATE, (None, {}))[1]
+    if saved:
+        print(f"{command}: {path} holds {cls.label}'s choice of tokens at blocks {', '.join(map(str, saved))}: it is "
+              f"used where the keep rate keeps as many of this model's tokens at each block; elsewhere {cls.label} "
+              "chooses again from the sample images", file=sys.stderr)
+    return model
