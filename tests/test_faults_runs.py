@@ -702,7 +702,69 @@ def test_a_folder_run_from_fashion_mnist_weights_keeps_their_reading(recipe, pri
     resumed = _child(["-m", "evit.cli", *_train(folder_recipe, older, "--resume", *steps, "--batch-size", "8")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _same_weights(older / "model.safetensors", final)
-    init.unlink()  # moved or deleted after the start
+    gone = tmp_path / "gone"
+    shutil.copytree(out, gone)
+    with safe_open(str(init), "pt") as f:  # another file at the starting path: its record is not the run's
+        other = {**f.metadata(), "evit_preprocessing": json.dumps(
+            {"mean": [0.9], "std": [0.1], "crop_pct": 0.5, "interpolation": "nearest"})}
+    save_file(load_file(str(init)), str(init), metadata={k: v for k, v in other.items() if k != "evit_data"})
     resumed = _child(["-m", "evit.cli", *_train(folder_recipe, out, "--resume", *steps, "--batch-size", "8")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _same_weights(out / "model.safetensors", final)
+    init.unlink()  # moved or deleted after the start
+    resumed = _child(["-m", "evit.cli", *_train(folder_recipe, gone, "--resume", *steps, "--batch-size", "8")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _same_weights(gone / "model.safetensors", final)
+
+
+@pytest.mark.parametrize("reading", [
+    '{"mean": [0.5], "std": [0.5], "crop_pct": 1.0, "interpolation": "foo"}',  # was timm's KeyError traceback
+    '{"mean": "123", "std": [0.5], "crop_pct": 1.0, "interpolation": "bilinear"}',  # was read as (1, 2, 3)
+    '{"mean": [], "std": [], "crop_pct": 1.0, "interpolation": "bilinear"}',  # was the architecture's mean
+    '{"mean": [0.5, 0.5], "std": [0.5, 0.5], "crop_pct": 1.0, "interpolation": "bilinear"}',  # was averaged
+    '{"mean": [0.5], "std": [0.0], "crop_pct": 1.0, "interpolation": "bilinear"}',
+    '{"mean": [NaN], "std": [0.5], "crop_pct": 1.0, "interpolation": "bilinear"}',
+    '{"mean": [0.5], "std": [0.5], "crop_pct": -1, "interpolation": "bilinear"}',
+    '{not json',
+])
+def test_a_damaged_record_of_how_weights_see_images_is_named(reading, recipe, prior, tmp_path, capsys):
+    """A weights file's ``evit_preprocessing`` that is not a reading timm's transforms can apply is refused in one
+    line naming the file, not a traceback deep in the transforms nor a reading other than the one recorded."""
+    from safetensors import safe_open
+
+    path = tmp_path / "recorded.safetensors"
+    with safe_open(str(prior / "model.safetensors"), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "evit_data"}
+    save_file(load_file(str(prior / "model.safetensors")), str(path), metadata={**metadata, "evit_preprocessing": reading})
+    returned = main(_eval(recipe, path))
+    _one_line(capsys.readouterr().err, 2, returned, f"{path}: its 'evit_preprocessing' metadata is damaged")
+
+
+def test_a_resume_takes_the_reading_its_checkpoint_records_not_the_file_now_at_init(prior, tmp_path, capsys):
+    """A run started from plain weights records so (``evit_preprocessing`` null) in its checkpoints: resumed after
+    another file took the --init path, it keeps its own reading; checkpoints from before that record fall back to
+    the file at --init, and say so when it is gone."""
+    import timm
+
+    from evit import checkpoint as ckpt
+    from evit import hosts
+    from evit.train import read_images_as_the_run_began
+
+    model = timm.create_model("vit_tiny_patch16_224", **TINY)
+    own = hosts.data_config(model)["mean"]
+    ckpt.save(tmp_path / "run" / "checkpoints", 3, model, {"optimizer": {}, "scheduler": {}})
+    recorded = timm.create_model("vit_tiny_patch16_224", **TINY)
+    hosts.adapter(recorded).record_preprocessing(mean=(0.9,), std=(0.1,), crop_pct=0.5, interpolation="nearest")
+    ckpt.save_weights(recorded, tmp_path / "now_at_init.safetensors")
+    cfg = TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, init=str(tmp_path / "now_at_init.safetensors"),
+                      out=str(tmp_path / "run"))
+    fresh = timm.create_model("vit_tiny_patch16_224", **TINY)
+    read_images_as_the_run_began(fresh, cfg)
+    assert hosts.data_config(fresh)["mean"] == own  # the run's own record: null
+    header = tmp_path / "run" / "checkpoints" / "step00000003.safetensors"
+    save_file(load_file(str(header)), str(header), metadata={})  # as written before evit recorded it
+    read_images_as_the_run_began(fresh, cfg)
+    assert hosts.data_config(fresh)["mean"] == (0.9,)  # then the starting file's, while it is there
+    (tmp_path / "now_at_init.safetensors").unlink()
+    read_images_as_the_run_began(timm.create_model("vit_tiny_patch16_224", **TINY), cfg)
+    assert "predate evit's record of how weights see images" in capsys.readouterr().err

@@ -353,6 +353,10 @@ def test_arguments_a_method_does_not_take_or_cannot_mean_are_refused():
     for bad in ("no", 1, 0.0):
         with pytest.raises(TypeError, match=f"fuse must be True or False, got {bad!r}"):
             evit.patch(model, 0.5, fuse=bad)
+    import numpy as np
+
+    assert evit.token_counts(evit.patch(model, 0.5, fuse=np.False_), 17) == evit.token_counts(
+        evit.patch(model, 0.5, fuse=False), 17)  # numpy's booleans are booleans
     for bad, error in ((2.5, TypeError), (True, TypeError), (0, ValueError)):
         with pytest.raises(error, match="n_tokens"):
             evit.token_counts(model, bad)

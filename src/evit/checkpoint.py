@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import re
@@ -102,8 +103,12 @@ DATA_KEY = "evit_data"
 TRAINED_ON = "evit_trained_on"
 #: metadata key holding, as JSON, how the weights see images where evit recorded it on the model
 #: (:func:`evit.hosts.recorded_preprocessing`: mean, std, crop_pct, interpolation), e.g. a folder run fine-tuned
-#: from weights trained on Fashion-MNIST's tensors, which reads its folder as those were read
+#: from weights trained on Fashion-MNIST's tensors, which reads its folder as those were read; ``null``: the
+#: model's own reading. Every weights file evit writes has it (or :data:`DATA_KEY`): a file without either was
+#: written before evit recorded it
 PREPROCESSING_KEY = "evit_preprocessing"
+#: the interpolations a recorded reading may name (timm's transforms take these)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, Any]] = None,
@@ -114,9 +119,8 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
     recorded on the model (:data:`PREPROCESSING_KEY`)."""
     settings = getattr(model, TRAINED_WITH, {}) if settings is None else settings
     data = getattr(model, TRAINED_ON, None) if data is None else data
-    reading = None if data == "fashion-mnist" else hosts.recorded_preprocessing(model)  # that data says it
-    metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {}),
-                **({PREPROCESSING_KEY: json.dumps(reading)} if reading else {})}
+    reading = {} if data == "fashion-mnist" else {PREPROCESSING_KEY: json.dumps(hosts.recorded_preprocessing(model))}
+    metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {}), **reading}  # that data says it
     save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path,
                  metadata=metadata or None)
 
@@ -126,18 +130,34 @@ def recorded_data(path: Path) -> Optional[str]:
     return (_metadata(Path(path)) or {}).get(DATA_KEY)
 
 
+def records_reading(path: Path) -> bool:
+    """Whether weights file ``path`` says how its weights see images (:data:`DATA_KEY` or :data:`PREPROCESSING_KEY`,
+    even as the model's own): every file evit writes now does; one written before it recorded that does not."""
+    metadata = _metadata(Path(path)) or {}
+    return DATA_KEY in metadata or PREPROCESSING_KEY in metadata
+
+
 def recorded_preprocessing(path: Path) -> Optional[dict]:
-    """How the weights in file ``path`` see images (:data:`PREPROCESSING_KEY`), else None."""
+    """How the weights in file ``path`` see images (:data:`PREPROCESSING_KEY`), else None (the model's own); a
+    record that is not a reading (one or three finite means and positive stds, a crop share in (0, 1], one of
+    timm's interpolations) is refused naming the file."""
     text = (_metadata(Path(path)) or {}).get(PREPROCESSING_KEY)
-    if text is None:
-        return None
+    found = None
     try:
-        found = json.loads(text)
-        return dict(mean=tuple(map(float, found["mean"])), std=tuple(map(float, found["std"])),
-                    crop_pct=float(found["crop_pct"]), interpolation=str(found["interpolation"]))
-    except (ValueError, KeyError, TypeError):
+        found = None if text is None else json.loads(text)
+        if found is None:
+            return None
+        mean, std, crop, interpolation = found["mean"], found["std"], found["crop_pct"], found["interpolation"]
+        assert all(isinstance(v, list) and len(v) in (1, 3) for v in (mean, std))
+        reading = dict(mean=tuple(map(float, mean)), std=tuple(map(float, std)), crop_pct=float(crop),
+                       interpolation=interpolation)
+        assert all(math.isfinite(v) for v in (*reading["mean"], *reading["std"])) and min(reading["std"]) > 0
+        assert 0 < reading["crop_pct"] <= 1 and interpolation in INTERPOLATIONS
+        return reading
+    except (ValueError, KeyError, TypeError, AssertionError):
         raise ValueError(f"{path}: its {PREPROCESSING_KEY!r} metadata is damaged ({text[:80]!r}); it should say how "
-                         "the weights see images (mean, std, crop_pct, interpolation)") from None
+                         "the weights see images: 1 or 3 finite means and positive stds, a crop_pct in (0, 1] and "
+                         f"an interpolation of {', '.join(INTERPOLATIONS)}") from None
 
 
 def _metadata(path: Path) -> Optional[dict[str, str]]:
@@ -329,6 +349,8 @@ def newest_header(directory: Path) -> Optional[Path]:
         return None
     for step in [found["step"], *reversed([s for s in _steps(directory) if s < found["step"]])]:
         weights = _files(Path(directory), step)[0]
+        if not weights.is_file():
+            continue
         try:
             _metadata(weights)
         except Exception:  # noqa: BLE001 - a damaged file: the checkpoint before it is the one a resume loads

@@ -269,8 +269,9 @@ def patch(
     elif keep_rate is not None and keep_rate != 1.0:  # 1.0 (no keep-rate reduction) is what callers give every method
         raise ValueError(f"{cls.__name__} is set by {cls.setting}, not by a keep rate (got keep_rate={keep_rate!r}): "
                          f"give {cls.setting}=..., or leave keep_rate out")
-    if fuse is not None and not isinstance(fuse, bool):  # 1 and 0 are not: `1 == True` would let them through
+    if fuse is not None and type(fuse).__name__ not in ("bool", "bool_"):  # numpy's too; not 1 or 0 (`1 == True`)
         raise TypeError(f"fuse must be True or False, got {fuse!r}")
+    fuse = None if fuse is None else bool(fuse)
     wrapper, model = model, hosts.unwrapped(model)
     host = check_model(model, cls)
     depth = len(host.blocks)

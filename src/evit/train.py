@@ -48,13 +48,18 @@ def distillation_loss(logits: torch.Tensor, teacher: nn.Module, x: torch.Tensor)
 
 def read_images_as_the_run_began(model: nn.Module, cfg: TrainConfig) -> None:
     """A resumed run, whose starting weights are not read again, reads its images as it began: as its checkpoint
-    records (every weights file carries on the record of the starting ones), or, for a run whose checkpoints predate
-    that record, as its starting file records where that file is still there."""
-    if cfg.init and Path(cfg.init).is_file():
-        see_images_as_recorded(model, cfg.init, names=False)
+    records (every weights file carries on the record of the starting ones; the file now at ``--init``'s path is
+    not read), or, for a run whose checkpoints predate that record, as its starting file records while it is there
+    (said in one line when it is gone)."""
     header = checkpoint.newest_header(Path(cfg.out) / "checkpoints")
-    if header is not None:
+    if header is not None and checkpoint.records_reading(header):
         see_images_as_recorded(model, header, names=False)
+    elif cfg.init and Path(cfg.init).is_file():
+        see_images_as_recorded(model, cfg.init, names=False)
+    elif cfg.init:
+        print(f"evit train: the run's checkpoints predate evit's record of how weights see images, and the file it "
+              f"started from ({cfg.init}) is gone: it reads images its architecture's way, which differs from how it "
+              "began if that file was trained on Fashion-MNIST's tensors", file=sys.stderr)
 
 
 def _distributed() -> tuple[int, int]:

@@ -82,7 +82,9 @@ def chosen(model: nn.Module) -> bool:
     entering = token_counts(model, host.num_tokens())[:-1]  # tokens entering each reducing block
     for (_, m), n in zip(found, entering):
         k = kept_count(m.keep_rate, n - p) if isinstance(m, PatchSlimming) else n - p
-        if k < n - p and (m.index.numel() != k or int(m.index.max()) >= n - p):
+        index = m.index
+        if k < n - p and (index.numel() != k or int(index.min()) < 0 or int(index.max()) >= n - p
+                          or not bool((index[1:] > index[:-1]).all())):  # positions in order, each once
             return False
     return True
 
