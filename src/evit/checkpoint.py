@@ -119,8 +119,9 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
     recorded on the model (:data:`PREPROCESSING_KEY`)."""
     settings = getattr(model, TRAINED_WITH, {}) if settings is None else settings
     data = getattr(model, TRAINED_ON, None) if data is None else data
+    # how the weights see images: Fashion-MNIST's tensors say it; else the model's record (null: its own reading)
     reading = {} if data == "fashion-mnist" else {PREPROCESSING_KEY: json.dumps(hosts.recorded_preprocessing(model))}
-    metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {}), **reading}  # that data says it
+    metadata = {**settings_metadata(settings), **({DATA_KEY: data} if data else {}), **reading}
     save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path,
                  metadata=metadata or None)
 
@@ -142,22 +143,24 @@ def recorded_preprocessing(path: Path) -> Optional[dict]:
     record that is not a reading (one or three finite means and positive stds, a crop share in (0, 1], one of
     timm's interpolations) is refused naming the file."""
     text = (_metadata(Path(path)) or {}).get(PREPROCESSING_KEY)
-    found = None
+    damaged = ValueError(f"{path}: its {PREPROCESSING_KEY!r} metadata is damaged ({str(text)[:80]!r}); it should say "
+                         "how the weights see images: 1 or 3 finite means and positive stds, a crop_pct in (0, 1] "
+                         f"and an interpolation of {', '.join(INTERPOLATIONS)}")
     try:
         found = None if text is None else json.loads(text)
         if found is None:
             return None
         mean, std, crop, interpolation = found["mean"], found["std"], found["crop_pct"], found["interpolation"]
-        assert all(isinstance(v, list) and len(v) in (1, 3) for v in (mean, std))
+        if not all(isinstance(v, list) and len(v) in (1, 3) for v in (mean, std)):
+            raise damaged
         reading = dict(mean=tuple(map(float, mean)), std=tuple(map(float, std)), crop_pct=float(crop),
                        interpolation=interpolation)
-        assert all(math.isfinite(v) for v in (*reading["mean"], *reading["std"])) and min(reading["std"]) > 0
-        assert 0 < reading["crop_pct"] <= 1 and interpolation in INTERPOLATIONS
-        return reading
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise ValueError(f"{path}: its {PREPROCESSING_KEY!r} metadata is damaged ({text[:80]!r}); it should say how "
-                         "the weights see images: 1 or 3 finite means and positive stds, a crop_pct in (0, 1] and "
-                         f"an interpolation of {', '.join(INTERPOLATIONS)}") from None
+    except (ValueError, KeyError, TypeError):
+        raise damaged from None
+    finite = all(math.isfinite(v) for v in (*reading["mean"], *reading["std"]))
+    if not (finite and min(reading["std"]) > 0 and 0 < reading["crop_pct"] <= 1 and interpolation in INTERPOLATIONS):
+        raise damaged
+    return reading
 
 
 def _metadata(path: Path) -> Optional[dict[str, str]]:
