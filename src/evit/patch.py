@@ -17,6 +17,7 @@ from __future__ import annotations
 import operator
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -269,7 +270,7 @@ def patch(
     elif keep_rate is not None and keep_rate != 1.0:  # 1.0 (no keep-rate reduction) is what callers give every method
         raise ValueError(f"{cls.__name__} is set by {cls.setting}, not by a keep rate (got keep_rate={keep_rate!r}): "
                          f"give {cls.setting}=..., or leave keep_rate out")
-    if fuse is not None and type(fuse).__name__ not in ("bool", "bool_"):  # numpy's too; not 1 or 0 (`1 == True`)
+    if fuse is not None and not isinstance(fuse, (bool, np.bool_)):  # not 1 or 0, which `1 == True` would let in
         raise TypeError(f"fuse must be True or False, got {fuse!r}")
     fuse = None if fuse is None else bool(fuse)
     wrapper, model = model, hosts.unwrapped(model)
