@@ -36,7 +36,7 @@ def check_keep_rate(keep_rate: float) -> float:
     keep_rate = float(keep_rate)
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}: it is the share of image tokens kept")
-    return float(keep_rate)
+    return keep_rate
 
 
 def default_locations(depth: int) -> tuple[int, ...]:
