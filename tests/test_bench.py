@@ -131,3 +131,26 @@ def test_an_operating_system_error_is_one_line_with_its_path_first():
 
     assert _one_line(FileNotFoundError(2, "No such file or directory", "/proc/x")) == "/proc/x: No such file or directory"
     assert _one_line(ValueError("evit's own words")) == "evit's own words"
+
+
+def test_bench_takes_a_patch_slimming_file_and_its_choice_where_it_fits(tmp_path, capsys, monkeypatch):
+    """As show and compare --trained do, bench loads weights saved from a Patch-Slimming-patched model (it refused
+    them) and runs with their choice at the setting it was made for; at another keep rate it chooses again."""
+    from safetensors.torch import save_file
+
+    from evit import embedded
+    from evit.data import normalize
+    from evit.methods import patch_slimming
+
+    model = evit.patch(embedded.load_model("baseline"), 0.5, method="patchslimming",
+                       images=normalize(embedded.test_subset()[0][:8]))
+    path = tmp_path / "slimmed.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    chose, select = [], patch_slimming.select
+    monkeypatch.setattr(patch_slimming, "select", lambda *a, **k: chose.append(1) or select(*a, **k))
+    argv = ["bench", "--method", "patchslimming", "--checkpoint", str(path), "--batch-size", "2", "--reps", "1",
+            "--latency-reps", "1", "--warmup", "0", "--json", "--keep-rates"]
+    assert main(argv + ["0.5"]) == 0
+    assert f"evit bench: {path} holds Patch Slimming's choice of tokens made at blocks 1, 3, 4" in capsys.readouterr().err
+    assert not chose  # the file's choice, every time bench switches to it
+    assert main(argv + ["0.7"]) == 0 and chose  # another keep rate: chosen again (from bench's sample)

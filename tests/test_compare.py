@@ -101,10 +101,11 @@ def test_patch_slimmings_saved_choice_is_the_one_its_trained_rows_use(tmp_path, 
 
     import evit
     from evit import embedded
-    from evit.data import TensorLoader
+    from evit.data import TensorLoader, normalize
     from evit.evaluate import accuracy
 
-    model = evit.patch(embedded.load_model("baseline"), 0.5, method="patchslimming")
+    model = evit.patch(embedded.load_model("baseline"), 0.5, method="patchslimming",
+                       images=normalize(embedded.test_subset()[0][:8]))  # records what the choice is for
     for m in evit.reductions(model).values():  # a choice no calibration would make: the first positions
         m.index = torch.arange({1: 25, 3: 13, 4: 7}[m.block])
     images, labels = (t[:400] for t in embedded.test_subset())  # fewer images: the choice is what is tested
@@ -120,4 +121,5 @@ def test_patch_slimmings_saved_choice_is_the_one_its_trained_rows_use(tmp_path, 
     top1 = {(r["model"], r["keep_rate"]): r["top1"] for r in json.loads(out)["rows"]}
     assert top1["patchslimming-trained", 0.5] == own_top1 != top1["baseline", 0.5]
     assert top1["patchslimming-trained", 0.7] == top1["baseline", 0.7]  # chosen again: the same weights, same choice
-    assert f"{path} holds Patch Slimming's choice of tokens at blocks 1, 3, 4" in err
+    assert (f"{path} holds Patch Slimming's choice of tokens made at blocks 1, 3, 4 for 50 tokens, keeping 25, 13, 7 "
+            "image tokens:") in err

@@ -240,3 +240,41 @@ def test_each_model_compared_on_a_folder_reads_it_its_own_way(data):
         images, _ = next(iter(fresh_batches(batches, model)))
         transform, mode = image_transform(model, (3, 32, 32), train=False)
         assert torch.equal(images[0], transform(open_image(first, mode)))
+
+
+def test_compare_chooses_patch_slimmings_tokens_from_images_read_as_the_patched_model_reads_them(
+        data, recipe, tmp_path, monkeypatch, capsys):
+    """On a folder, Patch Slimming's sample images (the first evaluation batch) are read as the model being patched
+    reads images: a trained file that records another mean and std chooses from images normalised its way, not the
+    baseline's."""
+    import timm
+    from safetensors.torch import save_file
+
+    from evit import hosts
+    from evit.checkpoint import PREPROCESSING_KEY
+    from evit.evaluate import fresh_batches
+    from evit.folders import eval_batches
+    from evit.methods import patch_slimming
+
+    reading = dict(mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7], crop_pct=1.0, interpolation="bilinear")
+    torch.manual_seed(0)
+    trained = timm.create_model("vit_tiny_patch16_224", **TINY32)
+    path = tmp_path / "own_reading.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path),
+              metadata={PREPROCESSING_KEY: json.dumps(reading)})
+    hosts.adapter(trained).record_preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in reading.items()})
+    plain = timm.create_model("vit_tiny_patch16_224", **TINY32)
+    first = {name: next(iter(fresh_batches(eval_batches(data, [m], 16, workers=0), m)))[0]
+             for name, m in (("plain", plain), ("own", trained))}
+    assert not torch.equal(first["plain"], first["own"])  # the two readings differ
+
+    chosen_from, select = [], patch_slimming.select
+    monkeypatch.setattr(patch_slimming, "select", lambda model, images, *a, **k: chosen_from.append(
+        (tuple(hosts.data_config(model)["mean"]), images)) or select(model, images, *a, **k))
+    assert main(["compare", "--recipe", str(recipe), "--data", str(data), "--workers", "0", "--batch-size", "16",
+                 "--methods", "patchslimming", "--keep-rates", "0.5", "--trained", f"patchslimming={path}",
+                 "--speed-reps", "1", "--plot", str(tmp_path / "c.png"), "--json"]) == 0, capsys.readouterr().err
+    own = [images for mean, images in chosen_from if mean == tuple(reading["mean"])]
+    plain_rows = [images for mean, images in chosen_from if mean != tuple(reading["mean"]) and len(images) == 16]
+    assert own and all(torch.equal(images, first["own"]) for images in own)
+    assert plain_rows and all(torch.equal(images, first["plain"]) for images in plain_rows)

@@ -173,3 +173,57 @@ def test_stvit_follows_a_resize_after_patching():
     with torch.no_grad():
         out = model.forward_features(torch.randn(1, 3, 64, 48))
     assert out.shape[1] == evit.token_counts(model, 13)[-1] == 1 + 2 * 2
+
+
+
+def _reloaded_with_saved_choice(path):
+    """A fresh model that loaded weights saved from a Patch-Slimming-patched one, as the commands load them."""
+    from evit.loading import patch_for_weights
+    from evit.models import load_checkpoint
+    from evit.patch import keep_saved_state
+
+    model = make_model("deit", depth=6)
+    patch_for_weights("patchslimming")(model)
+    load_checkpoint(model, str(path))
+    return keep_saved_state(model)
+
+
+def _kept(model):
+    return {i: m.index.clone() for i, m in evit.reductions(model).items()}
+
+
+def test_a_saved_patch_slimming_choice_is_used_only_by_the_patch_it_was_made_for(tmp_path):
+    """A lower level's choice depends on the levels above it: a choice saved at blocks {1, 2, 3} is not reused by a
+    patch at {1, 2} (chosen afresh from the images given, or refused in one line without them), nor at another
+    input size; at {1, 2, 3}, keeping as many tokens, it is reused exactly."""
+    from evit.resolution import set_input_size
+
+    torch.manual_seed(0)
+    made_from, given = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)
+    model = evit.patch(make_model("deit", depth=6), 0.25, [1, 2, 3], method="patchslimming", images=made_from)
+    saved = _kept(model)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+
+    same = evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.25, [1, 2, 3], method="patchslimming",
+                      images=given)  # other images: a fresh choice would differ
+    assert _kept(same).keys() == saved.keys() and all(torch.equal(_kept(same)[i], saved[i]) for i in saved)
+    fresh = _kept(evit.patch(make_model("deit", depth=6), 0.25, [1, 2, 3], method="patchslimming", images=given))
+    assert any(not torch.equal(fresh[i], saved[i]) for i in saved), "the images must matter for the test to tell"
+    alone = _kept(evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.25, [1, 2, 3], method="patchslimming"))
+    assert all(torch.equal(alone[i], saved[i]) for i in saved)  # no images needed where it fits
+
+    fewer = evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.25, [1, 2], method="patchslimming",
+                       images=made_from)  # the images it was made from: only the blocks differ
+    afresh = _kept(evit.patch(make_model("deit", depth=6), 0.25, [1, 2], method="patchslimming", images=made_from))
+    assert all(torch.equal(_kept(fewer)[i], afresh[i]) for i in (1, 2))
+    assert not torch.equal(afresh[2], saved[2]), "block 3 above it shaped the saved choice at block 2"
+
+    reloaded = _reloaded_with_saved_choice(tmp_path / "w.pt")
+    with pytest.raises(ValueError, match=r"was made at blocks 1, 2, 3, not at blocks 1, 2, .*give sample images"):
+        evit.patch(reloaded, 0.25, [1, 2], method="patchslimming")
+    assert not evit.reductions(reloaded)  # refused: not left patched without a choice
+    set_input_size(reloaded, 48)
+    with pytest.raises(ValueError, match="was made for 17 tokens entering the model, and this model takes 10"):
+        evit.patch(reloaded, 0.25, [1, 2, 3], method="patchslimming")
+    with pytest.raises(ValueError, match="keeps 4 of the 16 image tokens entering block 1, where keep rate 0.5 keeps 8"):
+        evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.5, [1, 2, 3], method="patchslimming")

@@ -144,8 +144,10 @@ def test_evit_show_runs_patch_slimming_with_the_choice_its_file_holds(tmp_path, 
     import evit
     import evit.show
     from evit import embedded
+    from evit.data import normalize
 
-    model = evit.patch(embedded.load_model("baseline"), 0.5, method="patchslimming")
+    model = evit.patch(embedded.load_model("baseline"), 0.5, method="patchslimming",
+                       images=normalize(embedded.test_subset()[0][:8]))  # records what the choice is for
     chosen = {1: torch.arange(0, 50, 2), 3: torch.arange(13), 4: torch.arange(6, 13)}  # no calibration's choice
     for m in evit.reductions(model).values():
         m.index = chosen[m.block]
@@ -155,6 +157,7 @@ def test_evit_show_runs_patch_slimming_with_the_choice_its_file_holds(tmp_path, 
     monkeypatch.setattr(evit.show, "show", lambda model, *a, **k: shown.update(model=model) or tmp_path / "x.png")
     assert main(["show", "--method", "patchslimming", "--keep-rate", "0.5", "--checkpoint", str(path),
                  "--out", str(tmp_path / "s.png")]) == 0, capsys.readouterr().err
-    assert f"{path} holds Patch Slimming's choice of tokens at blocks 1, 3, 4" in capsys.readouterr().err
+    assert (f"{path} holds Patch Slimming's choice of tokens made at blocks 1, 3, 4 for 50 tokens, keeping 25, 13, 7 "
+            "image tokens:") in capsys.readouterr().err
     used = {i: m.index for i, m in evit.reductions(shown["model"]).items()}
     assert used.keys() == chosen.keys() and all(torch.equal(used[i], chosen[i]) for i in chosen)

@@ -29,9 +29,11 @@ def _settings(method: str, keep_rates: Optional[Sequence[float]], r_values: Opti
     return [{"method": method, cls.setting: v} for v in values]
 
 
-def patch_ideal(model: nn.Module, spec: dict, locations: Optional[Sequence[int]] = None) -> None:
-    """Patch ``model`` with the ideal of ``spec``: that method's token counts, cut by slicing."""
-    patch(model, **{"locations": locations, **spec})
+def patch_ideal(model: nn.Module, spec: dict, locations: Optional[Sequence[int]] = None,
+                images: Optional[torch.Tensor] = None) -> None:
+    """Patch ``model`` with the ideal of ``spec``: that method's token counts, cut by slicing (``images``: sample
+    images for a method that chooses from them, as :func:`evit.patch` takes)."""
+    patch(model, **{"locations": locations, **spec}, images=images)
     apply(model, {i: Ideal(m) for i, m in reductions(model).items()})
 
 
@@ -72,7 +74,7 @@ def bench(
     sample = torch.randn(4, *input_size)  # for methods that choose tokens from images: speed does not care which
     for j, spec in enumerate(settings):
         variants[f"method@{j}"] = lambda spec=spec: patch(model, **{"locations": locations, **spec}, images=sample)
-        variants[f"ideal@{j}"] = lambda spec=spec: patch_ideal(model, spec, locations)
+        variants[f"ideal@{j}"] = lambda spec=spec: patch_ideal(model, spec, locations, sample)
 
     results, macs, counts = {}, {}, {}
     n_tokens = host.num_tokens(input_size[1:])

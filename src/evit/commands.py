@@ -122,7 +122,7 @@ def _bench(args) -> int:
     import torch
 
     from .bench import bench, format_table
-    from .loading import load_model
+    from .loading import keep_saved_choice, load_model, patch_for_weights
     from .models import device_text, resolve_device
     from .registry import check_settings_apply, method_class
 
@@ -133,7 +133,9 @@ def _bench(args) -> int:
                          ("--speedup", args.speedup), ("--match-macs", args.match_macs))
     keep_rate_given = next((option for option, given in keep_rate_options if given), "")
     check_settings_apply([args.method], {"keep_rate": keep_rate_given, "r": "--r" if args.r else ""})
-    args.model, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint)
+    args.model, model = load_model(args.model, args.recipe, args.pretrained, args.checkpoint,
+                                   before_weights=patch_for_weights(args.method))
+    model = keep_saved_choice(model, args.method, args.checkpoint, "evit bench")  # as show and compare --trained
     choice = _fit_budget(args, [model])
     rates = [choice.keep_rate] if choice is not None and choice.keep_rate is not None else \
         None if args.keep_rates is BENCH_KEEP_RATES else args.keep_rates  # None: the method's own bench_grid
@@ -293,25 +295,34 @@ def _eval_data(args, embedded_default: bool, models):
     return data, eval_batches(Path(data), models, args.batch_size, args.workers, run_class_names(args.checkpoint))
 
 
-def _calibration_images(data: str, batches, model, count: int = 512):
-    """Sample images for methods that choose tokens from data (Patch Slimming), at ``model``'s input size:
-    Fashion-MNIST training images when the evaluation is on Fashion-MNIST and they are installed, else
-    the first evaluation batch."""
+def _calibration_images(data: str, batches, count: int = 512):
+    """Sample images for methods that choose tokens from data (Patch Slimming): a function giving them for a model,
+    at its input size and as it reads images (each model's reading of a folder may differ). Fashion-MNIST training
+    images when the evaluation is on Fashion-MNIST and they are installed, else the first evaluation batch."""
+    from functools import lru_cache
+
     from .cost import native_input_size
+    from .evaluate import fresh_batches, sized
     from .resolution import resize_images
 
-    size = native_input_size(model)[1:]
-    first = resize_images(next(iter(batches()))[0], size)
+    images = None
     if data in ("bundled", "fashion-mnist"):
         from .data import load_fashion_mnist, normalize
 
         try:
-            return resize_images(normalize(load_fashion_mnist("train")[0][:count]), size)
+            images = normalize(load_fashion_mnist("train")[0][:count])  # tensors every model reads alike
         except (FileNotFoundError, ValueError, OSError):
             pass
-    print("evit compare: Patch Slimming chooses its tokens from the first evaluation batch "
-          "(no separate training images here)", file=sys.stderr)
-    return first
+    if images is None:
+        print("evit compare: Patch Slimming chooses its tokens from the first evaluation batch "
+              "(no separate training images here)", file=sys.stderr)
+
+    @lru_cache(maxsize=None)  # one read per model, for all its rows
+    def for_model(model):
+        if images is not None:
+            return resize_images(images, native_input_size(model)[1:])
+        return next(iter(sized(fresh_batches(batches, model), model)))[0]
+    return for_model
 
 
 def _compare(args) -> int:
@@ -350,7 +361,7 @@ def _compare(args) -> int:
     _say_if_untrained(args, "the baseline")
     needs_images = any(method_class(s["method"]).needs_images for _, s in settings if isinstance(s, dict))
     rows = compare(models, settings, batches, speed_reps=args.speed_reps,
-                   images=_calibration_images(data, batches, models["baseline"]) if needs_images else None,
+                   images=_calibration_images(data, batches) if needs_images else None,
                    device=str(device))
     path = plot(rows, args.plot, title=f"{'embedded Fashion-MNIST ViT' if default else name} on {data}")
     if args.json:

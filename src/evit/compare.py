@@ -73,7 +73,8 @@ def load_trained(name: str, kwargs: dict, trained: dict[str, str], baseline: Opt
 def compare(models: dict[str, nn.Module], settings, batches_fn, speed_reps: int = 10,
             speed_batch: int = 64, images=None, device=None) -> list[dict]:
     """Rows of :func:`evit.evaluate.evaluate` for every setting, each labelled with its series
-    (``images``: calibration images for methods that choose from data)."""
+    (``images``: calibration images for methods that choose from data, or a function giving each model's own, read
+    as it reads images: :func:`evit.evaluate.evaluate`)."""
     rows = evaluate(models, settings, batches_fn, speed_reps=speed_reps, speed_batch=speed_batch, images=images,
                     device=device)
     for row in rows:

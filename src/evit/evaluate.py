@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from .checkpoint import trained_settings
 from .cost import count_macs, native_input_size
 from .models import resolve_device
 from .patch import patch, reductions, set_keep_rate, unpatch
+from .registry import method_class
 from .resolution import resize_batches
 from .timing import device_sync, paired_ratio, steady_allocator, text_table, time_interleaved
 
@@ -173,6 +174,15 @@ def fresh_batches(batches_fn, model: nn.Module) -> Iterable:
     return for_model(model) if for_model is not None else batches_fn()
 
 
+def sample_images(images, model: nn.Module, setting: Setting) -> Optional[torch.Tensor]:
+    """The sample images ``setting`` patches ``model`` with: ``images``, or from a function of the model its own;
+    None for a setting whose method chooses nothing from images."""
+    spec = patch_spec(setting)
+    if spec is None or not method_class(str(spec.get("method", "evit"))).needs_images:
+        return None
+    return images(model) if callable(images) else images
+
+
 def evaluate(
     models: dict[str, nn.Module],
     settings: Sequence[tuple[str, Setting]],
@@ -180,7 +190,7 @@ def evaluate(
     locations: Optional[Sequence[int]] = None,
     speed_batch: int = 64,
     speed_reps: int = 10,
-    images: Optional[torch.Tensor] = None,
+    images: Union[torch.Tensor, Callable[[nn.Module], torch.Tensor], None] = None,
     device: Optional[str] = None,
 ) -> list[dict]:
     """One row per (model name, setting) in ``settings``: top-1, top-5, GMACs, images/s, speed-up, and
@@ -191,7 +201,8 @@ def evaluate(
     from a source with ``for_model``: :func:`fresh_batches`), resized to each
     model's input size where they differ (:func:`sized`). Speed is over the first model unpatched,
     timed once per input size and setting (:func:`speedups`). ``images``: calibration images for
-    methods that need them (Patch Slimming), at the models' input size.
+    methods that need them (Patch Slimming), at the models' input size; or a function giving a model's own (read
+    as it reads images), asked only for the settings that need them.
     ``device``: where the models run (:func:`evit.models.resolve_device`: default the GPU when there
     is one); each model is patched and its GMACs counted on the CPU, then moved there and back.
     """
@@ -204,7 +215,7 @@ def evaluate(
     rows, reference = [], None
     for (name, setting), (ips, up) in zip(settings, speed):
         model = models[name].cpu()
-        apply_setting(model, setting, locations, images)
+        apply_setting(model, setting, locations, sample_images(images, model, setting))
         macs = count_macs(model) / 1e9
         fusion = next((m.fusion for m in reductions(model).values() if getattr(m, "fuse", False)
                        and hasattr(m, "fusion")), None)  # what EViT ran with: the setting's, the checkpoint's or the default

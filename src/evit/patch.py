@@ -262,7 +262,8 @@ def patch(
     go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe:
     every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
     data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
-    forward; a choice the model's file saved, :func:`keep_saved_state`, is kept where it fits).
+    forward; a choice the model's file saved, :func:`keep_saved_state`, is kept where it was made for the same
+    blocks, token count and kept counts; elsewhere it is chosen afresh from ``images``, or refused without them).
     """
     cls = method_class(method)
     if cls.setting == "keep_rate":
@@ -286,11 +287,13 @@ def patch(
         raise TypeError(f"{cls.__name__} settings {sorted(settings)} not understood: {e}") from None
     apply(model, methods)
     saved_name, saved = getattr(model, SAVED_STATE, (None, {}))
-    if saved_name == cls.name:  # what its file saved for these blocks (Patch Slimming's choice); prepare keeps what fits
-        for i in saved.keys() & methods.keys():
-            methods[i].load_state_dict(saved[i])
-    if cls.needs_images and images is not None:
-        cls.prepare(model, images)
+    saved = saved if saved_name == cls.name else {}  # what its file saved (Patch Slimming's choice): kept if it fits
+    if cls.needs_images and (images is not None or saved):
+        try:
+            cls.prepare(model, images, saved)
+        except ValueError:
+            unpatch(model)  # refused: not left patched with no choice
+            raise
     return wrapper
 
 
@@ -300,12 +303,12 @@ SAVED_STATE = "evit_saved_reduction"
 
 def keep_saved_state(model: nn.Module) -> nn.Module:
     """Record on ``model`` the state its patched methods loaded with its weights (Patch Slimming's choice of
-    tokens, a buffer), by block, then unpatch it: patching it again with that method restores that state
-    (:func:`patch`), so a file's saved choice is the one used where it fits the setting, not one made afresh."""
+    tokens and what it was made for, buffers), by block, then unpatch it: patching it again with that method hands
+    that state to the method (:func:`patch`), which keeps it for a patch like the one it was made for."""
     found = reductions(model)
     names = {m.name for m in found.values()}
     states = {i: {k: v.detach().clone() for k, v in m.state_dict().items()} for i, m in found.items()}
-    states = {i: s for i, s in states.items() if s and all(v.numel() for v in s.values())}
+    states = {i: s for i, s in states.items() if any(v.numel() for v in s.values())}
     unpatch(model)
     if len(names) == 1 and states:
         setattr(hosts.unwrapped(model), SAVED_STATE, (names.pop(), states))

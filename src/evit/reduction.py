@@ -22,7 +22,7 @@ This module sits below the patch mechanism (which places methods) and the method
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -175,8 +175,15 @@ class TokenReduction(nn.Module):
         """Called by the patch with the model, before the first forward: build what depends on it."""
 
     @classmethod
-    def prepare(cls, model: nn.Module, images: torch.Tensor) -> None:
-        """After patching, for methods with ``needs_images``: choose what depends on sample images."""
+    def prepare(cls, model: nn.Module, images: Optional[torch.Tensor], saved: Optional[Mapping[int, dict]] = None) -> None:
+        """After patching, for methods with ``needs_images``: choose what depends on sample images, or keep what
+        the model's weights file ``saved`` (by block) where it fits the patch; refuse (ValueError) a saved state
+        that does not fit when there are no ``images`` to choose from."""
+
+    @classmethod
+    def describe_saved(cls, saved: Mapping[int, dict]) -> str:
+        """What a state saved with a model's weights (by block) was made for and where it is used, in words."""
+        return f"made at blocks {', '.join(map(str, saved))}: it is used where it fits"
 
     def aux_loss(self) -> Optional[Tensor]:
         """A loss term of the last forward that training adds to the task loss (None: nothing)."""

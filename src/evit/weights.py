@@ -167,8 +167,8 @@ def mismatch(path: str, model: nn.Module, state: Mapping[str, Tensor], fresh_hea
         if keys:
             parts.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
     hint = (" (it holds a token-reduction method's weights: patch the model with that method first; on the command "
-            "line, evit compare --trained METHOD=FILE and evit show --method METHOD --checkpoint FILE load a learned "
-            "method's (dynamicvit) and Patch Slimming's saved choice)"
+            "line, evit compare --trained METHOD=FILE, evit show --method METHOD --checkpoint FILE and evit bench --method "
+            "METHOD --checkpoint FILE load a learned method's (dynamicvit) and Patch Slimming's saved choice)"
             if any(".reduction." in k for k in unexpected) else "")
     run = _run_config(path)
     if not hint and run is not None:  # an evit run's weights: its config.json names the architecture they need

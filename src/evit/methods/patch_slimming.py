@@ -16,11 +16,14 @@ DPS-ViT): positions are chosen once from the attention of sample images
 inference a block only takes fixed rows (no scoring at all). The paper refines the
 choice layer by layer with fine-tuning in between; here it is made in one pass from
 the unreduced model, and fine-tuning (``evit train``) follows. The chosen positions
-are a buffer: they travel with the weights.
+are a buffer: they travel with the weights, with what they were chosen for (``made_for``: the tokens
+entering the model and the blocks of the pyramid). A lower level's choice depends on the levels above
+it, so a saved choice is used only by a patch at the same blocks, for as many tokens, keeping as many at
+each (:func:`misfit`); any other patch chooses afresh, or is refused without sample images.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,17 +45,39 @@ class PatchSlimming(KeepRateReduction):
             raise ValueError("Patch Slimming removes the patches it does not keep; it has no fused token")
         super().__init__(keep_rate, fuse=False)
         self.register_buffer("index", torch.empty(0, dtype=torch.long))  # kept positions among this block's image tokens
+        self.register_buffer("made_for", torch.empty(0, dtype=torch.long))  # (tokens entering the model, *blocks)
 
     @classmethod
     def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = False, **settings) -> "PatchSlimming":
         return cls(keep_rate, **settings)
 
     @classmethod
-    def prepare(cls, model: nn.Module, images: Tensor) -> None:
-        """Choose from ``images``, unless every block already holds a choice that fits its keep rate (one its
-        weights' file saved, restored by the patch): weights fine-tuned on a choice run with it."""
-        if not chosen(model):
-            select(model, images)
+    def prepare(cls, model: nn.Module, images: Optional[Tensor], saved: Optional[Mapping[int, dict]] = None) -> None:
+        """Keep the choice the model's weights file ``saved`` (by block, :func:`evit.patch.keep_saved_state`) where
+        it was made for this patch (:func:`misfit`): weights fine-tuned on a choice run with it. Otherwise choose
+        from ``images``; without them, refuse in one line saying what differs."""
+        problem = restore(model, saved) if saved else None
+        if saved and problem is None:
+            return
+        if images is None:
+            raise ValueError(f"Patch Slimming: the choice of tokens saved with this model's weights {problem}, so it is "
+                             "not the one this patch would choose: give sample images (images=...) to choose afresh, "
+                             "or patch as it was made")
+        select(model, images)
+
+    @classmethod
+    def describe_saved(cls, saved: Mapping[int, dict]) -> str:
+        """'made at blocks 1, 3, 4 for 50 tokens, keeping 25, 13, 7 image tokens: it is used where ...': what a saved
+        choice was made for and where it is used (:func:`misfit`)."""
+        record = next(iter(saved.values())).get("made_for", torch.empty(0)).tolist()
+        kept = ", ".join(str(s["index"].numel()) for s in saved.values() if "index" in s)
+        at = f"made at blocks {_listed(saved)}"
+        if not record:
+            return (f"{at} (keeping {kept} image tokens) with no record of the input it was made for (saved by an "
+                    f"earlier evit): it is not used; {cls.label} chooses again from the sample images")
+        return (f"{at} for {record[0]} tokens, keeping {kept} image tokens: it is used where a setting patches those "
+                f"blocks of this model at that input size, keeping as many tokens at each; elsewhere {cls.label} "
+                "chooses again from the sample images")
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         p, N = self.num_prefix_tokens, x.shape[1]
@@ -69,24 +94,62 @@ class PatchSlimming(KeepRateReduction):
         return x.index_select(1, index)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "index" in state_dict:  # a choice of another length than the empty default
-            self.index = torch.empty_like(state_dict[prefix + "index"])
+        for name in ("index", "made_for"):
+            if prefix + name in state_dict:  # a choice (its record) of another length than the empty default
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def chosen(model: nn.Module) -> bool:
-    """True when every Patch Slimming block of ``model`` holds a choice of as many tokens as its keep rate keeps,
-    among the tokens it is given at the model's input size."""
-    host = hosts.adapter(model)
+def restore(model: nn.Module, saved: Mapping[int, dict]) -> Optional[str]:
+    """Load the choice ``saved`` (by block) into the Patch Slimming blocks of ``model`` when it was saved at the
+    same blocks; None when it then fits (:func:`misfit`), else what differs, in words."""
+    blocks = _blocks(model)
+    if sorted(saved) != list(blocks):  # the pyramid's levels above a block shape its choice: all or none
+        return f"was made at blocks {_listed(saved)}, not at blocks {_listed(blocks)}"
+    for i, m in blocks.items():
+        m.load_state_dict(saved[i])
+    return misfit(model)
+
+
+def misfit(model: nn.Module) -> Optional[str]:
+    """None when every Patch Slimming block of ``model`` holds a choice made for its patch: at the same blocks, for
+    as many tokens entering the model, keeping as many image tokens at each block as its keep rate keeps (the keep
+    rate enters the choice only through those counts: :func:`select`), as positions in order, each once. Else
+    what differs, in words."""
+    host, blocks = hosts.adapter(model), _blocks(model)
+    n, records = host.num_tokens(), {tuple(m.made_for.tolist()) for m in blocks.values()}
+    if len(records) != 1 or () in records:
+        return "holds no record of the blocks and input it was made for"
+    made_n, *made_at = records.pop()
+    if made_at != list(blocks):
+        return f"was made at blocks {_listed(made_at)}, not at blocks {_listed(blocks)}"
+    if made_n != n:
+        return f"was made for {made_n} tokens entering the model, and this model takes {n} (another input size)"
     p, found = host.num_prefix_tokens, sorted(reductions(model).items())
-    entering = token_counts(model, host.num_tokens())[:-1]  # tokens entering each reducing block
-    for (_, m), n in zip(found, entering):
-        k = kept_count(m.keep_rate, n - p) if isinstance(m, PatchSlimming) else n - p
+    entering = token_counts(model, n)[:-1]  # tokens entering each reducing block
+    for (i, m), n_in in zip(found, entering):
+        k = kept_count(m.keep_rate, n_in - p) if isinstance(m, PatchSlimming) else n_in - p
         index = m.index
-        if k < n - p and (index.numel() != k or int(index.min()) < 0 or int(index.max()) >= n - p
-                          or not bool((index[1:] > index[:-1]).all())):  # positions in order, each once
-            return False
-    return True
+        if k < n_in - p and index.numel() != k:
+            return (f"keeps {index.numel()} of the {n_in - p} image tokens entering block {i}, where keep rate "
+                    f"{m.keep_rate} keeps {k}")
+        if k < n_in - p and (int(index.min()) < 0 or int(index.max()) >= n_in - p
+                             or not bool((index[1:] > index[:-1]).all())):  # positions in order, each once
+            return f"holds positions at block {i} that are not {n_in - p} image tokens' in order, each once"
+    return None
+
+
+def chosen(model: nn.Module) -> bool:
+    """True when every Patch Slimming block of ``model`` holds a choice made for its patch (:func:`misfit`)."""
+    return misfit(model) is None
+
+
+def _blocks(model: nn.Module) -> dict[int, "PatchSlimming"]:
+    return {i: m for i, m in sorted(reductions(model).items()) if isinstance(m, PatchSlimming)}
+
+
+def _listed(blocks: Iterable[int]) -> str:
+    return ", ".join(map(str, blocks))
 
 
 @torch.no_grad()
@@ -124,7 +187,7 @@ def carry_back(maps: list[Tensor], prefix: int, image_from: Optional[int] = None
 def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
     """Choose, top-down, the positions every Patch Slimming block of ``model`` keeps; returns them
     (original image-token positions, by block)."""
-    blocks = {i: m for i, m in reductions(model).items() if isinstance(m, PatchSlimming)}
+    blocks = _blocks(model)
     if not blocks:
         raise ValueError("select: the model has no Patch Slimming blocks; patch it with method='patchslimming' first")
     if images.ndim != 4 or len(images) == 0:
@@ -141,8 +204,10 @@ def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, 
         score[deeper] = float("inf")  # kept deeper: kept here
         picked[i] = deeper = score.topk(k).indices.sort().values
     before = torch.arange(counts[0])
+    made_for = torch.tensor([impacts[0].shape[0], *blocks])  # what this choice is for (see misfit)
     for i, m in blocks.items():  # as indices into each block's own (already reduced) input
         m.index = torch.searchsorted(before, picked[i]).to(m.index.device)
+        m.made_for = made_for.clone().to(m.made_for.device)
         before = picked[i]
     return dict(sorted(picked.items()))
 
