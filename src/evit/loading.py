@@ -100,9 +100,9 @@ def patch_for_weights(method: str) -> Optional[Callable[[nn.Module], object]]:
 
 def keep_saved_choice(model: nn.Module, method: str, path: Optional[str], command: str) -> nn.Module:
     """After :func:`patch_for_weights` for a method that saves a choice of tokens: keep the choice the file held
-    on the model (:func:`evit.patch.keep_saved_state`, which unpatches it), so patching it with that method uses
-    it where the keep rate keeps as many tokens, and say so on stderr; other methods' models are returned as
-    they are."""
+    on the model (:func:`evit.patch.keep_saved_state`, which unpatches it), so patching it with that method at the
+    same blocks uses it where the keep rate keeps as many tokens, and say so on stderr; other methods' models are
+    returned as they are."""
     import sys
 
     from . import hosts
@@ -115,6 +115,6 @@ def keep_saved_choice(model: nn.Module, method: str, path: Optional[str], comman
     saved = getattr(hosts.unwrapped(keep_saved_state(model)), SAVED_STATE, (None, {}))[1]
     if saved:
         print(f"{command}: {path} holds {cls.label}'s choice of tokens at blocks {', '.join(map(str, saved))}: it is "
-              f"used where the keep rate keeps as many of this model's tokens at each block; elsewhere {cls.label} "
-              "chooses again from the sample images", file=sys.stderr)
+              "used where the model is patched at those blocks and the keep rate keeps as many of its tokens at each; "
+              f"elsewhere {cls.label} chooses again from the sample images", file=sys.stderr)
     return model

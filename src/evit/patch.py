@@ -262,7 +262,8 @@ def patch(
     go to it (ToMe: ``r``; Random: ``seed``), and ``locations`` default to the method's own (ToMe:
     every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
     data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
-    forward; a choice the model's file saved, :func:`keep_saved_state`, is kept where it fits).
+    forward; a choice the model's file saved, :func:`keep_saved_state`, is kept where it fits: at the
+    blocks it was saved for, with as many tokens kept at each).
     """
     cls = method_class(method)
     if cls.setting == "keep_rate":
@@ -286,8 +287,10 @@ def patch(
         raise TypeError(f"{cls.__name__} settings {sorted(settings)} not understood: {e}") from None
     apply(model, methods)
     saved_name, saved = getattr(model, SAVED_STATE, (None, {}))
-    if saved_name == cls.name:  # what its file saved for these blocks (Patch Slimming's choice); prepare keeps what fits
-        for i in saved.keys() & methods.keys():
+    # what its file saved (Patch Slimming's choice), at the very blocks it was saved for: a block's choice is of the
+    # tokens the blocks before it kept, so at other blocks it names other tokens; prepare keeps what fits
+    if saved_name == cls.name and saved.keys() == methods.keys():
+        for i in methods:
             methods[i].load_state_dict(saved[i])
     if cls.needs_images and images is not None:
         cls.prepare(model, images)
