@@ -51,7 +51,7 @@ class PatchSlimming(KeepRateReduction):
     def prepare(cls, model: nn.Module, images: Tensor) -> None:
         """Choose from ``images``, unless every block already holds a choice that fits its keep rate (one its
         weights' file saved, restored by the patch): weights fine-tuned on a choice run with it."""
-        if not chosen(model):
+        if not holds_choice(model):
             select(model, images)
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
@@ -74,7 +74,7 @@ class PatchSlimming(KeepRateReduction):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def chosen(model: nn.Module) -> bool:
+def holds_choice(model: nn.Module) -> bool:
     """True when every Patch Slimming block of ``model`` holds a choice of as many tokens as its keep rate keeps,
     among the tokens it is given at the model's input size."""
     host = hosts.adapter(model)
