@@ -768,3 +768,25 @@ def test_a_resume_takes_the_reading_its_checkpoint_records_not_the_file_now_at_i
     (tmp_path / "now_at_init.safetensors").unlink()
     read_images_as_the_run_began(timm.create_model("vit_tiny_patch16_224", **TINY), cfg)
     assert "predate evit's record of how weights see images" in capsys.readouterr().err
+
+
+def test_a_resume_keeps_the_starting_weights_its_run_recorded(tmp_path):
+    """A resume need not name the weights the run started from (they are not read again): config.json, rewritten
+    from the resumed options, keeps naming them, so a later resume of a run whose checkpoints predate evit's record
+    of how weights see images still reads them as that file does; a config.json that is not an object is one line
+    (a plain check, not an assert, which python -O strips)."""
+    from dataclasses import asdict
+
+    from evit.train_setup import check_resume
+
+    started = TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, init=str(tmp_path / "start.safetensors"),
+                          out=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(asdict(started)))
+    resumed = check_resume(TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, out=str(tmp_path)), tmp_path)
+    assert resumed.init == started.init and resumed.pretrained is False
+    moved = check_resume(TrainConfig(model="vit_tiny_patch16_224", model_kwargs=TINY, out=str(tmp_path),
+                                     init=str(tmp_path / "moved.safetensors")), tmp_path)
+    assert moved.init == str(tmp_path / "moved.safetensors")  # given again: the option given wins
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json is damaged \(a JSON list\)"):
+        check_resume(TrainConfig(model="vit_tiny_patch16_224", out=str(tmp_path)), tmp_path)

@@ -236,10 +236,13 @@ def test_each_model_compared_on_a_folder_reads_it_its_own_way(data):
                                                  interpolation="bilinear")
     batches = eval_batches(data, [plain, recorded], batch_size=4, workers=0)
     first = batches.split.samples[0][0]
+    seen = []
     for model in (plain, recorded, plain):  # each asked for in turn, as evaluate asks
         images, _ = next(iter(fresh_batches(batches, model)))
         transform, mode = image_transform(model, (3, 32, 32), train=False)
         assert torch.equal(images[0], transform(open_image(first, mode)))
+        seen.append(images[0])
+    assert not torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2])  # two readings, each its own
 
 
 def test_compare_chooses_patch_slimmings_tokens_from_images_read_as_the_patched_model_reads_them(

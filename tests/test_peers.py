@@ -227,3 +227,22 @@ def test_a_saved_patch_slimming_choice_is_used_only_by_the_patch_it_was_made_for
         evit.patch(reloaded, 0.25, [1, 2, 3], method="patchslimming")
     with pytest.raises(ValueError, match="keeps 4 of the 16 image tokens entering block 1, where keep rate 0.5 keeps 8"):
         evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.5, [1, 2, 3], method="patchslimming")
+
+
+def test_a_saved_patch_slimming_choice_is_kept_only_at_the_blocks_it_was_made_for():
+    """A block's saved choice is of the tokens the blocks before it kept: patched at a subset of its blocks, the
+    same count kept (8 of 16 then 4 of 8 at blocks 1, 2; 4 of 16 at block 2 alone) names other patches, so the
+    choice is made again there; at the same blocks and keep rate the saved one is kept."""
+    from evit.patch import keep_saved_state
+
+    model = make_model("deit")
+    images = torch.randn(8, 3, 64, 64)
+    evit.patch(model, 0.5, locations=(1, 2), method="patchslimming")
+    select(model, images)
+    saved = {i: m.index.clone() for i, m in evit.reductions(model).items()}
+    keep_saved_state(model)
+    evit.patch(model, 0.25, locations=(2,), method="patchslimming", images=images)
+    fresh = evit.patch(make_model("deit"), 0.25, locations=(2,), method="patchslimming", images=images)
+    assert torch.equal(evit.reductions(model)[2].index, evit.reductions(fresh)[2].index)
+    evit.patch(model, 0.5, locations=(1, 2), method="patchslimming", images=torch.randn(8, 3, 64, 64))
+    assert all(torch.equal(m.index, saved[i]) for i, m in evit.reductions(model).items())

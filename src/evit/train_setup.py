@@ -199,15 +199,20 @@ RESUMABLE = ("out", "device", "workers", "save_every", "eval_every", "max_steps"
 def check_resume(cfg: TrainConfig, out: Path) -> TrainConfig:
     """Refuse resuming the run in ``out`` with options that change what it computes (its config.json
     records those it was started with): the resumed run would silently differ from the one asked for.
-    Returns ``cfg`` with the run's class list (a folder's classes are mapped by the names it began with)."""
+    Returns ``cfg`` with the run's class list (a folder's classes are mapped by the names it began with) and, where
+    not given again, the weights it started from (``init``, ``pretrained``): config.json, rewritten from ``cfg``,
+    keeps naming them, and a run whose checkpoints predate evit's record of how weights see images reads them as
+    its starting file does (:func:`evit.train.read_images_as_the_run_began`)."""
     path = out / "config.json"
     if not path.is_file():
         return cfg
     try:
         started = json.loads(path.read_text())
-        assert isinstance(started, dict)
-    except (OSError, ValueError, AssertionError) as e:
-        raise ValueError(f"--resume: {path} is damaged ({type(e).__name__}); it records the options the run was "
+    except (OSError, ValueError) as e:
+        started = e
+    if not isinstance(started, dict):  # a plain condition: python -O strips asserts
+        reason = type(started).__name__ if isinstance(started, Exception) else f"a JSON {type(started).__name__}"
+        raise ValueError(f"--resume: {path} is damaged ({reason}); it records the options the run was "
                          "started with: restore it, or delete it to resume without comparing them") from None
     given = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it: tuples as lists
 
@@ -223,7 +228,12 @@ def check_resume(cfg: TrainConfig, out: Path) -> TrainConfig:
     if differ:
         raise ValueError(f"--resume: the run in {out} was started with {', '.join(differ)}: resume it with the "
                          f"options it was started with ({path}), or train a new run from its weights with --init")
-    return replace(cfg, class_names=cfg.class_names or started.get("class_names"))
+    return replace(cfg, class_names=cfg.class_names or started.get("class_names"), init=cfg.init or _text(started.get("init")),
+                   pretrained=cfg.pretrained or started.get("pretrained") is True)
+
+
+def _text(value) -> Optional[str]:
+    return value if isinstance(value, str) else None
 
 
 def make_loaders(cfg: TrainConfig, model: nn.Module, rank: int = 0, world: int = 1):

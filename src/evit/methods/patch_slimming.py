@@ -139,11 +139,6 @@ def misfit(model: nn.Module) -> Optional[str]:
     return None
 
 
-def chosen(model: nn.Module) -> bool:
-    """True when every Patch Slimming block of ``model`` holds a choice made for its patch (:func:`misfit`)."""
-    return misfit(model) is None
-
-
 def _blocks(model: nn.Module) -> dict[int, "PatchSlimming"]:
     return {i: m for i, m in sorted(reductions(model).items()) if isinstance(m, PatchSlimming)}
 
