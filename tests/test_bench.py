@@ -42,8 +42,9 @@ def test_bench_rows_are_consistent():
     assert full["tokens"] == [17, 17, 17, 17] and full["gmacs"] == pytest.approx(base["gmacs"])
     assert half["tokens"] == [17, 10, 7, 5] and half["gmacs"] < full["gmacs"]
     for r in (full, half):
-        assert r["speedup"] > 0 and r["ideal_speedup"] > 0 and r["latency_of_ideal"] > 0
-        assert 0 < r["of_ideal"] < 10
+        # ratios of times: positive and finite (their size depends on a shared CPU's timing, so no bound on it)
+        for key in ("speedup", "ideal_speedup", "of_ideal", "latency_of_ideal"):
+            assert 0 < r[key] < float("inf"), key
     table = format_table(rows, 2)
     assert "of ideal" in table and "17->10->7->5" in table
 
