@@ -171,11 +171,15 @@ def test_resume_without_checkpoint_is_a_clear_error(toy_fashion, tiny_recipe, tm
 
 
 def test_ddp_two_processes_gloo(toy_fashion, tiny_recipe, tmp_path):
+    recipe = tmp_path / "five_classes.json"  # a head of 5 for 10 classes: every process notes it; one says so
+    recipe.write_text(json.dumps({**json.loads(tiny_recipe.read_text()), "model_kwargs": {**TINY, "num_classes": 5}}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "evit.cli", *_train_cmd(toy_fashion, tmp_path / "ddp", "--recipe", str(tiny_recipe),
+           "-m", "evit.cli", *_train_cmd(toy_fashion, tmp_path / "ddp", "--recipe", str(recipe),
                                           "--epochs", "1", "--keep-rate", "0.7")[3:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if "num_classes=5 is not the data's 10 classes" in line]
+    assert len(notes) == 1, proc.stderr[-3000:]  # said by rank 0 alone
     answers = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     assert len(answers) == 1 and answers[0].count("{") == 1, proc.stdout  # rank 0 alone prints the result
     result = json.loads(answers[0])

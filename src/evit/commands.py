@@ -2,6 +2,8 @@
 library, print the result. Parsing lives in :mod:`evit.cli`."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -48,8 +50,12 @@ def _train(args) -> int:
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     else:
         raise ValueError("give --recipe (e.g. fashion_mnist_baseline) or --model")
-    result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process returns; one answer is printed
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # under torchrun every process runs the same set-up: its notes (a head resized, files skipped) are said once, by
+    # rank 0; another rank's error still reaches the command line's handler, outside this redirect
+    with contextlib.nullcontext() if rank0 else contextlib.redirect_stderr(io.StringIO()):
+        result = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    if rank0:  # every process returns; one answer is printed
         print(json.dumps(result))
     return 0
 
