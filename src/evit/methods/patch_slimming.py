@@ -88,7 +88,8 @@ class PatchSlimming(KeepRateReduction):
             raise RuntimeError(
                 f"Patch Slimming at block {self.block} has no choice of {k} of {N - p} image tokens: call "
                 "evit.methods.patch_slimming.select(model, images) with sample images after patching")
-        index = torch.cat([torch.arange(p, device=x.device), self.index + p])
+        # the choice is made on the CPU (select): a model patched, and chosen for, on a GPU takes it there
+        index = torch.cat([torch.arange(p, device=x.device), self.index.to(x.device) + p])
         if self.state.track:
             self.state.follow(x, index.expand(x.shape[0], -1))
         return x.index_select(1, index)
