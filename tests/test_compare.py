@@ -121,5 +121,5 @@ def test_patch_slimmings_saved_choice_is_the_one_its_trained_rows_use(tmp_path, 
     top1 = {(r["model"], r["keep_rate"]): r["top1"] for r in json.loads(out)["rows"]}
     assert top1["patchslimming-trained", 0.5] == own_top1 != top1["baseline", 0.5]
     assert top1["patchslimming-trained", 0.7] == top1["baseline", 0.7]  # chosen again: the same weights, same choice
-    assert (f"{path} holds Patch Slimming's choice of tokens made at blocks 1, 3, 4 for 50 tokens, keeping 25, 13, 7 "
+    assert (f"{path} holds Patch Slimming's choice of tokens made at blocks 1, 3, 4 for 50 tokens (7x7 patches), keeping 25, 13, 7 "
             "image tokens:") in err

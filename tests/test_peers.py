@@ -246,3 +246,37 @@ def test_a_saved_patch_slimming_choice_is_kept_only_at_the_blocks_it_was_made_fo
     assert torch.equal(evit.reductions(model)[2].index, evit.reductions(fresh)[2].index)
     evit.patch(model, 0.5, locations=(1, 2), method="patchslimming", images=torch.randn(8, 3, 64, 64))
     assert all(torch.equal(m.index, saved[i]) for i, m in evit.reductions(model).items())
+
+
+def test_a_saved_patch_slimming_choice_is_not_used_on_another_grid_of_as_many_patches(tmp_path):
+    """Positions name patches on the grid they were chosen on: on a 2x3 grid and on a 3x2 one, as many tokens enter
+    the model, but position 2 is another patch; the saved choice is refused there (without images) and chosen
+    afresh (with them), and still reused on its own grid."""
+    from evit.resolution import set_input_size
+
+    torch.manual_seed(0)
+    model = evit.patch(make_model("deit", img_size=(32, 48)), 0.5, [1, 2], method="patchslimming",
+                       images=torch.randn(4, 3, 32, 48))
+    saved = _kept(model)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+
+    def reloaded():
+        from evit.loading import patch_for_weights
+        from evit.models import load_checkpoint
+        from evit.patch import keep_saved_state
+
+        again = make_model("deit", img_size=(32, 48))
+        patch_for_weights("patchslimming")(again)
+        load_checkpoint(again, str(tmp_path / "w.pt"))
+        return keep_saved_state(again)
+
+    same = _kept(evit.patch(reloaded(), 0.5, [1, 2], method="patchslimming"))
+    assert all(torch.equal(same[i], saved[i]) for i in saved)
+    turned = set_input_size(reloaded(), (48, 32))
+    with pytest.raises(ValueError, match="was made on 2x3 patches, and this model.s are 3x2"):
+        evit.patch(turned, 0.5, [1, 2], method="patchslimming")
+    images = torch.randn(4, 3, 48, 32)
+    afresh = _kept(evit.patch(turned, 0.5, [1, 2], method="patchslimming", images=images))
+    fresh = _kept(evit.patch(set_input_size(make_model("deit", img_size=(32, 48)), (48, 32)), 0.5, [1, 2],
+                             method="patchslimming", images=images))
+    assert all(torch.equal(afresh[i], fresh[i]) for i in fresh)

@@ -157,7 +157,7 @@ def test_evit_show_runs_patch_slimming_with_the_choice_its_file_holds(tmp_path, 
     monkeypatch.setattr(evit.show, "show", lambda model, *a, **k: shown.update(model=model) or tmp_path / "x.png")
     assert main(["show", "--method", "patchslimming", "--keep-rate", "0.5", "--checkpoint", str(path),
                  "--out", str(tmp_path / "s.png")]) == 0, capsys.readouterr().err
-    assert (f"{path} holds Patch Slimming's choice of tokens made at blocks 1, 3, 4 for 50 tokens, keeping 25, 13, 7 "
+    assert (f"{path} holds Patch Slimming's choice of tokens made at blocks 1, 3, 4 for 50 tokens (7x7 patches), keeping 25, 13, 7 "
             "image tokens:") in capsys.readouterr().err
     used = {i: m.index for i, m in evit.reductions(shown["model"]).items()}
     assert used.keys() == chosen.keys() and all(torch.equal(used[i], chosen[i]) for i in chosen)

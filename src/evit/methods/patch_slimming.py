@@ -45,7 +45,7 @@ class PatchSlimming(KeepRateReduction):
             raise ValueError("Patch Slimming removes the patches it does not keep; it has no fused token")
         super().__init__(keep_rate, fuse=False)
         self.register_buffer("index", torch.empty(0, dtype=torch.long))  # kept positions among this block's image tokens
-        self.register_buffer("made_for", torch.empty(0, dtype=torch.long))  # (tokens entering the model, *blocks)
+        self.register_buffer("made_for", torch.empty(0, dtype=torch.long))  # (tokens, grid rows, columns, *blocks)
 
     @classmethod
     def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = False, **settings) -> "PatchSlimming":
@@ -67,15 +67,16 @@ class PatchSlimming(KeepRateReduction):
 
     @classmethod
     def describe_saved(cls, saved: Mapping[int, dict]) -> str:
-        """'made at blocks 1, 3, 4 for 50 tokens, keeping 25, 13, 7 image tokens: it is used where ...': what a saved
-        choice was made for and where it is used (:func:`misfit`)."""
+        """'made at blocks 1, 3, 4 for 50 tokens (7x7 patches), keeping 25, 13, 7 image tokens: it is used where ...':
+        what a saved choice was made for and where it is used (:func:`misfit`)."""
         record = next(iter(saved.values())).get("made_for", torch.empty(0)).tolist()
         kept = ", ".join(str(s["index"].numel()) for s in saved.values() if "index" in s)
         at = f"made at blocks {_listed(saved)}"
-        if not record:
+        if len(record) < 3:
             return (f"{at} (keeping {kept} image tokens) with no record of the input it was made for (saved by an "
                     f"earlier evit): it is not used; {cls.label} chooses again from the sample images")
-        return (f"{at} for {record[0]} tokens, keeping {kept} image tokens: it is used where a setting patches those "
+        return (f"{at} for {record[0]} tokens ({record[1]}x{record[2]} patches), keeping {kept} image tokens: it is "
+                "used where a setting patches those "
                 f"blocks of this model at that input size, keeping as many tokens at each; elsewhere {cls.label} "
                 "chooses again from the sample images")
 
@@ -114,18 +115,21 @@ def restore(model: nn.Module, saved: Mapping[int, dict]) -> Optional[str]:
 
 def misfit(model: nn.Module) -> Optional[str]:
     """None when every Patch Slimming block of ``model`` holds a choice made for its patch: at the same blocks, for
-    as many tokens entering the model, keeping as many image tokens at each block as its keep rate keeps (the keep
+    as many tokens entering the model on the same grid of patches (a position names another patch on another
+    grid of as many), keeping as many image tokens at each block as its keep rate keeps (the keep
     rate enters the choice only through those counts: :func:`select`), as positions in order, each once. Else
     what differs, in words."""
     host, blocks = hosts.adapter(model), _blocks(model)
-    n, records = host.num_tokens(), {tuple(m.made_for.tolist()) for m in blocks.values()}
-    if len(records) != 1 or () in records:
+    n, grid, records = host.num_tokens(), tuple(host.patch_grid()), {tuple(m.made_for.tolist()) for m in blocks.values()}
+    if len(records) != 1 or len(next(iter(records))) < 3:
         return "holds no record of the blocks and input it was made for"
-    made_n, *made_at = records.pop()
+    made_n, rows, cols, *made_at = records.pop()
     if made_at != list(blocks):
         return f"was made at blocks {_listed(made_at)}, not at blocks {_listed(blocks)}"
     if made_n != n:
         return f"was made for {made_n} tokens entering the model, and this model takes {n} (another input size)"
+    if (rows, cols) != grid:
+        return f"was made on {rows}x{cols} patches, and this model's are {grid[0]}x{grid[1]} (another input shape)"
     p, found = host.num_prefix_tokens, sorted(reductions(model).items())
     entering = token_counts(model, n)[:-1]  # tokens entering each reducing block
     for (i, m), n_in in zip(found, entering):
@@ -200,7 +204,8 @@ def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, 
         score[deeper] = float("inf")  # kept deeper: kept here
         picked[i] = deeper = score.topk(k).indices.sort().values
     before = torch.arange(counts[0])
-    made_for = torch.tensor([impacts[0].shape[0], *blocks])  # what this choice is for (see misfit)
+    grid = hosts.adapter(model).patch_grid(tuple(images.shape[-2:]))
+    made_for = torch.tensor([impacts[0].shape[0], *grid, *blocks])  # what this choice is for (see misfit)
     for i, m in blocks.items():  # as indices into each block's own (already reduced) input
         m.index = torch.searchsorted(before, picked[i]).to(m.index.device)
         m.made_for = made_for.clone().to(m.made_for.device)
