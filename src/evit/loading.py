@@ -114,7 +114,10 @@ def keep_saved_choice(model: nn.Module, method: str, path: Optional[str], comman
         return model
     saved = getattr(hosts.unwrapped(keep_saved_state(model)), SAVED_STATE, (None, {}))[1]
     if saved:
-        print(f"{command}: {path} holds {cls.label}'s choice of tokens at blocks {', '.join(map(str, saved))}: it is "
-              f"used where the keep rate keeps as many of this model's tokens at each block; elsewhere {cls.label} "
-              "chooses again from the sample images", file=sys.stderr)
+        grids = {tuple(s["grid"].tolist()) for s in saved.values() if s.get("grid") is not None and s["grid"].numel()}
+        on = f" on a {'x'.join(map(str, grids.pop()))} patch grid" if len(grids) == 1 else ""
+        print(f"{command}: {path} holds {cls.label}'s choice of tokens at block{'s' if len(saved) > 1 else ''} "
+              f"{', '.join(map(str, saved))}{on}: it is used where the keep rate keeps as many of this model's tokens "
+              f"at each block{' on that grid' if on else ''}; elsewhere {cls.label} chooses again from the sample "
+              "images", file=sys.stderr)
     return model

@@ -305,7 +305,7 @@ def keep_saved_state(model: nn.Module) -> nn.Module:
     found = reductions(model)
     names = {m.name for m in found.values()}
     states = {i: {k: v.detach().clone() for k, v in m.state_dict().items()} for i, m in found.items()}
-    states = {i: s for i, s in states.items() if s and all(v.numel() for v in s.values())}
+    states = {i: s for i, s in states.items() if any(v.numel() for v in s.values())}  # blocks that loaded any
     unpatch(model)
     if len(names) == 1 and states:
         setattr(hosts.unwrapped(model), SAVED_STATE, (names.pop(), states))

@@ -42,6 +42,9 @@ class PatchSlimming(KeepRateReduction):
             raise ValueError("Patch Slimming removes the patches it does not keep; it has no fused token")
         super().__init__(keep_rate, fuse=False)
         self.register_buffer("index", torch.empty(0, dtype=torch.long))  # kept positions among this block's image tokens
+        # the patch grid (rows, columns) the choice was made on: positions of another grid are other patches, even
+        # where as many are kept (empty in files saved before it was recorded)
+        self.register_buffer("grid", torch.empty(0, dtype=torch.long))
 
     @classmethod
     def create(cls, block: int, keep_rate: float = 0.7, fuse: bool = False, **settings) -> "PatchSlimming":
@@ -69,22 +72,24 @@ class PatchSlimming(KeepRateReduction):
         return x.index_select(1, index)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "index" in state_dict:  # a choice of another length than the empty default
-            self.index = torch.empty_like(state_dict[prefix + "index"])
+        for name in ("index", "grid"):  # a choice of another length than the empty default
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def chosen(model: nn.Module) -> bool:
     """True when every Patch Slimming block of ``model`` holds a choice of as many tokens as its keep rate keeps,
-    among the tokens it is given at the model's input size."""
+    among the tokens it is given at the model's input size, made on the model's patch grid."""
     host = hosts.adapter(model)
-    p, found = host.num_prefix_tokens, sorted(reductions(model).items())
+    p, found, grid = host.num_prefix_tokens, sorted(reductions(model).items()), list(host.patch_grid())
     entering = token_counts(model, host.num_tokens())[:-1]  # tokens entering each reducing block
     for (_, m), n in zip(found, entering):
         k = kept_count(m.keep_rate, n - p) if isinstance(m, PatchSlimming) else n - p
         index = m.index
         if k < n - p and (index.numel() != k or int(index.min()) < 0 or int(index.max()) >= n - p
-                          or not bool((index[1:] > index[:-1]).all())):  # positions in order, each once
+                          or not bool((index[1:] > index[:-1]).all())  # positions in order, each once
+                          or m.grid.numel() and m.grid.tolist() != grid):  # on this grid (where it was recorded)
             return False
     return True
 
@@ -140,9 +145,10 @@ def select(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[int, 
         score = impacts[i][p:].clone()
         score[deeper] = float("inf")  # kept deeper: kept here
         picked[i] = deeper = score.topk(k).indices.sort().values
-    before = torch.arange(counts[0])
+    before, grid = torch.arange(counts[0]), torch.tensor(hosts.adapter(model).patch_grid())
     for i, m in blocks.items():  # as indices into each block's own (already reduced) input
         m.index = torch.searchsorted(before, picked[i]).to(m.index.device)
+        m.grid = grid.clone().to(m.grid.device)  # one tensor each: a file holds no shared ones
         before = picked[i]
     return dict(sorted(picked.items()))
 
