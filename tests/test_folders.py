@@ -240,3 +240,16 @@ def test_each_model_compared_on_a_folder_reads_it_its_own_way(data):
         images, _ = next(iter(fresh_batches(batches, model)))
         transform, mode = image_transform(model, (3, 32, 32), train=False)
         assert torch.equal(images[0], transform(open_image(first, mode)))
+
+
+@pytest.mark.parametrize("names", ["c0", [0, 1], ["c0", "c0"], {"a": 1}, True, ["c0", ""]])
+def test_a_damaged_class_list_in_a_run_config_is_named(names, tmp_path):
+    """A run's config.json whose class_names is not a list of distinct names was read as one: a string as its
+    letters, a dict as its keys (refused as a head of another width), ints or true as a Python error's text."""
+    from evit.folders import run_class_names
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": "vit_tiny_patch16_224", "class_names": names}))
+    with pytest.raises(ValueError, match=r"config.json: its class_names is damaged"):
+        run_class_names(str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model": "vit_tiny_patch16_224", "class_names": ["b", "a"]}))
+    assert run_class_names(str(tmp_path / "model.safetensors"))[0] == ["b", "a"]
