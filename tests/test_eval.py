@@ -241,3 +241,22 @@ def test_a_named_model_without_weights_is_scored_with_a_note_that_it_is_chance(t
     assert main(["eval", "--recipe", str(recipe), "--data", "bundled", "--keep-rates", "1.0", "--speed-reps", "1"]) == 0
     err = capsys.readouterr().err
     assert "no --checkpoint or --pretrained" in err and "random weights" in err
+
+
+def test_weights_trained_with_another_method_are_said_to_be_scored_with_evit(tmp_path, capsys):
+    """eval's reduced rows run EViT: weights a run trained with STViT (or another method without parameters) were
+    scored so without a word, beside the STViT top-1 the run had validated."""
+    import timm
+
+    from evit.checkpoint import save_weights
+
+    kwargs = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=2)
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_kwargs": kwargs}))
+    path = tmp_path / "stvit.safetensors"
+    save_weights(timm.create_model("vit_tiny_patch16_224", **kwargs), path, {"method": "stvit", "keep_rate": 0.5})
+    argv = ["eval", "--recipe", str(recipe), "--checkpoint", str(path), "--data", "bundled", "--speed-reps", "1"]
+    assert main(argv + ["--keep-rates", "0.5"]) == 0
+    assert "weights were trained with stvit, but eval's reduced rows run EViT" in capsys.readouterr().err
+    assert main(argv + ["--keep-rates", "1.0"]) == 0  # unreduced: nothing to say
+    assert "trained with" not in capsys.readouterr().err

@@ -726,6 +726,10 @@ def test_a_folder_run_from_fashion_mnist_weights_keeps_their_reading(recipe, pri
     '{"mean": [NaN], "std": [0.5], "crop_pct": 1.0, "interpolation": "bilinear"}',
     '{"mean": [0.5], "std": [0.5], "crop_pct": -1, "interpolation": "bilinear"}',
     '{not json',
+    '{"mean": [true], "std": [true], "crop_pct": true, "interpolation": "bilinear"}',  # was read as 1.0
+    '{"mean": ["0.5"], "std": [0.5], "crop_pct": "1", "interpolation": "bilinear"}',  # strings were read as numbers
+    '{"mean": [0.5], "std": [0.5], "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "squash"}',  # ignored
+    '{"mean": [0.1, 0.5, 0.9], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "interpolation": "bilinear"}',  # 1 channel
 ])
 def test_a_damaged_record_of_how_weights_see_images_is_named(reading, recipe, prior, tmp_path, capsys):
     """A weights file's ``evit_preprocessing`` that is not a reading timm's transforms can apply is refused in one
@@ -738,6 +742,16 @@ def test_a_damaged_record_of_how_weights_see_images_is_named(reading, recipe, pr
     save_file(load_file(str(prior / "model.safetensors")), str(path), metadata={**metadata, "evit_preprocessing": reading})
     returned = main(_eval(recipe, path))
     _one_line(capsys.readouterr().err, 2, returned, f"{path}: its 'evit_preprocessing' metadata is damaged")
+
+
+@pytest.mark.parametrize("data", ["cifar10", ""])
+def test_weights_recording_data_evit_does_not_know_are_refused(data, recipe, prior, tmp_path, capsys):
+    """An ``evit_data`` other than Fashion-MNIST says nothing evit can read images by: refused naming the file, not
+    read as the model's own (it was, silently)."""
+    path = tmp_path / "recorded.safetensors"
+    save_file(load_file(str(prior / "model.safetensors")), str(path), metadata={"evit_data": data})
+    returned = main(_eval(recipe, path))
+    _one_line(capsys.readouterr().err, 2, returned, f"{path}: its 'evit_data' metadata is damaged")
 
 
 def test_a_resume_takes_the_reading_its_checkpoint_records_not_the_file_now_at_init(prior, tmp_path, capsys):
@@ -790,3 +804,20 @@ def test_a_resume_keeps_the_starting_weights_its_run_recorded(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config.json is damaged \(a JSON list\)"):
         check_resume(TrainConfig(model="vit_tiny_patch16_224", out=str(tmp_path)), tmp_path)
+
+
+def test_a_fashion_mnist_record_on_a_model_of_other_channels_or_classes_is_refused(tmp_path):
+    """Weights saying they were trained on Fashion-MNIST's tensors (1 channel, 10 classes) that load into a model of
+    3 channels, or 3 classes, were read with Fashion-MNIST's mean and std (and a transformers head was given 10
+    names for 3 outputs): refused, naming the file."""
+    import timm
+
+    from evit.models import load_checkpoint
+
+    for kwargs in (dict(TINY, in_chans=3), dict(TINY, num_classes=3)):
+        model = timm.create_model("vit_tiny_patch16_224", **kwargs)
+        path = tmp_path / "recorded.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+                  metadata={"evit_data": "fashion-mnist"})
+        with pytest.raises(ValueError, match="'evit_data' metadata is damaged or not for this model"):
+            load_checkpoint(model, str(path))

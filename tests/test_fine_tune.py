@@ -238,7 +238,7 @@ def test_weights_trained_on_fashion_mnist_fine_tuned_for_other_classes_keep_thei
     from evit.data import FASHION_MNIST_MEAN
 
     for spec, kwargs, classes in ((HF_SPEC + ",num_channels=1", {"num_labels": 10}, "num_labels"),
-                                  (NAME, dict(TINY, num_classes=10), "num_classes")):
+                                  (NAME, dict(TINY, num_classes=10, in_chans=1), "num_classes")):  # FM's 1 channel
         _, trained = load_model(spec, model_kwargs=kwargs)
         setattr(trained, TRAINED_ON, "fashion-mnist")
         save_weights(trained, tmp_path / "fashion.safetensors")

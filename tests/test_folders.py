@@ -281,3 +281,16 @@ def test_compare_chooses_patch_slimmings_tokens_from_images_read_as_the_patched_
     plain_rows = [images for mean, images in chosen_from if mean != tuple(reading["mean"]) and len(images) == 16]
     assert own and all(torch.equal(images, first["own"]) for images in own)
     assert plain_rows and all(torch.equal(images, first["plain"]) for images in plain_rows)
+
+
+@pytest.mark.parametrize("names", ["c0", [0, 1], ["c0", "c0"], {"a": 1}, True, ["c0", ""]])
+def test_a_damaged_class_list_in_a_run_config_is_named(names, tmp_path):
+    """A run's config.json whose class_names is not a list of distinct names was read as one: a string as its
+    letters, a dict as its keys (refused as a head of another width), ints or true as a Python error's text."""
+    from evit.folders import run_class_names
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": "vit_tiny_patch16_224", "class_names": names}))
+    with pytest.raises(ValueError, match=r"config.json: its class_names is damaged"):
+        run_class_names(str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model": "vit_tiny_patch16_224", "class_names": ["b", "a"]}))
+    assert run_class_names(str(tmp_path / "model.safetensors"))[0] == ["b", "a"]

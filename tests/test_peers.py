@@ -95,6 +95,23 @@ def test_patch_slimming_choice_is_nested_static_and_travels_with_the_weights(tmp
     torch.testing.assert_close(fresh(torch.ones(1, 3, 64, 64)), reference)
 
 
+def test_a_saved_patch_slimming_choice_is_used_only_on_the_grid_it_was_made_on():
+    """Positions chosen on a 4 x 4 patch grid are other patches on a 6 x 6 one, even where a keep rate keeps as many
+    (ceil(0.5 * 16) = ceil(0.2 * 36) = 8): a model at another input size chooses again (it ran the saved rows)."""
+    from evit.patch import keep_saved_state
+
+    small = evit.patch(make_model("deit", img_size=64), 0.5, method="patchslimming", locations=[1])
+    saved = select(small, torch.randn(4, 3, 64, 64))[1]
+    assert evit.reductions(small)[1].made_for.tolist() == [17, 4, 4, 1]  # tokens, grid, blocks
+    state = small.state_dict()
+    for size, keep, reused in ((64, 0.5, True), (96, 0.2, False)):
+        model = evit.patch(make_model("deit", img_size=size), 1.0, method="patchslimming", locations=[1])
+        model.load_state_dict({k: v for k, v in state.items() if k != "pos_embed"}, strict=False)
+        keep_saved_state(model)
+        evit.patch(model, keep, [1], method="patchslimming", images=torch.randn(4, 3, size, size))
+        assert torch.equal(evit.reductions(model)[1].index, saved) == reused, (size, keep)
+
+
 def test_refusals_of_the_new_methods():
     model = make_model("deit")
     with pytest.raises(ValueError, match="once"):

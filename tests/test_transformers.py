@@ -743,7 +743,10 @@ def test_a_folders_image_processor_settings_are_applied_as_transformers_applies_
         transform, mode = image_transform(build(name), (3, 32, 32), train=False)
         expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
         torch.testing.assert_close(transform(image.convert(mode)), expected, atol=1e-4, rtol=1e-5, msg=name)
-    for text, words in {json.dumps(dict(base, image_mean=[0.5] * 4)): "image_mean must be a number or a list of 3",
+    for text, words in {json.dumps(dict(base, image_mean=[0.5] * 4)): "image_mean must be a finite number or a list of 3",
+                        # NaN was refused as non-finite logits, not naming the file; an infinite std blanked a channel
+                        json.dumps(dict(base, image_mean=[float("nan"), 0.5, 0.5])): "image_mean must be a finite",
+                        json.dumps(dict(base, image_std=[float("inf"), 0.5, 0.5])): "image_std must be a finite",
                         json.dumps(dict(base, resample=9)): "resample 9 is not one of PIL's filters",
                         "[1, 2]": "holds a JSON list, not image-processor settings", "{oops": "cannot be read as JSON"}.items():
         (tmp_path / "vit" / "preprocessor_config.json").write_text(text)

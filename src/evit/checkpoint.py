@@ -126,9 +126,18 @@ def save_weights(model: nn.Module, path: Path, settings: Optional[Mapping[str, A
                  metadata=metadata or None)
 
 
+#: the data a weights file may record it was trained on (:data:`DATA_KEY`): evit's own data sets
+KNOWN_DATA = ("fashion-mnist",)
+
+
 def recorded_data(path: Path) -> Optional[str]:
-    """The :data:`DATA_KEY` weights file ``path`` recorded, else None."""
-    return (_metadata(Path(path)) or {}).get(DATA_KEY)
+    """The :data:`DATA_KEY` weights file ``path`` recorded, else None; a name evit does not know is refused naming
+    the file (its images' reading would be unknown, not the model's own)."""
+    data = (_metadata(Path(path)) or {}).get(DATA_KEY)
+    if data is not None and data not in KNOWN_DATA:
+        raise ValueError(f"{path}: its {DATA_KEY!r} metadata is damaged ({data[:80]!r}): the data evit trained the "
+                         f"weights on is one of {', '.join(KNOWN_DATA)}, which says how they see images")
+    return data
 
 
 def records_reading(path: Path) -> bool:
@@ -140,27 +149,43 @@ def records_reading(path: Path) -> bool:
 
 def recorded_preprocessing(path: Path) -> Optional[dict]:
     """How the weights in file ``path`` see images (:data:`PREPROCESSING_KEY`), else None (the model's own); a
-    record that is not a reading (one or three finite means and positive stds, a crop share in (0, 1], one of
-    timm's interpolations) is refused naming the file."""
+    record that is not a reading (an object of exactly mean, std, crop_pct and interpolation: one or three finite
+    means and positive stds, JSON numbers all, a crop share in (0, 1], one of timm's interpolations) is refused
+    naming the file and what is wrong."""
     text = (_metadata(Path(path)) or {}).get(PREPROCESSING_KEY)
-    damaged = ValueError(f"{path}: its {PREPROCESSING_KEY!r} metadata is damaged ({str(text)[:80]!r}); it should say "
-                         "how the weights see images: 1 or 3 finite means and positive stds, a crop_pct in (0, 1] "
-                         f"and an interpolation of {', '.join(INTERPOLATIONS)}")
+
+    def damaged(why: str) -> ValueError:
+        return ValueError(f"{path}: its {PREPROCESSING_KEY!r} metadata is damaged ({why}: {str(text)[:80]!r}); it "
+                          "should say how the weights see images: an object of 1 or 3 finite means and positive stds, "
+                          f"a crop_pct in (0, 1] and an interpolation of {', '.join(INTERPOLATIONS)}")
     try:
         found = None if text is None else json.loads(text)
-        if found is None:
-            return None
-        mean, std, crop, interpolation = found["mean"], found["std"], found["crop_pct"], found["interpolation"]
-        if not all(isinstance(v, list) and len(v) in (1, 3) for v in (mean, std)):
-            raise damaged
-        reading = dict(mean=tuple(map(float, mean)), std=tuple(map(float, std)), crop_pct=float(crop),
-                       interpolation=interpolation)
-    except (ValueError, KeyError, TypeError):
-        raise damaged from None
+    except ValueError:
+        raise damaged("not JSON") from None
+    if found is None:
+        return None
+    if not isinstance(found, dict) or set(found) != set(READING_KEYS):
+        raise damaged("not an object of exactly " + ", ".join(READING_KEYS))
+    mean, std, crop, interpolation = (found[k] for k in READING_KEYS)
+    if not all(isinstance(v, list) and len(v) in (1, 3) and all(map(_number, v)) for v in (mean, std)):
+        raise damaged("mean and std must be lists of 1 or 3 numbers")
+    if not (_number(crop) and interpolation in INTERPOLATIONS):
+        raise damaged("crop_pct must be a number, interpolation one of timm's")
+    reading = dict(mean=tuple(map(float, mean)), std=tuple(map(float, std)), crop_pct=float(crop),
+                   interpolation=interpolation)
     finite = all(math.isfinite(v) for v in (*reading["mean"], *reading["std"]))
-    if not (finite and min(reading["std"]) > 0 and 0 < reading["crop_pct"] <= 1 and interpolation in INTERPOLATIONS):
-        raise damaged
+    if not (finite and min(reading["std"]) > 0 and 0 < reading["crop_pct"] <= 1):
+        raise damaged("a mean or std not finite, a std not positive, or a crop_pct outside (0, 1]")
     return reading
+
+
+#: the keys of a recorded reading (:data:`PREPROCESSING_KEY`), in timm's names
+READING_KEYS = ("mean", "std", "crop_pct", "interpolation")
+
+
+def _number(value: Any) -> bool:
+    """Whether ``value`` is a JSON number (not a bool, which Python counts as one, nor a string of digits)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _metadata(path: Path) -> Optional[dict[str, str]]:

@@ -36,6 +36,19 @@ def _say_if_untrained(args, label: str) -> None:
               "so its accuracy is chance; give trained weights to measure them", file=sys.stderr)
 
 
+def _say_if_trained_otherwise(models: dict) -> None:
+    """One line for each model whose weights record training with a method eval's rows do not run (its keep-rate
+    rows are EViT's; a learned method, DynamicViT, stays in place): scored so, they are not what the run validated."""
+    from .checkpoint import TRAINED_WITH
+    from .registry import method_class
+
+    for label, model in models.items():
+        method = (getattr(model, TRAINED_WITH, None) or {}).get("method")
+        if method and method != "evit" and not method_class(method).learned:
+            print(f"evit eval: {label}'s weights were trained with {method}, but eval's reduced rows run EViT; to score "
+                  f"them as trained: evit compare --trained {method}=WEIGHTS --methods {method}", file=sys.stderr)
+
+
 def _train(args) -> int:
     from .embedded import recipe_path
     from .train import TrainConfig, train
@@ -89,6 +102,8 @@ def _eval(args) -> int:
         settings = [(n, {"keep_rate": r, "fusion": args.fusion} if r < 1 else r) for n, r in settings]
     data, batches = _eval_data(args, not (args.model or args.recipe), list(models.values()))
     _say_if_untrained(args, list(models)[0])  # once the data is accepted: a refusal stays one line
+    if any(isinstance(r, dict) or r < 1 for _, r in settings):
+        _say_if_trained_otherwise(models)
     rows = evaluate(models, settings, batches, args.locations, speed_reps=args.speed_reps, device=str(device))
     return _print_eval(args, rows, data, format_rows, choice)
 

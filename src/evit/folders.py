@@ -157,6 +157,10 @@ def run_class_names(weights: Optional[str]) -> Optional[tuple[list[str], str]]:
         except (OSError, ValueError, AttributeError):
             continue
         if names:
+            if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)
+                    and len(set(names)) == len(names)):
+                raise ValueError(f"{config}: its class_names is damaged ({json.dumps(names)[:80]}); it should be the "
+                                 "run's class names in label order, a list of distinct names")
             return list(names), f"the run config {config}"
     return None
 

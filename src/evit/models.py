@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from . import hosts
-from .checkpoint import TRAINED_WITH, recorded_data, recorded_preprocessing, recorded_settings
-from .data import record_fashion_mnist_training
+from .checkpoint import (DATA_KEY, PREPROCESSING_KEY, TRAINED_WITH, recorded_data, recorded_preprocessing,
+                         recorded_settings)
+from .data import FASHION_MNIST_CLASSES, record_fashion_mnist_training
 from .weights import first_non_finite, mismatch, read_state
 
 HUB_HOST = "huggingface.co"
@@ -263,6 +264,20 @@ def see_images_as_recorded(model: nn.Module, path: Union[str, Path], names: bool
     tensors (with ``names``, its classes too), or the preprocessing a run recorded (a folder fine-tuned from such
     weights); a file that records neither leaves the model's own."""
     if recorded_data(Path(path)) == "fashion-mnist":
+        host = hosts.adapter(model)
+        channels, outputs = host.input_size[0], None
+        if names and host.head_names:
+            outputs = host.head_outputs
+        if channels != 1 or outputs not in (None, len(FASHION_MNIST_CLASSES)):
+            raise ValueError(f"{path}: its {DATA_KEY!r} metadata is damaged or not for this model: it says the weights "
+                             "were trained on Fashion-MNIST's tensors (1 channel, 10 classes), and the model takes "
+                             f"{channels}-channel images{'' if outputs is None else f' into {outputs} classes'}")
         record_fashion_mnist_training(model, names)
     elif (reading := recorded_preprocessing(Path(path))) is not None:
-        hosts.adapter(model).record_preprocessing(**reading)
+        host = hosts.adapter(model)
+        channels = host.input_size[0]
+        if not len(reading["mean"]) == len(reading["std"]) == channels:
+            raise ValueError(f"{path}: its {PREPROCESSING_KEY!r} metadata is damaged or not for this model: it gives "
+                             f"{len(reading['mean'])} mean and {len(reading['std'])} std values, and the model takes "
+                             f"{channels}-channel images")
+        host.record_preprocessing(**reading)

@@ -5,6 +5,7 @@ would refuse. Part of evit's transformers host (:mod:`evit.hosts.transformers`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 #: PIL's resampling filters by the number an image processor saves as ``resample``, in timm's names
@@ -28,8 +29,8 @@ def saved_preprocessing(path: Path, channels: int, defaults: dict) -> dict:
             return tuple(default)
         values = [value] * channels if isinstance(value, (int, float)) else value
         if not (isinstance(values, list) and len(values) in (1, channels) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            raise ValueError(f"{path}: {key} must be a number or a list of {channels} (the model's channels), "
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            raise ValueError(f"{path}: {key} must be a finite number or a list of {channels} (the model's channels), "
                              f"got {value!r}; mend it")
         return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
 
