@@ -10,6 +10,7 @@ import torch
 import evit
 from evit.bench import latency_backends
 from evit.cli import main
+from evit.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from evit.export import _sort_stable, compile_model, export_onnx, graph_breaks, onnx_runner
 from conftest import input_for, make_model
 
@@ -25,7 +26,14 @@ def test_onnx_parity_evit_with_prefix_tokens_and_dynamic_batch(tmp_path):
     model = evit.patch(make_model("dinov2_registers", depth=2), 0.7)
     assert evit.token_counts(model, 21) == [21, 18, 16]
     path = export_onnx(model, tmp_path / "evit.onnx")
-    assert "TopK" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    proto = onnx.load(str(path))
+    assert "TopK" in {node.op_type for node in proto.graph.node}
+    props = {p.key: json.loads(p.value) for p in proto.metadata_props}  # how it reads images, for whoever runs it
+    config = evit.hosts.data_config(model)
+    assert props["evit_preprocessing"] == {"input_size": [3, 56, 56], "mean": list(config["mean"]),
+                                           "std": list(config["std"]), "crop_pct": config["crop_pct"],
+                                           "interpolation": config["interpolation"]}
+    assert "evit_class_names" not in props  # a timm model built without names records none
     run = onnx_runner(path)
     for batch in (1, 3):  # traced at 2: the batch axis is dynamic
         x = input_for(model, batch)
@@ -97,8 +105,15 @@ def test_cli_export_writes_onnx_and_reports_parity(tmp_path, capsys):
     path = tmp_path / "embedded.onnx"
     assert main(["export", "--onnx", str(path), "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert path.is_file() and onnx.load(str(path)).graph.input[0].name == "images"
+    proto = onnx.load(str(path))
+    assert path.is_file() and proto.graph.input[0].name == "images"
     assert "tokens 50->37->28->21" in out  # the embedded ViT (49 patches, depth 6) at keep 0.7
+    props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    # the embedded model reads Fashion-MNIST's tensors, and knows its classes
+    assert props["evit_class_names"] == list(FASHION_MNIST_CLASSES)
+    assert props["evit_preprocessing"]["input_size"] == [1, 28, 28]
+    assert props["evit_preprocessing"]["mean"] == pytest.approx([FASHION_MNIST_MEAN])
+    assert props["evit_preprocessing"]["std"] == pytest.approx([FASHION_MNIST_STD])
     diff = float(re.search(r"max abs diff (\S+)", out).group(1))
     assert 0 <= diff < 1e-4
 

@@ -83,7 +83,8 @@ def export_onnx(
     axis is left free, named ``batch``; the trace then uses a batch of at least 2, since
     ``torch.export`` fixes an axis traced at size 1. ``dynamic_batch=False`` fixes it at
     ``batch_size``: a static graph gives onnxruntime a little more to optimise at batch 1.
-    The model is exported in eval mode and left in the mode it was in. ``opset`` defaults to
+    The model is exported in eval mode and left in the mode it was in. How it reads images (and its class names,
+    where it records them) go into the file's ``metadata_props`` (:func:`_describe`). ``opset`` defaults to
     the exporter's (at least 18). Weights go inside the file unless they pass ONNX's 2 GB limit, in which
     case they go to ``<path>.data`` beside it.
     """
@@ -125,7 +126,29 @@ def export_onnx(
                            "(see the chained exception for the full trace)") from e
     finally:
         model.train(was_training)
+    _describe(path, model, size)
     return path
+
+
+def _describe(path: Path, model: nn.Module, size: Sequence[int]) -> None:
+    """Write into the ONNX file's ``metadata_props`` what a program running it must know of its input and output:
+    ``evit_preprocessing`` (JSON: input_size, mean, std, crop_pct, interpolation: how the model reads images, as
+    evit eval reads them) and, where the model records them, ``evit_class_names`` (JSON list, in output order)."""
+    import json
+
+    import onnx
+
+    config = hosts.data_config(model, size)
+    props = {"evit_preprocessing": json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()
+                                               if k in ("input_size", "mean", "std", "crop_pct", "interpolation")})}
+    names = hosts.class_names(model)
+    if names:
+        props["evit_class_names"] = json.dumps(list(names))
+    proto = onnx.load(str(path), load_external_data=False)  # weights beyond 2 GB stay in their .data file
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 class MainOutput(nn.Module):
