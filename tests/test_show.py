@@ -122,6 +122,8 @@ def test_evit_show_runs_a_model_at_its_own_size_and_channels(tmp_path, channels,
     Image.new("RGB", (60, 40), (200, 30, 90)).save(image)
     assert main(["show", "--recipe", str(recipe), str(image), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in capsys.readouterr().out
+    assert main(["show", "--recipe", str(recipe), "--out", str(out)]) == 2  # the bundled images are the embedded model's
+    assert "give image files to show with --recipe" in capsys.readouterr().err
 
 
 def test_evit_show_refuses_to_write_over_an_image_it_shows(tmp_path, capsys):

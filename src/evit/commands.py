@@ -261,7 +261,8 @@ def _show(args) -> int:
     model = keep_saved_choice(model, args.method, args.checkpoint, "evit show")
     if args.model or args.recipe:
         if not args.images:
-            raise ValueError("give image files to show with --model (the bundled images are Fashion-MNIST)")
+            raise ValueError(f"give image files to show with {'--model' if args.model else '--recipe'} (the bundled images are "
+                             "Fashion-MNIST, for the embedded model)")
         images, display = load_images(args.images, model)
     else:  # the embedded architecture (its bundled weights or --checkpoint's)
         class_names = FASHION_MNIST_CLASSES
