@@ -215,25 +215,32 @@ def test_a_saved_patch_slimming_choice_is_used_only_by_the_patch_it_was_made_for
     input size; at {1, 2, 3}, keeping as many tokens, it is reused exactly."""
     from evit.resolution import set_input_size
 
-    torch.manual_seed(0)
-    made_from, given = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)
+    def chosen(locations, images):
+        return _kept(evit.patch(make_model("deit", depth=6), 0.25, locations, method="patchslimming", images=images))
+
+    # sample images for which the test can tell: other images choose otherwise, and block 3 above block 2 shapes
+    # block 2's choice (random weights differ between timm versions: such images are found, not assumed)
+    for seed in range(50):
+        torch.manual_seed(seed)
+        made_from, given = torch.randn(8, 3, 64, 64), torch.randn(8, 3, 64, 64)
+        saved, fresh, afresh = chosen([1, 2, 3], made_from), chosen([1, 2, 3], given), chosen([1, 2], made_from)
+        if any(not torch.equal(fresh[i], saved[i]) for i in saved) and not torch.equal(afresh[2], saved[2]):
+            break
+    else:
+        pytest.fail("no sample images found for which the choice depends on the images and on block 3")
     model = evit.patch(make_model("deit", depth=6), 0.25, [1, 2, 3], method="patchslimming", images=made_from)
-    saved = _kept(model)
+    assert all(torch.equal(_kept(model)[i], saved[i]) for i in saved)
     torch.save(model.state_dict(), tmp_path / "w.pt")
 
     same = evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.25, [1, 2, 3], method="patchslimming",
                       images=given)  # other images: a fresh choice would differ
     assert _kept(same).keys() == saved.keys() and all(torch.equal(_kept(same)[i], saved[i]) for i in saved)
-    fresh = _kept(evit.patch(make_model("deit", depth=6), 0.25, [1, 2, 3], method="patchslimming", images=given))
-    assert any(not torch.equal(fresh[i], saved[i]) for i in saved), "the images must matter for the test to tell"
     alone = _kept(evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.25, [1, 2, 3], method="patchslimming"))
     assert all(torch.equal(alone[i], saved[i]) for i in saved)  # no images needed where it fits
 
     fewer = evit.patch(_reloaded_with_saved_choice(tmp_path / "w.pt"), 0.25, [1, 2], method="patchslimming",
                        images=made_from)  # the images it was made from: only the blocks differ
-    afresh = _kept(evit.patch(make_model("deit", depth=6), 0.25, [1, 2], method="patchslimming", images=made_from))
     assert all(torch.equal(_kept(fewer)[i], afresh[i]) for i in (1, 2))
-    assert not torch.equal(afresh[2], saved[2]), "block 3 above it shaped the saved choice at block 2"
 
     reloaded = _reloaded_with_saved_choice(tmp_path / "w.pt")
     with pytest.raises(ValueError, match=r"was made at blocks 1, 2, 3, not at blocks 1, 2, .*give sample images"):
