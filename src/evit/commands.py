@@ -261,8 +261,9 @@ def _show(args) -> int:
     model = keep_saved_choice(model, args.method, args.checkpoint, "evit show")
     if args.model or args.recipe:
         if not args.images:
-            raise ValueError(f"give image files to show with {'--model' if args.model else '--recipe'} (the bundled images are "
-                             "Fashion-MNIST, for the embedded model)")
+            given = "--model" if args.model else "--recipe"
+            raise ValueError(f"give image files to show with {given} (the bundled images are Fashion-MNIST, for the "
+                             "embedded model)")
         images, display = load_images(args.images, model)
     else:  # the embedded architecture (its bundled weights or --checkpoint's)
         class_names = FASHION_MNIST_CLASSES

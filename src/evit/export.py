@@ -19,6 +19,7 @@ bf16 on CPU needs nothing from this module: ``model.to(torch.bfloat16)`` or
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -134,8 +135,6 @@ def _describe(path: Path, model: nn.Module, size: Sequence[int]) -> None:
     """Write into the ONNX file's ``metadata_props`` what a program running it must know of its input and output:
     ``evit_preprocessing`` (JSON: input_size, mean, std, crop_pct, interpolation: how the model reads images, as
     evit eval reads them) and, where the model records them, ``evit_class_names`` (JSON list, in output order)."""
-    import json
-
     import onnx
 
     config = hosts.data_config(model, size)

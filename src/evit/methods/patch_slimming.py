@@ -76,9 +76,8 @@ class PatchSlimming(KeepRateReduction):
             return (f"{at} (keeping {kept} image tokens) with no record of the input it was made for (saved by an "
                     f"earlier evit): it is not used; {cls.label} chooses again from the sample images")
         return (f"{at} for {record[0]} tokens ({record[1]}x{record[2]} patches), keeping {kept} image tokens: it is "
-                "used where a setting patches those "
-                f"blocks of this model at that input size, keeping as many tokens at each; elsewhere {cls.label} "
-                "chooses again from the sample images")
+                "used where a setting patches those blocks of this model at that input size, keeping as many tokens "
+                f"at each; elsewhere {cls.label} chooses again from the sample images")
 
     def forward(self, x: Tensor, seen: Seen) -> Tensor:
         p, N = self.num_prefix_tokens, x.shape[1]
