@@ -748,6 +748,10 @@ def test_a_folders_image_processor_settings_are_applied_as_transformers_applies_
                         json.dumps(dict(base, image_mean=[float("nan"), 0.5, 0.5])): "image_mean must be a finite",
                         json.dumps(dict(base, image_std=[float("inf"), 0.5, 0.5])): "image_std must be a finite",
                         json.dumps(dict(base, resample=9)): "resample 9 is not one of PIL's filters",
+                        # sizes transformers refuses were read as none: the images went uncropped or unresized
+                        json.dumps(dict(base, size="big")): "size must be a positive whole number of pixels",
+                        json.dumps(dict(base, size={"height": 0, "width": 32})): "size must be a positive whole",
+                        json.dumps(dict(base, do_center_crop=True, crop_size=0)): "crop_size must be a positive whole",
                         "[1, 2]": "holds a JSON list, not image-processor settings", "{oops": "cannot be read as JSON"}.items():
         (tmp_path / "vit" / "preprocessor_config.json").write_text(text)
         model = create_model(f"hf:{tmp_path / 'vit'}", pretrained=True)

@@ -98,7 +98,17 @@ def _settings(path: Path) -> tuple[dict, object]:
     processor = _processor_class(given)
     if processor is not None:  # a setting the file leaves out is its processor class's
         given = {**{k: getattr(processor, k) for k in _SETTINGS if getattr(processor, k, None) is not None}, **given}
+    for key in ("size", "crop_size"):  # transformers refuses other sizes; read as none, they would go unapplied
+        value = given.get(key)
+        if value is not None and not (_pixels(value) or isinstance(value, dict) and any(value.values()) and all(
+                v is None or _pixels(v) for v in value.values())):
+            raise ValueError(f"{path}: {key} must be a positive whole number of pixels or an object of them (height "
+                             f"and width, or shortest_edge), got {value!r}; mend it")
     return given, processor
+
+
+def _pixels(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _processor_class(given: dict):
