@@ -54,9 +54,9 @@ def load_trained(name: str, kwargs: dict, trained: dict[str, str], baseline: Opt
     ``baseline``'s are refused, naming the file: their rows would score other classes on the same images.
 
     A method that chooses its tokens from sample images (Patch Slimming) saves its choice with the weights of
-    a patched model: it is loaded and kept on the model (:func:`evit.patch.keep_saved_state`), so the rows at its
-    blocks whose keep rate keeps as many tokens run with it; the others choose again from the sample images (said
-    on stderr)."""
+    a patched model: it is loaded and kept on the model (:func:`evit.patch.keep_saved_state`), so the rows of the
+    patch it was made for (:func:`evit.methods.patch_slimming.misfit`: its blocks, token count, patch grid and kept
+    counts) run with it; the others choose again from the sample images (said on stderr)."""
     from . import hosts
     from .loading import keep_saved_choice, load_model, patch_for_weights
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hosts
+from .checkpoint import READING_KEYS
 from .cost import native_input_size
 from .outputs import check_file_destination
 from .patch import check_model, reductions
@@ -139,7 +140,7 @@ def _describe(path: Path, model: nn.Module, size: Sequence[int]) -> None:
 
     config = hosts.data_config(model, size)
     props = {"evit_preprocessing": json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()
-                                               if k in ("input_size", "mean", "std", "crop_pct", "interpolation")})}
+                                               if k in ("input_size", *READING_KEYS)})}
     names = hosts.class_names(model)
     if names:
         props["evit_class_names"] = json.dumps(list(names))

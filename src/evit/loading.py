@@ -101,8 +101,8 @@ def patch_for_weights(method: str) -> Optional[Callable[[nn.Module], object]]:
 def keep_saved_choice(model: nn.Module, method: str, path: Optional[str], command: str) -> nn.Module:
     """After :func:`patch_for_weights` for a method that saves a choice of tokens: keep the choice the file held
     on the model (:func:`evit.patch.keep_saved_state`, which unpatches it), so patching it with that method uses
-    it where the patch is the one it was made for (same blocks and token count, as many tokens kept at each), and
-    say so on stderr; other methods' models are returned as they are."""
+    it where the patch is the one it was made for (same blocks, token count and patch grid, as many tokens kept at
+    each), and say so on stderr; other methods' models are returned as they are."""
     import sys
 
     from . import hosts

@@ -263,7 +263,8 @@ def patch(
     every block; STViT: one). ``images``: sample images for a method that chooses its tokens from
     data (Patch Slimming; without them, call ``evit.methods.patch_slimming.select`` before the first
     forward; a choice the model's file saved, :func:`keep_saved_state`, is kept where it was made for the same
-    blocks, token count and kept counts; elsewhere it is chosen afresh from ``images``, or refused without them).
+    blocks, token count, patch grid and kept counts; elsewhere it is chosen afresh from ``images``, or refused
+    without them).
     """
     cls = method_class(method)
     if cls.setting == "keep_rate":

@@ -17,9 +17,10 @@ inference a block only takes fixed rows (no scoring at all). The paper refines t
 choice layer by layer with fine-tuning in between; here it is made in one pass from
 the unreduced model, and fine-tuning (``evit train``) follows. The chosen positions
 are a buffer: they travel with the weights, with what they were chosen for (``made_for``: the tokens
-entering the model and the blocks of the pyramid). A lower level's choice depends on the levels above
-it, so a saved choice is used only by a patch at the same blocks, for as many tokens, keeping as many at
-each (:func:`misfit`); any other patch chooses afresh, or is refused without sample images.
+entering the model, its patch grid and the blocks of the pyramid). A lower level's choice depends on the
+levels above it, and a position names a patch only on its own grid, so a saved choice is used only by a
+patch at the same blocks, for as many tokens on the same grid, keeping as many at each (:func:`misfit`);
+any other patch chooses afresh, or is refused without sample images.
 """
 from __future__ import annotations
 
