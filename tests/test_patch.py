@@ -50,19 +50,41 @@ def test_reducing_block_path_equals_timm(variant):
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_attend_class_row_is_the_attention_matrix_row():
+@pytest.mark.parametrize("batch,prefix_first", [(2, 0), (1, 0), (1, 2), (3, 1)])
+def test_attend_class_row_is_the_attention_matrix_row(batch, prefix_first):
+    """At batch 1 the row is computed from views with cached constants, at other batches from flattened
+    copies: both are the mean over heads of the full matrix's first row, its first prefix_first entries +inf."""
     model = make_model("qk_norm")
     attn = model.blocks[0].attn
-    x = torch.randn(2, 17, 192)
-    with torch.no_grad():
-        out, seen = attend(attn, x, cls_attn=True, keys=True)
-        B, N, C = x.shape
-        q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        full = ((q @ k.transpose(-2, -1)) * attn.head_dim**-0.5).softmax(-1)  # (B, H, N, N)
-    torch.testing.assert_close(seen.cls_attn, full[:, :, 0].mean(1))
-    torch.testing.assert_close(seen.keys, k.mean(1))
-    torch.testing.assert_close(out, attn(x))
+    x = torch.randn(batch, 17, 192)
+    for _ in range(2):  # the second call uses the constants the first made
+        with torch.no_grad():
+            out, seen = attend(attn, x, cls_attn=True, keys=True, prefix_first=prefix_first)
+            B, N, C = x.shape
+            q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            full = ((q @ k.transpose(-2, -1)) * attn.head_dim**-0.5).softmax(-1)  # (B, H, N, N)
+        row = full[:, :, 0].mean(1)
+        row[:, :prefix_first] = torch.inf
+        torch.testing.assert_close(seen.cls_attn, row)
+        torch.testing.assert_close(seen.keys, k.mean(1))
+        torch.testing.assert_close(out, attn(x))
+
+
+def test_class_row_under_autocast_is_ranked_in_the_softmax_precision():
+    """Under autocast the row keeps the softmax's dtype (on a GPU float32, where a product in bfloat16 would
+    tie tokens a float32 mean tells apart; on the CPU the softmax itself runs in bfloat16) and its values."""
+    model = make_model("deit")
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 17, 192)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, seen = attend(attn, x, cls_attn=True, prefix_first=1)
+        q, k = (attn.qkv(x).reshape(1, 17, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4))[:2]
+        probs = ((q @ k.transpose(-2, -1)) * attn.head_dim**-0.5)[:, :, 0].softmax(-1)
+    row = probs.mean(1)
+    row[:, :1] = torch.inf
+    assert seen.cls_attn.dtype == probs.dtype
+    torch.testing.assert_close(seen.cls_attn, row, atol=2e-2, rtol=2e-2)  # bfloat16 logits, computed twice
 
 
 def reference_evit(model, x, keep_rate, locations, fuse=True, fusion="sum"):
@@ -101,9 +123,10 @@ def reference_evit(model, x, keep_rate, locations, fuse=True, fusion="sum"):
 
 @pytest.mark.parametrize("variant_name", ["deit", "deit_distilled", "dinov2_registers", "deit3_layerscale", "qk_norm"])
 @pytest.mark.parametrize("keep_rate,fuse,fusion", [(0.7, True, "sum"), (0.5, True, "mean"), (0.6, False, "sum")])
-def test_matches_reference(variant_name, keep_rate, fuse, fusion):
+@pytest.mark.parametrize("batch", [3, 1])  # batch 1 takes views and cached constants
+def test_matches_reference(variant_name, keep_rate, fuse, fusion, batch):
     model = make_model(variant_name)
-    x = input_for(model, batch=3)
+    x = input_for(model, batch=batch)
     locations = (1, 2)
     with torch.no_grad():
         ref = reference_evit(model, x, keep_rate, locations, fuse, fusion)

@@ -11,6 +11,7 @@ it finds the view (:func:`evit.hosts.attention_view`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -27,7 +28,8 @@ class Seen:
     """What a reduction method may look at after a block's attention.
 
     cls_attn: (B, N) class token's attention probabilities to each token, mean over
-        heads, before attention dropout. None unless asked for.
+        heads, before attention dropout; +inf for the first ``prefix_first`` tokens asked
+        for (:func:`attend`), so that they rank first. None unless asked for.
     keys: (B, N, head_dim) keys averaged over heads (ToMe's similarity). None unless asked for.
     """
 
@@ -47,6 +49,7 @@ def attend(
     keys: bool = False,
     bias: Optional[Tensor] = None,
     keep: Optional[Tensor] = None,
+    prefix_first: int = 0,
 ) -> tuple[Tensor, Seen]:
     """Run attention ``attn`` (a host's attention module or its view) on ``x`` (B, N, C) and return
     (output, Seen).
@@ -60,6 +63,9 @@ def attend(
     each query attends to token j in proportion to ``keep[j]`` (and always to itself), as
     ``exp(a_ij) G_ij / sum_k exp(a_ik) G_ik``; the product form lets gradients reach ``keep``
     where a log-mask would divide by zero. It needs the explicit attention matrix (training only).
+
+    ``prefix_first``: with ``cls_attn``, the first that many tokens (the prefix tokens a method always keeps)
+    score +inf, so that a ranking by ``cls_attn`` puts them first.
     """
     view = _view(attn)
     B, N, _ = x.shape
@@ -82,18 +88,62 @@ def attend(
 
     seen = Seen()
     if cls_attn:
-        # one bmm over (batch x heads): at batch 1 every operand is a view, and each op saved counts
-        # there (a reducing block's small ops run with caches cold from the matrix products around them)
-        q0, kt = q[:, :, :1].flatten(0, 1), k.transpose(-2, -1).flatten(0, 1)
-        row = torch.baddbmm(q0[..., :1], q0, kt, beta=0, alpha=view.scale)  # beta=0: the first operand is ignored
-        row = row.view(B, q.shape[1], N)
-        if bias is not None:
-            row = row + bias[..., 0, :]
-        seen.cls_attn = row.softmax(dim=-1).mean(dim=1)  # (B, N)
+        seen.cls_attn = class_token_attention(q, k, view.scale, bias, prefix_first)
     if keys:
         seen.keys = k.mean(dim=1)
 
     return view.finish(out.transpose(1, 2).reshape(B, N, view.num_heads * view.head_dim), x), seen  # B may be 0
+
+
+def class_token_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None,
+                          prefix_first: int = 0) -> Tensor:
+    """The class token's attention probabilities to each token, mean over heads, (B, N), from queries ``q`` and
+    keys ``k`` (B, heads, N, head_dim): the class query against all keys, O(N). ``bias`` as :func:`attend` takes it;
+    the first ``prefix_first`` tokens score +inf, so that a ranking puts them first.
+
+    Two batched products, at batch 1 on views only: the logits, and after their softmax the mean over heads with
+    the +inf as one ``baddbmm`` of a row of +inf and 0 plus (1/heads, ...) times the probabilities, its constants
+    made once per shape. On a CPU each small op of a reducing block runs with caches cold from the matrix
+    products around it, unless its code has just run: the second product reruns the first's kernel, in place of
+    a mean (a sum and a division) and a fill that ran cold. At batch 1 that and the views are about 1% of a
+    DeiT-S forward (``python benchmarks/evit_batch1.py``). The same mean to rounding. Under autocast (the product
+    would run in the low-precision dtype and blur the ranking), and while tracing, compiling or exporting (no
+    cached tensor or batch-1 branch in a graph), the plain ``mean`` and ``fill_``.
+    """
+    B, H, N, _ = k.shape
+    cached = not (compiling() or torch.jit.is_tracing())
+    if cached:
+        first, weights = _head_mean_constants(H, N, prefix_first, q.dtype, q.device)
+    if B == 1 and cached:
+        q0, kt = q[0, :, :1], k[0].mT  # (heads, 1, d), (heads, d, N)
+    else:
+        q0, kt = q[:, :, :1].flatten(0, 1), k.transpose(-2, -1).flatten(0, 1)
+    # beta=0: the first operand only has to broadcast; it is ignored
+    logits = torch.baddbmm(first if cached else q0[..., :1], q0, kt, beta=0, alpha=scale).view(B, H, N)
+    if bias is not None:
+        logits = logits + bias[..., 0, :]
+    probs = logits.softmax(dim=-1)
+    if cached and probs.dtype == q.dtype:  # not so under autocast (a float32 softmax of half-precision logits)
+        mean = torch.baddbmm(first, weights if B == 1 else weights.expand(B, 1, H), probs)
+        if mean.dtype == probs.dtype:  # else autocast ran the product (asking first costs as much as it saves)
+            return mean.view(B, N)
+    mean = probs.mean(dim=1)
+    mean.narrow(1, 0, prefix_first).fill_(torch.inf)
+    return mean
+
+
+@functools.lru_cache(maxsize=256)
+def _head_mean_constants(heads: int, n: int, prefix_first: int, dtype: torch.dtype, device: torch.device):
+    """:func:`class_token_attention`'s constants: a (1, 1, n) row of +inf (the first ``prefix_first``) and 0, and
+    (1, 1, heads) weights 1/heads."""
+    with torch.inference_mode(False):  # usable in training too
+        first = torch.zeros(1, 1, n, dtype=dtype, device=device)
+        first.narrow(2, 0, prefix_first).fill_(torch.inf)
+        return first, torch.full((1, 1, heads), 1.0 / heads, dtype=dtype, device=device)
+
+
+#: True while torch.compile or torch.export traces (torch._dynamo's before torch 2.3)
+compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def cross_attend(attn: Union[AttentionView, nn.Module], queries: Tensor, context: Tensor) -> Tensor:

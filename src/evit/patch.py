@@ -62,7 +62,8 @@ class ReducingBlock(nn.Module):
         if bias is None and state.keep is None and not state.track and method.is_identity(x.shape[1]):
             return super().forward(*args, **kwargs)
         out, seen = attend(view.attention, view.attention_norm(x), cls_attn=method.needs_cls_attn, keys=method.needs_keys,
-                           bias=bias, keep=state.keep)
+                           bias=bias, keep=state.keep,
+                           prefix_first=method.num_prefix_tokens if method.ranks_prefix_first else 0)
         x = view.attention_residual(x, out)
         state.block = method.block
         x = method(x, seen)

@@ -122,6 +122,8 @@ class TokenReduction(nn.Module):
     # ---- what the patch mechanism asks of attention ----------------------------------------
     #: ask :func:`evit.attention.attend` for the class token's attention row
     needs_cls_attn: bool = False
+    #: and with its prefix tokens' entries at +inf, so that a ranking by it puts them first (EViT, which keeps them)
+    ranks_prefix_first: bool = False
     #: ask for the keys (mean over heads)
     needs_keys: bool = False
     #: this method merges tokens and tracks their sizes: every later block uses proportional attention

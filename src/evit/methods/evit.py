@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attention import Seen
+from ..attention import Seen, compiling
 from ..registry import register
 from .base import KeepRateReduction, kept_count, select_tokens
 
@@ -37,7 +37,7 @@ FUSIONS = ("sum", "mean")
 
 @register
 class EViT(KeepRateReduction):
-    needs_cls_attn = True
+    needs_cls_attn = ranks_prefix_first = True
     name, label, exports = "evit", "EViT", True
 
     def __init__(self, keep_rate: float = 0.7, fuse: bool = True, fusion: str = "sum") -> None:
@@ -53,11 +53,11 @@ class EViT(KeepRateReduction):
         if k >= N - p:
             return x
         # Every op counts at batch 1 (a reducing block's small ops run with caches cold from the matrix
-        # products around them), so the selection is six ops: the prefix tokens are ranked first, one
-        # sorted topk gives (prefix, kept in score order as the authors keep them, the next-ranked
-        # token), one gather takes those tokens, and the last one's slot is overwritten by the fused token.
+        # products around them), so the selection is five ops: the prefix tokens come ranked first (they
+        # score +inf: evit.attention.class_token_attention), one sorted topk gives (prefix, kept in score
+        # order as the authors keep them, the next-ranked token), one gather takes those tokens, and the
+        # last one's slot receives the fused token.
         row = seen.cls_attn  # this block's own tensor: safe to edit in place (autograd follows the edits)
-        row.narrow(1, 0, p).fill_(torch.inf)
         order = row.topk(p + k + self.fuse, dim=1).indices
         if p > 1:  # tied at inf: back to their own order
             order[:, :p] = order[:, :p].sort(dim=1).values
@@ -70,8 +70,13 @@ class EViT(KeepRateReduction):
         # the rest's weights are the scores with the prefix and kept tokens zeroed: one product with all
         # tokens fuses them, so the rest is never gathered
         weight = row.scatter_(1, keep, 0.0).unsqueeze(1)
-        fused = torch.bmm(weight if weight.dtype == x.dtype else weight.to(x.dtype), x)
-        out[:, -1:] = fused / _total(weight) if self.fusion == "mean" else fused
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if self.fusion == "sum" and not (torch.is_grad_enabled() or compiling()):
+            torch.bmm(weight, x, out=out[:, -1:])  # into its slot (out= takes no gradients; compile breaks there)
+        else:
+            fused = torch.bmm(weight, x)
+            out[:, -1:] = fused / _total(weight) if self.fusion == "mean" else fused
         return out
 
     def extra_repr(self) -> str:
