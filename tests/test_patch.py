@@ -87,6 +87,46 @@ def test_class_row_under_autocast_is_ranked_in_the_softmax_precision():
     torch.testing.assert_close(seen.cls_attn, row, atol=2e-2, rtol=2e-2)  # bfloat16 logits, computed twice
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_class_row_in_half_precision_is_the_mean_over_heads(dtype, batch):
+    """In a half-precision model the row is the softmax's mean over heads as ``mean`` rounds it (as compiled, traced
+    and exported models and the authors compute it): a product with weights 1/heads rounded to bfloat16 (1/3, 1/6
+    and 1/12 all 0.2% high) rounds a third of the entries the other way, and changes the tokens EViT keeps."""
+    model = make_model("deit").to(dtype)
+    attn = model.blocks[0].attn
+    x = torch.randn(batch, 17, 192, dtype=dtype)
+    for _ in range(2):  # the second call with any constants the first made
+        with torch.no_grad():
+            _, seen = attend(attn, x, cls_attn=True, prefix_first=1)
+            q, k = attn.qkv(x).reshape(batch, 17, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[:2]
+            q0 = q[:, :, :1].flatten(0, 1)
+            logits = torch.baddbmm(q0[..., :1], q0, k.transpose(-2, -1).flatten(0, 1), beta=0, alpha=attn.scale)
+            row = logits.view(batch, attn.num_heads, 17).softmax(-1).mean(1)
+        row[:, :1] = torch.inf
+        assert torch.equal(seen.cls_attn, row)
+
+
+def test_a_fake_tensor_forward_leaves_later_forwards_real():
+    """A forward under FakeTensorMode (shape or memory estimates) or another dispatch mode must not leave fake
+    tensors among the constants later real forwards use (they then returned fake tensors, with no values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from evit.attention import _head_mean_constants
+
+    model = evit.patch(make_model("deit_distilled"), 0.5)
+    x = input_for(model, batch=1)
+    _head_mean_constants.cache_clear()  # the fake forward is the first to ask for them
+    with torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = model(mode.from_tensor(x))
+        assert fake.shape == (1, 1000)
+        y = model(x)
+        assert type(y) is torch.Tensor
+        _head_mean_constants.cache_clear()
+        torch.testing.assert_close(y, model(x), atol=0, rtol=0)
+
+
 def reference_evit(model, x, keep_rate, locations, fuse=True, fusion="sum"):
     """A plain, obviously correct EViT forward: explicit attention matrix, sort, the rest weighted by
     the class token's attention (summed, or with ``fusion="mean"`` averaged)."""

@@ -106,12 +106,15 @@ def class_token_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Ten
     made once per shape. On a CPU each small op of a reducing block runs with caches cold from the matrix
     products around it, unless its code has just run: the second product reruns the first's kernel, in place of
     a mean (a sum and a division) and a fill that ran cold. At batch 1 that and the views are about 1% of a
-    DeiT-S forward (``python benchmarks/evit_batch1.py``). The same mean to rounding. Under autocast (the product
-    would run in the low-precision dtype and blur the ranking), and while tracing, compiling or exporting (no
-    cached tensor or batch-1 branch in a graph), the plain ``mean`` and ``fill_``.
+    DeiT-S forward (``python benchmarks/evit_batch1.py``). The same mean to rounding in float32 and float64. In
+    half precision (a half-precision model, or autocast: there the product would run in the low-precision dtype,
+    its weights 1/heads rounded, and round a third of the entries the other way from the mean), and while
+    tracing, compiling or exporting (no cached tensor or batch-1 branch in a graph), the plain ``mean`` and
+    ``fill_``; the same for tensor subclasses and under a dispatch mode (FakeTensorMode, FlopCounterMode, make_fx),
+    whose tensors must not be cached for later forwards nor mixed with cached plain ones.
     """
     B, H, N, _ = k.shape
-    cached = not (compiling() or torch.jit.is_tracing())
+    cached = type(q) is torch.Tensor and not (compiling() or torch.jit.is_tracing() or in_dispatch_mode())
     if cached:
         first, weights = _head_mean_constants(H, N, prefix_first, q.dtype, q.device)
     if B == 1 and cached:
@@ -123,7 +126,7 @@ def class_token_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Ten
     if bias is not None:
         logits = logits + bias[..., 0, :]
     probs = logits.softmax(dim=-1)
-    if cached and probs.dtype == q.dtype:  # not so under autocast (a float32 softmax of half-precision logits)
+    if cached and probs.dtype == q.dtype and q.dtype in _EXACT_ENOUGH:  # not under autocast, nor in half precision
         mean = torch.baddbmm(first, weights if B == 1 else weights.expand(B, 1, H), probs)
         if mean.dtype == probs.dtype:  # else autocast ran the product (asking first costs as much as it saves)
             return mean.view(B, N)
@@ -142,8 +145,17 @@ def _head_mean_constants(heads: int, n: int, prefix_first: int, dtype: torch.dty
         return first, torch.full((1, 1, heads), 1.0 / heads, dtype=dtype, device=device)
 
 
+#: dtypes in which the mean over heads as a product with weights 1/heads is the mean to rounding
+_EXACT_ENOUGH = (torch.float32, torch.float64)
+
 #: True while torch.compile or torch.export traces (torch._dynamo's before torch 2.3)
 compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def in_dispatch_mode() -> bool:
+    """True under a torch dispatch mode (FakeTensorMode, FlopCounterMode, make_fx's tracing): tensors made there
+    may be fake, or recorded into a graph."""
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def cross_attend(attn: Union[AttentionView, nn.Module], queries: Tensor, context: Tensor) -> Tensor:
