@@ -73,7 +73,7 @@ def test_attend_class_row_is_the_attention_matrix_row(batch, prefix_first):
 
 def test_class_row_under_autocast_is_ranked_in_the_softmax_precision():
     """Under autocast the row keeps the softmax's dtype (on a GPU float32, where a product in bfloat16 would
-    tie tokens a float32 mean tells apart; on the CPU the softmax itself runs in bfloat16) and its values."""
+    tie tokens a float32 mean tells apart; on the CPU the softmax of bfloat16 logits stays bfloat16) and its values."""
     model = make_model("deit")
     attn = model.blocks[0].attn
     x = torch.randn(1, 17, 192)
