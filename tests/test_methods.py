@@ -310,3 +310,21 @@ def test_select_tokens_takes_each_images_own_tokens(batch, offset):
     expected = torch.stack([x[b, offset + index[b]] for b in range(batch)]) if batch else torch.empty(0, 5, 4)
     assert torch.equal(select_tokens(x, index, offset), expected)
     assert select_tokens(x.to("meta"), index.to("meta"), offset).shape == expected.shape
+
+
+def test_a_method_that_would_not_carry_an_earlier_merge_or_mask_is_refused():
+    """After ToMe (token sizes) or DynamicViT (a training mask), a method that carries neither would break the
+    next block (a size or mask of the old length): refused in one line when placed; before them it is served."""
+    from evit.methods import EViT
+    from evit.methods.dynamicvit import DynamicViT
+
+    model = evit.patch(make_model("deit"), 0.7)
+    before = evit.reductions(model)
+    for earlier, what in ((ToMe(r=2), "token sizes"), (DynamicViT(0.5), "training mask")):
+        with pytest.raises(ValueError, match=f"cannot place EViT in block 2 after {type(earlier).__name__} in block 1.*{what}"):
+            evit.apply(model, {1: earlier, 2: EViT(0.5)})
+        assert evit.reductions(model) == before, "a refused patch leaves the model as it was"
+    evit.apply(model, {1: EViT(0.5), 2: ToMe(r=2)})
+    model.train()
+    out = model(input_for(model))
+    assert torch.isfinite(out).all() and evit.token_counts(model, 17)[1:3] == [10, 8]

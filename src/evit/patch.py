@@ -205,8 +205,9 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
                                    next(iter(methods.values()), None)))
     blocks = host.blocks
     check_locations(methods.keys(), len(blocks), host.name)
-    unpatch(model)
     methods = dict(sorted(methods.items()))
+    _check_carried(methods)
+    unpatch(model)
     carrying = [i for i, m in methods.items() if m.tracks_size or m.masks_in_training]
     if carrying:  # blocks after a merge or a training mask must see token sizes / the mask
         methods = {i: methods[i] if i in methods else Keep() for i in range(min(methods), len(blocks))
@@ -232,6 +233,23 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
         entry.__class__ = _subclass(ImageSizeWatch, type(entry))
         entry.token_state = state
     return wrapper
+
+
+def _check_carried(methods: Mapping[int, TokenReduction]) -> None:
+    """Refuse a method after a merging one (token sizes) or a masking one (a training mask) that would not carry
+    them: its output would no longer match the sizes or the mask the later blocks read."""
+    first: dict[str, tuple[int, TokenReduction]] = {}
+    for i, method in methods.items():
+        for carried in ("tracks_size", "masks_in_training"):
+            if carried in first and not getattr(method, carried) and not isinstance(method, Keep):
+                j, earlier = first[carried]
+                what = "token sizes" if carried == "tracks_size" else \
+                    "training mask (in training it masks tokens instead of dropping them)"
+                raise ValueError(f"evit cannot place {type(method).__name__} in block {i} after {type(earlier).__name__} "
+                                 f"in block {j}: it does not carry the {what} {type(earlier).__name__} starts; "
+                                 f"patch one method, or put {type(method).__name__} before it")
+            if getattr(method, carried):
+                first.setdefault(carried, (i, method))
 
 
 def patch(
