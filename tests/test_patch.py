@@ -323,6 +323,39 @@ def test_set_keep_rate_needs_a_patch():
         evit.set_keep_rate(make_model("deit"), 0.5)
 
 
+def test_a_patched_model_runs_from_two_threads_at_once():
+    """The state the reducing blocks share lives within one forward, per thread: a second thread's forward
+    starting while the first is between blocks (held there here) does not change the first's token sizes."""
+    import threading
+
+    model = evit.patch(make_model("deit"), method="tome", r=6)
+    xa, xb = input_for(model, 2), input_for(model, 3) * 0.5
+    with torch.no_grad():
+        ref_a, ref_b = model(xa), model(xb)
+    b_done, out = threading.Event(), {}
+
+    def hold_a(module, args, output):  # after block 1 of thread A's forward, wait for B's whole forward
+        if threading.current_thread().name == "a":
+            b_done.wait(10)
+
+    handle = evit.hosts.find(model).blocks[1].register_forward_hook(hold_a)
+
+    def run(name, x):
+        with torch.no_grad():
+            out[name] = model(x)
+        if name == "b":
+            b_done.set()
+
+    threads = [threading.Thread(target=run, args=("a", xa), name="a"), threading.Thread(target=run, args=("b", xb))]
+    threads[0].start()
+    threads[1].start()
+    for t in threads:
+        t.join(20)
+    handle.remove()
+    torch.testing.assert_close(out["b"], ref_b)
+    torch.testing.assert_close(out["a"], ref_a)
+
+
 def test_attention_mask_refused_clearly():
     model = evit.patch(make_model("deit"), 0.5)
     x = input_for(model)
