@@ -321,6 +321,22 @@ def test_fusion_is_one_of_two():
 def test_set_keep_rate_needs_a_patch():
     with pytest.raises(ValueError, match="evit.patch"):
         evit.set_keep_rate(make_model("deit"), 0.5)
+    with pytest.raises(ValueError, match=r"ToMe, which is set by r, not a keep rate.*method='tome', r=\.\.\."):
+        evit.set_keep_rate(evit.patch(make_model("deit"), method="tome", r=2), 0.5)  # patched, by another setting
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_methods_take_the_mode_of_the_model_they_are_patched_into(mode):
+    """A new method module starts in training mode; placed in an eval model it must not run its training path
+    (DynamicViT's Gumbel sampling, nothing removed) whenever gradients are on."""
+    model = make_model("deit").train(mode == "train")
+    evit.patch(model, 0.5, method="dynamicvit")
+    assert {m.training for m in evit.reductions(model).values()} == {mode == "train"}
+    if mode == "eval":
+        x = input_for(model)
+        with torch.no_grad():
+            ref = model(x)
+        torch.testing.assert_close(model(x), ref)  # grad enabled: the same eval forward
 
 
 def test_a_patched_model_runs_from_two_threads_at_once():
