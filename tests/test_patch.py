@@ -361,6 +361,55 @@ def test_fusion_is_one_of_two():
 def test_set_keep_rate_needs_a_patch():
     with pytest.raises(ValueError, match="evit.patch"):
         evit.set_keep_rate(make_model("deit"), 0.5)
+    with pytest.raises(ValueError, match=r"ToMe, which is set by r, not a keep rate.*method='tome', r=\.\.\."):
+        evit.set_keep_rate(evit.patch(make_model("deit"), method="tome", r=2), 0.5)  # patched, by another setting
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_methods_take_the_mode_of_the_model_they_are_patched_into(mode):
+    """A new method module starts in training mode; placed in an eval model it must not run its training path
+    (DynamicViT's Gumbel sampling, nothing removed) whenever gradients are on."""
+    model = make_model("deit").train(mode == "train")
+    evit.patch(model, 0.5, method="dynamicvit")
+    assert {m.training for m in evit.reductions(model).values()} == {mode == "train"}
+    if mode == "eval":
+        x = input_for(model)
+        with torch.no_grad():
+            ref = model(x)
+        torch.testing.assert_close(model(x), ref)  # grad enabled: the same eval forward
+
+
+def test_a_patched_model_runs_from_two_threads_at_once():
+    """The state the reducing blocks share lives within one forward, per thread: a second thread's forward
+    starting while the first is between blocks (held there here) does not change the first's token sizes."""
+    import threading
+
+    model = evit.patch(make_model("deit"), method="tome", r=6)
+    xa, xb = input_for(model, 2), input_for(model, 3) * 0.5
+    with torch.no_grad():
+        ref_a, ref_b = model(xa), model(xb)
+    b_done, out = threading.Event(), {}
+
+    def hold_a(module, args, output):  # after block 1 of thread A's forward, wait for B's whole forward
+        if threading.current_thread().name == "a":
+            b_done.wait(10)
+
+    handle = evit.hosts.find(model).blocks[1].register_forward_hook(hold_a)
+
+    def run(name, x):
+        with torch.no_grad():
+            out[name] = model(x)
+        if name == "b":
+            b_done.set()
+
+    threads = [threading.Thread(target=run, args=("a", xa), name="a"), threading.Thread(target=run, args=("b", xb))]
+    threads[0].start()
+    threads[1].start()
+    for t in threads:
+        t.join(20)
+    handle.remove()
+    torch.testing.assert_close(out["b"], ref_b)
+    torch.testing.assert_close(out["a"], ref_a)
 
 
 def test_attention_mask_refused_clearly():

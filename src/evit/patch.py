@@ -218,6 +218,7 @@ def apply(model: nn.Module, methods: Mapping[int, TokenReduction]) -> nn.Module:
         method.state, method.first, method.block = state, j == 0, i
         method.bind(model)
         block = blocks[i]
+        method.train(block.training)  # a model patched in eval mode runs its methods' eval path (DynamicViT's)
         block.__class__ = _subclass(ReducingBlock, type(block))
         block.reduction = method
     if host.follower_mixin is not None:  # the blocks after the first reduction that keep their own forward
@@ -344,9 +345,14 @@ def reductions(model: nn.Module) -> dict[int, TokenReduction]:
 def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
     """Change the keep rate of every patched block (for warm-up schedules and sweeps)."""
     keep_rate = check_keep_rate(keep_rate)
-    found = [m for m in reductions(model).values() if hasattr(m, "keep_rate")]
+    placed = reductions(model).values()
+    found = [m for m in placed if hasattr(m, "keep_rate")]
     if not found:
-        raise ValueError("set_keep_rate: the model has no keep-rate reduction; call evit.patch(model, ...) first")
+        other = next((m for m in placed if type(m) is not Keep), None)
+        raise ValueError(f"set_keep_rate: the model is patched with {type(other).__name__}, which is set by "
+                         f"{other.setting}, not a keep rate: patch it again, evit.patch(model, method={other.name!r}, "
+                         f"{other.setting}=...)" if other is not None else
+                         "set_keep_rate: the model has no keep-rate reduction; call evit.patch(model, ...) first")
     for m in found:
         m.keep_rate = keep_rate
 

@@ -22,6 +22,7 @@ This module sits below the patch mechanism (which places methods) and the method
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import Mapping, Optional
 
 import torch
@@ -61,8 +62,12 @@ def trained_settings(model: nn.Module, method: str = "evit") -> dict:
     return {k: v for k, v in recorded.items() if k not in NOT_APPLIED}
 
 
-class TokenState:
+class TokenState(threading.local):
     """What the reducing blocks of one model carry from block to block within a forward.
+
+    Each thread sees its own (a ``threading.local``): a patched model called from two threads at once runs
+    each forward with its own sizes, masks and image size, as an unpatched model would. (Copies and pickles
+    start empty: the state lives within one forward.)
 
     size: (B, N) how many input patches each token stands for; None until a merging
         method sets it (then later blocks add ``log(size)`` to the attention logits).
@@ -78,6 +83,9 @@ class TokenState:
         self.track = False
         self.image_hw: Optional[tuple[int, int]] = None
         self.reset()
+
+    def __reduce__(self):
+        return TokenState, ()
 
     def reset(self) -> None:
         self.size: Optional[Tensor] = None
