@@ -349,10 +349,11 @@ def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
     found = [m for m in placed if hasattr(m, "keep_rate")]
     if not found:
         other = next((m for m in placed if type(m) is not Keep), None)
+        if other is None:
+            raise ValueError("set_keep_rate: the model has no keep-rate reduction; call evit.patch(model, ...) first")
         raise ValueError(f"set_keep_rate: the model is patched with {type(other).__name__}, which is set by "
                          f"{other.setting}, not a keep rate: patch it again, evit.patch(model, method={other.name!r}, "
-                         f"{other.setting}=...)" if other is not None else
-                         "set_keep_rate: the model has no keep-rate reduction; call evit.patch(model, ...) first")
+                         f"{other.setting}=...)")
     for m in found:
         m.keep_rate = keep_rate
 
